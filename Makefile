@@ -1,0 +1,81 @@
+# vcache: the two commands the README starts with are `make demo` and `make test`.
+# Everything they need (system packages, virtualenv, llama-server builds, test models) is
+# installed by the targets below, each step skipped when its output is already there.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+BUILD     ?= .build
+MODELS    ?= $(BUILD)/models
+LLAMA_CPP ?=
+LLAMA_SRC := $(if $(LLAMA_CPP),--source $(LLAMA_CPP),)
+JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+
+export VCACHE_MODELS_DIR := $(abspath $(MODELS))
+
+.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store system-deps venv llama models clean distclean
+
+help:
+	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
+	@echo "make test         build everything and run lint, type checks and the test suite"
+	@echo "make bench        end-to-end benchmarks on the realistic-vision model -> docs/benchmarks.md"
+	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
+	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout)"
+
+# --- set-up -----------------------------------------------------------------------------------
+
+# system packages the build and the tests use; installed only when missing (needs root or sudo)
+SYSTEM_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server
+system-deps:
+	@$(PYTHON) scripts/system_deps.py $(SYSTEM_TOOLS)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,redis]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+llama: system-deps
+	$(PYTHON) scripts/build_llama_server.py --variant both --jobs $(JOBS) $(LLAMA_SRC)
+
+models: venv
+	$(PY) scripts/make_test_vlm.py --all --out $(MODELS)
+
+# --- the two README commands ------------------------------------------------------------------
+
+demo: system-deps venv
+	$(PYTHON) scripts/build_llama_server.py --variant patched --jobs $(JOBS) $(LLAMA_SRC)
+	$(PY) scripts/demo.py
+
+test: system-deps venv llama models check
+
+check: lint typecheck unit
+
+lint: venv
+	$(VENV)/bin/ruff check proxy vision_cache scripts tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q
+
+# --- benchmarks -------------------------------------------------------------------------------
+
+bench: llama venv
+	$(PY) scripts/make_test_vlm.py --all --size realistic --out $(MODELS)
+	$(PY) scripts/bench_e2e.py --size realistic
+
+bench-quick: llama models
+	$(PY) scripts/bench_e2e.py --size tiny
+
+bench-store: venv
+	$(PY) scripts/bench_store.py
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache
+
+distclean: clean
+	rm -rf $(VENV) $(BUILD)
