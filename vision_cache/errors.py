@@ -27,6 +27,13 @@ The store's exception hierarchy:
       - SharedTierTimeoutError
     + SharedTierRefusedError
     + SharedEntryCorruptError
+  x WarmError (vision_cache.warmup: warm-up cannot start)
+  x PackError (vision_cache.pack: a reference pack cannot be written or imported)
+  x LlamaLibsError (vision_cache.llama_libs: llama.cpp's libraries cannot be loaded)
+  x EncoderError (vision_cache.mtmd: the vision encoder failed)
+    - ImageRejected (the bytes are not an image it takes)
+
+Classes marked with a module live beside the code that raises them, but join this tree.
 
 sqlite3 and OSError failures are translated into these classes where they
 happen (vision_cache.index, vision_cache.segments). `Store.get` and `Store.put`

@@ -1,0 +1,1 @@
+"""The vcache proxy in front of llama-server."""

@@ -1,0 +1,95 @@
+"""Errors of the proxy, each answering the client with llama-server's error shape.
+
+Our exception hierarchy:
+
+* ProxyError                      (500 server_error)
+  x ClientError                   (400 invalid_request_error)
+    + BodyTooLarge                (413)
+    + TooManyImages               (400)
+    + MediaError                  (400: an image the client sent or named cannot be used)
+      - MediaNotAllowed           (400: URL scheme, address or path refused by policy)
+      - MediaTooLarge             (400: over the size cap, or a decompression bomb)
+      - MediaFetchFailed          (400: the remote image could not be fetched)
+    + UnknownReference            (400: a vcache:// name or digest not in the store)
+    + ClientPackageRefused        (400: image_embedding parts from clients are off)
+  x AuthError                     (401 authentication_error)
+  x ReservedArgumentError         (also ValueError: managed mode chooses --host/--port itself;
+                                   proxy.supervisor)
+  x UpstreamError                 (502 unavailable_error: llama-server down or broken)
+    + UpstreamTimeout             (504)
+    + LocalEncoderError           (the encoder worker failed; proxy.encoder)
+      - LocalEncoderRejected      (the bytes are not an image it takes)
+      - LocalEncoderTimeout       (also UpstreamTimeout, 504)
+
+Classes marked with a module live beside the code that raises them, but join this tree.
+
+The body is what llama-server itself sends, so clients parse one shape whoever answers:
+``{"error": {"code": 400, "message": "...", "type": "invalid_request_error"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.status, "message": self.message, "type": self.error_type}}
+
+
+class ClientError(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+
+
+class TooManyImages(ClientError):
+    pass
+
+
+class MediaError(ClientError):
+    pass
+
+
+class MediaNotAllowed(MediaError):
+    pass
+
+
+class MediaTooLarge(MediaError):
+    pass
+
+
+class MediaFetchFailed(MediaError):
+    pass
+
+
+class UnknownReference(ClientError):
+    pass
+
+
+class ClientPackageRefused(ClientError):
+    pass
+
+
+class AuthError(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    error_type = "unavailable_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504

@@ -1,0 +1,176 @@
+"""Where images sit in the request bodies llama-server accepts, and how to swap one for a package.
+
+Each endpoint family names images its own way; this module hides that behind `ImageSlot`: the
+client's reference to one image (a URL, a data URI, base64, or ``vcache://NAME``) plus a
+function that puts a package object in its place. The forms are those of docs/wire-format.md.
+
+A client that sends ``image_embedding`` parts itself is refused unless the proxy is told to
+trust them: a package names its own id, and a forged one could poison the server's prompt cache
+for the image it claims to be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from proxy.errors import ClientPackageRefused, TooManyImages
+
+Package = dict[str, Any]
+
+CHAT_PATHS = frozenset({
+    "/v1/chat/completions", "/chat/completions",
+    "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens",
+})
+PROMPT_PATHS = frozenset({
+    "/completion", "/completions", "/v1/completions", "/infill",
+    "/embedding", "/embeddings", "/v1/embeddings",
+})
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+RESPONSES_PATHS = frozenset({
+    "/v1/responses", "/responses", "/v1/responses/input_tokens", "/responses/input_tokens",
+})
+IMAGE_PATHS = CHAT_PATHS | PROMPT_PATHS | ANTHROPIC_PATHS | RESPONSES_PATHS
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSlot:
+    """One image in a request: what the client sent, and how to replace it."""
+
+    ref: str
+    mime: str | None
+    put_package: Callable[[Package], None]
+
+
+def find_images(path: str, body: Any, *, max_images: int,
+                allow_client_packages: bool = False) -> list[ImageSlot]:
+    """Every image in `body`, in request order; raises on a refused or oversized request."""
+    if not isinstance(body, dict) or path not in IMAGE_PATHS:
+        return []
+    found = list(_slots(path, body))
+    if not allow_client_packages and any(s is None for s in found):
+        raise ClientPackageRefused(
+            "image_embedding inputs are not accepted from clients; send the image itself")
+    slots = [s for s in found if s is not None]
+    if len(slots) > max_images:
+        raise TooManyImages(f"{len(slots)} images in one request, the limit is {max_images}")
+    return slots
+
+
+# walkers yield None for a package the client sent itself (an image_embedding input)
+Found = ImageSlot | None
+
+
+def _slots(path: str, body: dict[str, Any]) -> Iterator[Found]:
+    if path in CHAT_PATHS:
+        yield from _chat_slots(body.get("messages"))
+    elif path in PROMPT_PATHS:
+        for key in ("prompt", "input", "content"):
+            yield from _prompt_slots(body.get(key))
+    elif path in ANTHROPIC_PATHS:
+        yield from _anthropic_slots(body.get("messages"))
+    else:
+        yield from _responses_slots(body.get("input"))
+
+
+# --- OpenAI chat: {"type": "image_url", "image_url": {"url": ...}} ---------------------------
+
+
+def _chat_slots(messages: Any) -> Iterator[Found]:
+    for msg in _dicts(messages):
+        for part in _dicts(msg.get("content")):
+            if part.get("type") == "image_embedding":
+                yield None
+            if part.get("type") != "image_url":
+                continue
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if isinstance(url, str):
+                yield ImageSlot(url, None, _chat_replacer(part))
+
+
+def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
+    def put(pkg: Package) -> None:
+        part.clear()
+        part.update({"type": "image_embedding", "image_embedding": pkg})
+    return put
+
+
+# --- native prompts: {"prompt_string": ..., "multimodal_data": ["<base64>", ...]} ------------
+
+
+def _prompt_slots(prompt: Any) -> Iterator[Found]:
+    for obj in _dicts(prompt if isinstance(prompt, list) else [prompt]):
+        data = obj.get("multimodal_data")
+        if not isinstance(data, list):
+            continue
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                yield ImageSlot(item, None, _list_replacer(data, i))
+            elif isinstance(item, dict):
+                yield None
+
+
+def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
+    def put(pkg: Package) -> None:
+        items[i] = {"image_embedding": pkg}
+    return put
+
+
+# --- Anthropic: {"type": "image", "source": {"type": "base64"|"url", ...}} -------------------
+
+
+def _anthropic_slots(messages: Any) -> Iterator[Found]:
+    for msg in _dicts(messages):
+        for block in _dicts(msg.get("content")):
+            yield from _anthropic_block(block)
+            if block.get("type") == "tool_result":
+                for inner in _dicts(block.get("content")):
+                    yield from _anthropic_block(inner)
+
+
+def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
+    source = block.get("source")
+    if block.get("type") != "image" or not isinstance(source, dict):
+        return
+    kind = source.get("type")
+    if kind == "image_embedding":
+        yield None
+    elif kind == "base64" and isinstance(source.get("data"), str):
+        mime = source.get("media_type")
+        yield ImageSlot(source["data"], mime if isinstance(mime, str) else None,
+                        _source_replacer(block))
+    elif kind == "url" and isinstance(source.get("url"), str):
+        yield ImageSlot(source["url"], None, _source_replacer(block))
+
+
+def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
+    def put(pkg: Package) -> None:
+        block["source"] = {"type": "image_embedding", "image_embedding": pkg}
+    return put
+
+
+# --- Responses: {"type": "input_image", "image_url": "..."} ----------------------------------
+
+
+def _responses_slots(items: Any) -> Iterator[Found]:
+    for item in _dicts(items):
+        if item.get("type") == "image_embedding":
+            yield None
+        for key in ("content", "output"):
+            for part in _dicts(item.get(key)):
+                if part.get("type") == "image_embedding":
+                    yield None
+                url = part.get("image_url")
+                if part.get("type") == "input_image" and isinstance(url, str):
+                    yield ImageSlot(url, None, _chat_replacer(part))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _dicts(value: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(value, list):
+        yield from (v for v in value if isinstance(v, dict))
+

@@ -1,0 +1,175 @@
+"""`vcache serve`: wire store, upstream (or a managed llama-server) and the app, and run them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.app import Limits, Proxy, create_app
+from proxy.config import ServeSettings
+from proxy.encoder import LocalEncoder, LocalEncoderConfig
+from proxy.llama_cpp_backend import LlamaCppSettings, serve_llama_cpp
+from proxy.media import FetchPolicy, MediaLoader
+from proxy.metrics import Metrics
+from proxy.resolver import Resolver
+from proxy.supervisor import ManagedServer, ManagedServerConfig
+from proxy.upstream import Upstream
+from vision_cache.mtmd import EncoderSettings
+from vision_cache.shared_tier import SharedTier, shared_tier
+from vision_cache.store import Store
+
+log = logging.getLogger("vcache.serve")
+MIB = 1024 * 1024
+
+
+def llama_cpp_settings(settings: ServeSettings) -> LlamaCppSettings:
+    assert settings.model is not None and settings.mmproj is not None
+    return LlamaCppSettings(
+        model=settings.model, mmproj=settings.mmproj, store=settings.store,
+        lib_dir=settings.lib_dir, n_ctx=settings.n_ctx, n_threads=settings.encoder_threads,
+        mmproj_use_gpu=settings.encoder_gpu, host=settings.host, port=settings.port,
+        hot_mb=settings.hot_mb, disk_gb=settings.disk_gb, max_body_mb=settings.max_body_mb,
+        max_images=settings.max_images, fetch=fetch_policy(settings))
+
+
+def fetch_policy(settings: ServeSettings) -> FetchPolicy:
+    return FetchPolicy(
+        allow_private=settings.allow_private_urls,
+        max_bytes=settings.url_max_mb * MIB,
+        timeout_s=settings.url_timeout_s,
+        media_root=settings.media_path,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[ManagedServer | None]:
+    if settings.llama_server is None:
+        yield None
+        return
+    config = ManagedServerConfig(
+        binary=settings.llama_server,
+        args=tuple(settings.llama_args),
+        embedding_dir=store.path / "segments",
+        log_path=store.path / "llama-server.log",
+    )
+    server = ManagedServer(config)
+    log.info("starting llama-server (log: %s)", config.log_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Proxy]]:
+    """Everything started; yields the proxy's URL. Stops everything on exit."""
+    store = Store.open(settings.store, hot_bytes=settings.hot_mb * MIB,
+                       disk_bytes=int(settings.disk_gb * 1024 * MIB))
+    try:
+        async with (_managed(settings, store) as managed,
+                    MediaLoader(fetch_policy(settings)) as media,
+                    _shared(settings) as shared,
+                    _local_encoder(settings) as encoder):
+            upstream = Upstream(managed.base_url if managed else str(settings.upstream))
+            metrics = Metrics()
+            metrics.watch_shared(shared.stats)
+            transport = settings.resolved_transport
+            resolver = Resolver(store, upstream, media, metrics, transport=transport,
+                                shared=shared, encoder=encoder)
+            proxy = Proxy(upstream, resolver, store, metrics,
+                          Limits(settings.max_body_mb * MIB, settings.max_images),
+                          settings.api_key.get_secret_value() if settings.api_key else None,
+                          settings.accept_client_packages, _health_extra(managed))
+            if managed is not None:
+                managed.add_restart_listener(_rebase(upstream, managed))
+            try:
+                async with _site(create_app(proxy), settings) as url:
+                    log.info("vcache listening on %s, upstream %s, packages by %s",
+                             url, upstream.base_url, transport)
+                    yield url, proxy
+            finally:
+                await upstream.aclose()
+                resolver.close()
+    finally:
+        store.close()
+
+
+@contextlib.asynccontextmanager
+async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder | None]:
+    """Encoder worker processes, with --encoder local; else upstream encodes."""
+    if settings.encoder != "local":
+        yield None
+        return
+    assert settings.encoder_mmproj is not None and settings.encoder_model is not None
+    config = LocalEncoderConfig(
+        mmproj=settings.encoder_mmproj, text_model=settings.encoder_model,
+        lib_dir=settings.lib_dir, workers=settings.encoder_workers,
+        timeout_s=settings.encoder_timeout_s,
+        settings=EncoderSettings(n_threads=settings.encoder_threads,
+                                 use_gpu=settings.encoder_gpu))
+    log.info("starting %d local encoder worker(s) for %s", config.workers, config.mmproj)
+    async with LocalEncoder(config) as encoder:
+        yield encoder
+
+
+@contextlib.asynccontextmanager
+async def _shared(settings: ServeSettings) -> AsyncIterator[SharedTier]:
+    """The fleet's shared tier (a null one when off); it connects on first use."""
+    tier = shared_tier(settings.shared_config)
+    log.info("shared tier: %s", tier.describe())
+    try:
+        yield tier
+    finally:
+        await tier.aclose()
+
+
+def _rebase(upstream: Upstream, managed: ManagedServer) -> Callable[[], Any]:
+    async def on_restart() -> None:
+        log.warning("llama-server restarted (restart #%d)", managed.restarts)
+        upstream.rebase(managed.base_url)
+    return on_restart
+
+
+def _health_extra(managed: ManagedServer | None) -> Callable[[], dict[str, Any]] | None:
+    if managed is None:
+        return None
+    return lambda: {"managed": {"healthy": managed.healthy, "restarts": managed.restarts,
+                                "pid": managed.pid}}
+
+
+@contextlib.asynccontextmanager
+async def _site(app: web.Application, settings: ServeSettings) -> AsyncIterator[str]:
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the
+    # upstream request (llama-server then stops generating for it)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        # with port 0 the kernel chose: read the real one back
+        port = runner.addresses[0][1] if runner.addresses else settings.port
+        yield f"http://{settings.host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def serve(settings: ServeSettings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    if settings.backend == "llama-cpp-python":
+        await serve_llama_cpp(llama_cpp_settings(settings))
+        return
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_proxy(settings) as (url, _):
+        print(f"vcache: serving on {url}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
