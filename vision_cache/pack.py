@@ -1,0 +1,155 @@
+"""Reference packs: warmed packages, their names and namespaces, in one file for another machine.
+
+A pack is a tar file::
+
+    manifest.json                      format, namespaces (id -> canonical text), entries
+    entries/<namespace id>/<digest>.meta
+    entries/<namespace id>/<digest>.bin
+
+Import checks every payload against the checksum in the manifest, and refuses a pack whose
+namespace is not the one the receiving proxy's model uses (packages from another model, mmproj,
+build or setting would never be looked up, or worse, be decoded by the wrong model), unless asked
+to keep them for later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from vision_cache.errors import VisionCacheError
+from vision_cache.keys import CacheKey, Namespace, validate_digest, validate_name
+from vision_cache.store import Store
+
+PACK_FORMAT = "vcache-pack/1"
+
+
+class PackError(VisionCacheError):
+    """A pack cannot be written, read, or imported here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSummary:
+    entries: int
+    bytes: int
+    namespaces: tuple[str, ...]
+    names: int
+
+
+def export_pack(store: Store, path: Path, *, pinned_only: bool = True,
+                namespace_id: str | None = None) -> PackSummary:
+    """Write the (pinned) entries of `store`, optionally of one namespace, to `path`."""
+    namespaces = {info.id: info.namespace for info in store.namespaces()
+                  if info.namespace is not None and namespace_id in (None, info.id)}
+    entries: list[dict[str, Any]] = []
+    total = 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for nsid, ns in namespaces.items():
+            names = _names_by_digest(store, ns)
+            for info in store.iter_entries(nsid):
+                if pinned_only and not info.pinned:
+                    continue
+                entry = store.get(info.key)
+                if entry is None:
+                    continue  # evicted or corrupt since listing: not worth exporting
+                _add(tar, f"entries/{nsid}/{info.key.digest}.meta", entry.meta)
+                _add(tar, f"entries/{nsid}/{info.key.digest}.bin", bytes(entry.payload))
+                entries.append({"namespace": nsid, "digest": info.key.digest,
+                                "xxh3": entry.ref.checksum, "length": entry.nbytes,
+                                "pinned": entry.pinned,
+                                "names": sorted(names.get(info.key.digest, []))})
+                total += entry.nbytes
+        manifest = {"format": PACK_FORMAT, "created_at": time.time(),
+                    "namespaces": {k: v.text for k, v in namespaces.items()}, "entries": entries}
+        _add(tar, "manifest.json", json.dumps(manifest, indent=1).encode())
+    tmp.rename(path)
+    n_names = sum(len(e["names"]) for e in entries)
+    return PackSummary(len(entries), total, tuple(namespaces), n_names)
+
+
+def _names_by_digest(store: Store, ns: Namespace) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, key in store.names(ns).items():
+        out.setdefault(key.digest, []).append(name)
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def import_pack(store: Store, path: Path, *, expected: Namespace | None,
+                keep_unmatched: bool = False) -> PackSummary:
+    """Load a pack into `store`; see the module docstring for what is refused."""
+    with tarfile.open(path, "r") as tar:
+        manifest = _manifest(tar)
+        namespaces = _check_namespaces(manifest, expected, keep_unmatched)
+        for ns in namespaces.values():
+            store.register_namespace(ns)
+        total = 0
+        for e in manifest["entries"]:
+            total += _import_entry(store, tar, e, namespaces)
+    n_names = sum(len(e.get("names", [])) for e in manifest["entries"])
+    return PackSummary(len(manifest["entries"]), total, tuple(namespaces), n_names)
+
+
+def _manifest(tar: tarfile.TarFile) -> dict[str, Any]:
+    try:
+        raw = _read(tar, "manifest.json")
+        manifest: dict[str, Any] = json.loads(raw)
+    except (KeyError, ValueError) as e:
+        raise PackError(f"not a vcache pack: {e}") from e
+    if manifest.get("format") != PACK_FORMAT:
+        raise PackError(f"unsupported pack format {manifest.get('format')!r}")
+    return manifest
+
+
+def _check_namespaces(manifest: dict[str, Any], expected: Namespace | None,
+                      keep_unmatched: bool) -> dict[str, Namespace]:
+    namespaces = {nsid: Namespace.parse(text) for nsid, text in manifest["namespaces"].items()}
+    for nsid, ns in namespaces.items():
+        if ns.id != nsid:
+            raise PackError(f"namespace id {nsid} does not match its text")
+    foreign = [nsid for nsid in namespaces if expected is None or nsid != expected.id]
+    if foreign and not keep_unmatched:
+        want = expected.id if expected else "(unknown: no proxy given)"
+        raise PackError(
+            f"pack namespace(s) {', '.join(n[:16] for n in foreign)} do not match the running "
+            f"model's namespace {want[:16]}; use --keep-unmatched to store them for later")
+    return namespaces
+
+
+def _import_entry(store: Store, tar: tarfile.TarFile, e: dict[str, Any],
+                  namespaces: dict[str, Namespace]) -> int:
+    nsid, digest = e["namespace"], validate_digest(e["digest"])
+    if nsid not in namespaces:
+        raise PackError(f"entry {digest[:16]} names an undeclared namespace")
+    meta = _read(tar, f"entries/{nsid}/{digest}.meta")
+    payload = _read(tar, f"entries/{nsid}/{digest}.bin")
+    if xxhash.xxh3_64_hexdigest(payload) != e["xxh3"]:
+        raise PackError(f"entry {digest[:16]} is corrupt (checksum mismatch)")
+    key = CacheKey(nsid, digest)
+    if store.put(key, meta, payload, pin=bool(e.get("pinned", True))) is None:
+        raise PackError(f"could not store entry {digest[:16]} (disk full or budget?)")
+    for name in e.get("names", []):
+        store.set_name(key, validate_name(name))
+    return len(payload)
+
+
+def _read(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.getmember(name)
+    f = tar.extractfile(member)
+    if f is None:
+        raise PackError(f"{name} is not a file in the pack")
+    return f.read()
