@@ -13,7 +13,7 @@ JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 
 export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 
-.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store system-deps venv llama models clean distclean
+.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
@@ -40,6 +40,10 @@ venv: $(VENV)/.installed
 llama: system-deps
 	$(PYTHON) scripts/build_llama_server.py --variant both --jobs $(JOBS) $(LLAMA_SRC)
 
+# the bindings run on the patched build's shared libraries: one compile of llama.cpp
+llama-cpp-python: venv llama
+	scripts/install_llama_cpp_python.sh $(VENV)
+
 models: venv
 	$(PY) scripts/make_test_vlm.py --all --out $(MODELS)
 
@@ -49,14 +53,14 @@ demo: system-deps venv
 	$(PYTHON) scripts/build_llama_server.py --variant patched --jobs $(JOBS) $(LLAMA_SRC)
 	$(PY) scripts/demo.py
 
-test: system-deps venv llama models check
+test: system-deps venv llama llama-cpp-python models check
 
 check: lint typecheck unit
 
 lint: venv
 	$(VENV)/bin/ruff check proxy vision_cache scripts tests
 
-typecheck: venv
+typecheck: venv llama-cpp-python
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -70,6 +74,10 @@ bench: llama venv
 
 bench-quick: llama models
 	$(PY) scripts/bench_e2e.py --size tiny
+
+bench-encoder: llama-cpp-python
+	$(PY) scripts/make_test_vlm.py --arch gemma3 --size realistic --out $(MODELS)
+	$(PY) scripts/bench_encoder_worker.py --size realistic
 
 bench-store: venv
 	$(PY) scripts/bench_store.py

@@ -1,0 +1,82 @@
+"""`vcache serve --encoder local` and `--backend llama-cpp-python`, through the real command."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from llama_server import LlamaServer
+from make_test_vlm import ModelFiles
+from proxy_process import ProxyProcess
+from test_images import sample_image
+from vlm_client import chat, image_part
+
+from proxy.config import ServeSettings
+
+pytestmark = pytest.mark.server
+
+
+def test_local_encoder_serves_misses_without_upstream_encoding(
+        patched_gemma: LlamaServer, patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
+        tmp_path: Path) -> None:
+    files = tiny_model("gemma3")
+    args = ["--upstream", patched_gemma.base_url, "--store", str(tmp_path / "s"),
+            "--encoder", "local", "--model", str(files.model), "--mmproj", str(files.mmproj),
+            "--llama-lib-dir", str(patched_bin.parent)]
+    url = sample_image("checkers_1024x256").data_url()
+    direct = chat(patched_gemma.base_url, [image_part(url)], "Local encoder, please.")
+    with ProxyProcess(args, tmp_path / "p.log") as proxy:
+        miss = chat(proxy.base_url, [image_part(url)], "Local encoder, please.")
+        hit = chat(proxy.base_url, [image_part(url)], "Once more.")
+    assert "misses=1" in miss.headers["x-vcache"]
+    assert "hits=1" in hit.headers["x-vcache"]
+    # the server decoded a package on the miss too: the worker encoded it
+    assert miss.timings["media_encoded_n"] == 0
+    assert miss.timings["media_embedding_n"] > 0
+    assert miss.tokens == direct.tokens
+    other = chat(patched_gemma.base_url, [image_part(sample_image("noise_512x512").data_url())],
+                 "Local encoder, please.")
+    assert other.tokens != direct.tokens
+
+
+def test_llama_cpp_python_backend_through_the_command(
+        tiny_model: Callable[[str], ModelFiles], patched_bin: Path, tmp_path: Path) -> None:
+    files = tiny_model("gemma3")
+    args = ["--backend", "llama-cpp-python", "--model", str(files.model),
+            "--mmproj", str(files.mmproj), "--store", str(tmp_path / "s"),
+            "--llama-lib-dir", str(patched_bin.parent)]
+    url = sample_image("shapes_640x480").data_url()
+    with ProxyProcess(args, tmp_path / "p.log", health_path="/health") as proxy:
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"}, image_part(url)]}],
+            "temperature": 0, "max_tokens": 12}
+        first = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=body, timeout=120)
+        second = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "llama-cpp-python"], "needs --model and --mmproj"),
+    (["--upstream", "http://127.0.0.1:1", "--encoder", "local"], "--encoder local needs"),
+    (["--backend", "llama-cpp-python", "--model", "m", "--mmproj", "p", "--upstream", "u"],
+     "runs the model itself"),
+])
+def test_inconsistent_modes_are_refused(args: list[str], message: str) -> None:
+    from proxy.cli import _settings_error
+    from proxy.config import load_settings
+
+    flags = {a[2:].replace("-", "_"): b for a, b in zip(args[::2], args[1::2], strict=True)}
+    with pytest.raises(ValueError) as err:
+        load_settings(flags)
+    assert message in _settings_error(err.value)
+
+
+def test_managed_mode_takes_encoder_files_from_llama_args() -> None:
+    s = ServeSettings(llama_server=Path("/bin/true"), encoder="local",
+                      llama_args=["-m", "model.gguf", "--mmproj=mmproj.gguf", "-t", "2"])
+    assert s.encoder_model == Path("model.gguf")
+    assert s.encoder_mmproj == Path("mmproj.gguf")
+    assert s.lib_dir == Path("/bin")
