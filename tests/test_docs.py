@@ -1,0 +1,187 @@
+"""The README is true to the code: its commands run, its configuration table matches the options.
+
+The quick-start blocks are executed as written, in order, in a scratch directory with HOME
+pointing there, against the tiny test model: lines that start a server run in the background
+until their port answers; every other line must exit 0. Python blocks run too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+from make_test_vlm import ModelFiles
+from redis_server import RedisServer
+from test_images import sample_image
+
+from proxy.config import ServeSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCK = re.compile(r"```(sh|python)\n(.*?)```", re.S)
+SERVER_LINE = re.compile(r"vcache serve|\"\$LLAMA_SERVER\" ")
+PORT = re.compile(r"--port (\d+)")
+
+
+def blocks() -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in BLOCK.finditer(README)]
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    first = blocks()[0]
+    lines = [ln.split("#")[0].strip() for ln in first[1].splitlines() if ln.strip()]
+    assert lines == ["make demo", "make test"]
+    assert README.index("make demo") < README.index("## ")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [ln for ln in ci.splitlines() if ln.strip() and not ln.startswith(("#", "set "))
+                and not ln.startswith("cd ")]
+    assert commands == ["make test"]
+
+
+def _config_rows() -> dict[str, tuple[str, str]]:
+    table = README.split("<!-- config-table:start -->")[1].split("<!-- config-table:end -->")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2])
+    return rows
+
+
+def test_configuration_table_matches_the_options() -> None:
+    rows = _config_rows()
+    expected = {}
+    for name, field in ServeSettings.model_fields.items():
+        if name == "llama_args":
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else str(default)
+        expected["--" + name.replace("_", "-")] = (shown, field.description)
+    assert rows == expected
+
+
+def test_every_vcache_command_in_the_readme_exists() -> None:
+    code = " ".join(c for _, c in blocks()) + " ".join(re.findall(r"`([^`\n]+)`", README))
+    commands = set(re.findall(r"vcache (\w+)", code)) - {"serve"}
+    assert {"warm", "export", "import", "ls", "stats", "rm", "gc", "verify"} <= commands
+    for command in commands | {"serve"}:
+        r = subprocess.run([sys.executable, "-m", "proxy", command, "--help"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, (command, r.stderr)
+
+
+class Shell:
+    """Runs README lines like a user would, keeping servers in the background."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.cwd, self.env = cwd, env
+        self.background: list[subprocess.Popen[bytes]] = []
+        self.logs: list[IO[bytes]] = []
+
+    def run(self, line: str) -> None:
+        if SERVER_LINE.search(line):
+            self._start(line)
+            return
+        r = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, timeout=900,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        if line.startswith("LLAMA_SERVER="):
+            self.env["LLAMA_SERVER"] = subprocess.run(
+                ["bash", "-c", f"{line}; echo \"$LLAMA_SERVER\""], cwd=self.cwd, env=self.env,
+                capture_output=True, text=True, check=True).stdout.strip()
+
+    def _start(self, line: str) -> None:
+        port = PORT.search(line)
+        assert port, f"server line without --port: {line}"
+        log = (self.cwd / f"server-{port.group(1)}.log").open("wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.background.append(proc)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"{line} exited:\n{(self.cwd / log.name).read_text()}"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port.group(1)}/health", timeout=2)
+                if health.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{line} did not come up")
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.background):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        self.background.clear()
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
+
+
+@pytest.fixture
+def shell(tmp_path: Path, tiny_model: Callable[[str], ModelFiles],
+          redis_server: RedisServer) -> Iterator[Shell]:
+    files = tiny_model("gemma3")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "cat.jpg").write_bytes(sample_image("shapes_640x480").encode("JPEG"))
+    (refs / "dog.png").write_bytes(sample_image("noise_512x512").encode("PNG"))
+    env = {**os.environ, "HOME": str(tmp_path), "MODEL": str(files.model),
+           "MMPROJ": str(files.mmproj), "IMAGE_URL": sample_image("stripes_300x900").data_url(),
+           "REDIS_URL": redis_server.url,
+           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    for link in (".venv", "scripts", "Makefile", "pyproject.toml", "constraints.txt", "proxy",
+                 "vision_cache", "llama_patches", ".build", "README.md"):
+        (tmp_path / link).symlink_to(ROOT / link)
+    sh = Shell(tmp_path, env)
+    yield sh
+    sh.stop_all()
+
+
+@pytest.mark.server
+def test_quick_start_commands_run(shell: Shell) -> None:
+    """Every sh and python block after the first, in order, as written."""
+    for lang, code in blocks()[1:]:
+        if lang == "python":
+            r = subprocess.run([sys.executable, "-c", code], cwd=shell.cwd, env=shell.env,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, f"{code}\n{r.stderr[-2000:]}"
+            continue
+        for line in _logical_lines(code):
+            if "--port 8080" in line and "vcache serve --upstream" not in line:
+                # the second quick start fronts a server of its own: free 8081 first
+                shell.stop_all()
+            shell.run(line)
+
+
+def _logical_lines(code: str) -> list[str]:
+    """Lines with continuations (a trailing backslash or an open quote) joined."""
+    out, buf = [], ""
+    for line in code.splitlines():
+        buf = f"{buf}\n{line}" if buf else line
+        try:
+            shlex.split(buf.split(" #")[0] if "'" not in buf else buf)
+        except ValueError:
+            continue  # an open quote: the command goes on
+        if buf.endswith("\\"):
+            continue
+        if buf.strip() and not buf.strip().startswith("#"):
+            out.append(buf)
+        buf = ""
+    return out
