@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import httpx
+from child_process import StartStop, terminate
 
 _LISTENING = re.compile(r"listening on (https?://[^\s]+?:\d+)\s")
 _LOG_TAIL_BYTES = 4000
@@ -42,7 +41,7 @@ class LlamaServerTimeout(LlamaServerError):
     pass
 
 
-class LlamaServer:
+class LlamaServer(StartStop):
     """One llama-server process, started on a free port on 127.0.0.1."""
 
     def __init__(self, binary: Path | str, args: Sequence[str], log_path: Path, *,
@@ -134,21 +133,7 @@ class LlamaServer:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; closes the log. Idempotent."""
         proc, self._proc, self._base_url = self._proc, None, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

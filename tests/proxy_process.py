@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import httpx
+from child_process import StartStop, terminate
 
 _SERVING = re.compile(r"vcache: serving on (http://\S+)")
 
 
-class ProxyProcess:
+class ProxyProcess(StartStop):
     """`vcache serve ARGS --port 0`, its log in a file; `base_url` once it is up."""
 
     def __init__(self, args: list[str], log_path: Path, *, startup_timeout: float = 120.0,
@@ -61,21 +60,7 @@ class ProxyProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 30)
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

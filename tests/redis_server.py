@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import IO, Self
 
 import redis
+from child_process import StartStop
 
 START_TIMEOUT_S = 20.0
 
@@ -39,7 +40,7 @@ def redis_server_binary() -> str:
     return binary
 
 
-class RedisServer:
+class RedisServer(StartStop):
     """One redis-server process on 127.0.0.1; `url` is valid once started."""
 
     def __init__(self, workdir: Path, *, port: int = 0, extra: tuple[str, ...] = ()) -> None:
@@ -137,14 +138,6 @@ class RedisServer:
             return (self.workdir / "redis.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 class RedisClusterNodes:
