@@ -85,6 +85,21 @@ def test_a_flipped_payload_byte_is_a_miss_and_quarantined(root: Path) -> None:
         assert store.get(key(3)) is not None
 
 
+def test_verified_locations_are_bounded_and_forgetting_means_checking_again(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived process does not remember every location it verified; one it forgot is
+    checked again on its next read, so a payload damaged since is still caught."""
+    from vision_cache import store as store_module
+    monkeypatch.setattr(store_module, "MAX_VERIFIED", 8)
+    with Store.open(root, hot_bytes=0) as store:
+        assert assert_exact_or_missing(store, range(COUNT)) == COUNT  # each read verified
+        assert len(store._verified) <= 8
+        ref = ref_of(root, 0)  # read (and forgotten) long ago by now
+        flip(root / "segments" / ref.segment, ref.offset + ref.length // 2)
+        assert store.get(key(0)) is None
+        assert store.stats().process["quarantined"] == 1
+
+
 def test_a_missing_segment_file_is_a_miss(root: Path) -> None:
     ref = ref_of(root, 0)
     (root / "segments" / ref.segment).unlink()
