@@ -58,7 +58,7 @@ test: system-deps venv llama llama-cpp-python models check
 check: lint typecheck unit
 
 lint: venv
-	$(VENV)/bin/ruff check proxy vision_cache scripts tests
+	$(VENV)/bin/ruff check proxy vision_cache scripts tests fuzz
 
 typecheck: venv llama-cpp-python
 	$(VENV)/bin/mypy

@@ -24,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.errors import ClientError
+from proxy.forwarding import read_body
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -70,9 +71,12 @@ def _json(body: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-async def _model(request: web.Request, cls: type[BaseModel]) -> Any:
+async def _model(request: web.Request, proxy: Proxy, cls: type[BaseModel]) -> Any:
+    # under the body limit and budget like any request: aiohttp's own limit is off (proxy.app)
+    async with proxy.budget.reservation() as held:
+        raw = await read_body(request, proxy.limits.max_body_bytes, held)
     try:
-        return cls.model_validate_json(await request.read())
+        return cls.model_validate_json(raw)
     except ValidationError as e:
         raise ClientError(f"invalid request: {e.errors(include_url=False)}") from e
 
@@ -114,7 +118,7 @@ async def namespace(request: web.Request, proxy: Proxy) -> web.Response:
 
 
 async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
-    req: LookupRequest = await _model(request, LookupRequest)
+    req: LookupRequest = await _model(request, proxy, LookupRequest)
     if not all(_HEX64.match(d) for d in req.digests):
         raise ClientError("digests must be SHA-256 values as 64 lowercase hex digits")
     ns = (await proxy.resolver.capabilities(req.model)).namespace
@@ -126,7 +130,7 @@ async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:
-    req: WarmRequest = await _model(request, WarmRequest)
+    req: WarmRequest = await _model(request, proxy, WarmRequest)
     image, mime = await proxy.resolver.load_media(req.image)
     result = await proxy.resolver.warm(image, mime, req.model, pin=req.pin, name=req.name,
                                        ttl=req.ttl)

@@ -1,8 +1,10 @@
 """The side that faces clients: an aiohttp application that looks like llama-server.
 
 Every request goes to upstream as it came, except POSTs to the endpoints that take images
-(proxy.image_slots): their images are swapped for cached packages where upstream can take them.
-The proxy's own endpoints live under /vcache/.
+(proxy.image_slots): their images are swapped for cached packages where upstream can take them,
+and images named by URL or path are fetched here, under the SSRF policy, and sent as bytes:
+upstream never fetches anything a client named. The proxy's own endpoints live under /vcache/.
+What the proxy trusts and why: THREAT_MODEL.md.
 """
 
 from __future__ import annotations
@@ -10,26 +12,32 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
+import httpx
 from aiohttp import web
 
 from proxy import admin
-from proxy.errors import AuthError, ClientError, ProxyError, UpstreamError
+from proxy.budget import BodyBudget, Reservation
+from proxy.errors import AuthError, BodyTooLarge, ClientError, ProxyError, UpstreamError
 from proxy.forwarding import (
+    RESPONSE_STARTED,
     build_request,
+    check_declared_length,
     error_response,
     open_upstream,
     read_body,
     relay,
     stream_body,
 )
-from proxy.image_slots import IMAGE_PATHS, ImageSlot, find_images
+from proxy.image_check import inspect
+from proxy.image_slots import IMAGE_PATHS, ImageSlot, data_uri, find_images
 from proxy.metrics import Metrics
 from proxy.resolver import RequestTally, Resolver
 from proxy.upstream import Capabilities, Upstream
@@ -38,12 +46,21 @@ from vision_cache.store import Store
 log = logging.getLogger("vcache.proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # base64 has no ':', so never matches
+_JSON = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, and nothing else
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """Per-request limits; `max_body_bytes` also bounds all bodies held at once (BodyBudget).
+
+    `upstream_idle_s` is the longest silence from upstream (before its headers, or between two
+    chunks) before the request fails with 504, or its stream ends with an error event."""
+
     max_body_bytes: int = 100 * 1024 * 1024
     max_images: int = 32
+    upstream_idle_s: float | None = 600.0
 
 
 @dataclasses.dataclass
@@ -58,9 +75,19 @@ class Proxy:
     api_key: str | None = None
     accept_client_packages: bool = False
     health_extra: Callable[[], dict[str, Any]] | None = None
+    budget: BodyBudget = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = BodyBudget(self.limits.max_body_bytes)
 
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+# llama-server closes the connection after every streamed response (its stream provider ends
+# by returning false, which cpp-httplib takes for an error) while announcing keep-alive; a
+# request sent on that connection before its FIN arrives fails unsent, a 502 nobody caused.
+# So streamed requests go out on a connection of their own, closed by both sides when done.
+STREAMED: web.RequestKey[bool] = web.RequestKey("streamed", bool)
+CLOSE = {"Connection": "close"}
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -85,16 +112,13 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
         if request.path.startswith("/vcache/"):
             _check_key(request, proxy.api_key)
         resp = await handler(request)
-    except ProxyError as e:
-        resp = error_response(e)
     except web.HTTPException:
         raise
     except asyncio.CancelledError:
         log.info("rid=%s %s %s cancelled (client gone)", rid, request.method, request.path)
         raise
-    except Exception:
-        log.exception("rid=%s %s %s failed", rid, request.method, request.path)
-        resp = error_response(ProxyError("internal error in the proxy"))
+    except Exception as e:
+        resp = _failed(request, rid, e)
     if not resp.prepared:
         resp.headers["X-Request-Id"] = rid
     elapsed = (time.perf_counter() - started) * 1000
@@ -102,6 +126,23 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
     log.info("rid=%s %s %s %d %.1fms %s", rid, request.method, request.path, resp.status,
              elapsed, resp.headers.get("X-Vcache", ""))
     return resp
+
+
+def _failed(request: web.Request, rid: str, e: Exception) -> web.StreamResponse:
+    started: web.StreamResponse | None = request.get(RESPONSE_STARTED)
+    if started is not None:
+        # Headers (and maybe part of the body) are out: no error answer can follow them, and
+        # a second response written into the stream would desynchronise the connection.
+        # Cutting it is the one signal left: the client sees a response that ends short.
+        log.warning("rid=%s %s %s broken off after the headers: %s", rid, request.method,
+                    request.path, e)
+        if request.transport is not None:
+            request.transport.close()
+        return started
+    if isinstance(e, ProxyError):
+        return error_response(e)
+    log.exception("rid=%s %s %s failed", rid, request.method, request.path)
+    return error_response(ProxyError("internal error in the proxy"))
 
 
 def _check_key(request: web.Request, key: str | None) -> None:
@@ -127,10 +168,21 @@ async def _forward(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY_KEY]
     if request.method == "POST" and request.path in IMAGE_PATHS:
         return await _forward_with_images(request, proxy)
-    extra = {"Connection": "close"} if request.path == "/cors-proxy" else None
-    content = stream_body(request, proxy.limits.max_body_bytes) if request.can_read_body else None
-    req = build_request(proxy.upstream.client, request, content, extra)
-    return await _send(request, proxy, req)
+    # /cors-proxy: see test_faults.py (a 204 with a body); /infill: it streams (below)
+    extra = CLOSE if request.path in ("/cors-proxy", "/infill") else None
+    content = None
+    if request.can_read_body:
+        check_declared_length(request, proxy.limits.max_body_bytes)
+        content = stream_body(request, proxy.limits.max_body_bytes)
+    return await _send(request, proxy, _upstream_request(proxy, request, content, extra))
+
+
+def _upstream_request(proxy: Proxy, request: web.Request, content: Any,
+                      extra: dict[str, str] | None = None) -> httpx.Request:
+    if request.get(STREAMED):
+        extra = CLOSE
+    return build_request(proxy.upstream.client, request, content, extra,
+                         proxy.limits.upstream_idle_s)
 
 
 async def _send(request: web.Request, proxy: Proxy, req: Any,
@@ -147,13 +199,57 @@ async def _send(request: web.Request, proxy: Proxy, req: Any,
     return await relay(request, upstream, extra_headers)
 
 
+class _Original:
+    """The body as the client sent it, held in one place: `take` hands it over and lets go.
+
+    A body may be 100 MB, and every name that keeps one form of it alive while the next is
+    made costs that much again: the bytes read become text (nothing keeps the bytes), the
+    text is parsed, and whatever is forwarded as sent is encoded from the text here, which
+    drops it. After the images named by URL are fetched, "as sent" means with their bytes.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._data: str | bytes = text
+
+    def text(self) -> str:
+        assert isinstance(self._data, str), "read before anything replaced it"
+        return self._data
+
+    def replace(self, data: bytes) -> None:
+        self._data = data
+
+    def has_vcache_refs(self) -> bool:
+        # a named reference has no image to fall back to: upstream's answer stands
+        data = self._data
+        return "vcache://" in data if isinstance(data, str) else b"vcache://" in data
+
+    def take(self) -> bytes:
+        data, self._data = self._data, b""
+        return data.encode() if isinstance(data, str) else data
+
+
 async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.StreamResponse:
-    raw = await read_body(request, proxy.limits.max_body_bytes)
-    body = _parse_json(raw)
+    # the body's bytes count against the budget until the response is over: they live that long
+    async with proxy.budget.reservation() as held:
+        body = await read_body(request, proxy.limits.max_body_bytes, held)
+        original = _Original(decode_body(body))
+        del body
+        return await _with_images(request, proxy, original, held)
+
+
+async def _with_images(request: web.Request, proxy: Proxy, original: _Original,
+                       held: Reservation) -> web.StreamResponse:
+    body = parse_body(original.text())
+    if isinstance(body, dict) and body.get("stream") is True:
+        request[STREAMED] = True
     slots = find_images(request.path, body, max_images=proxy.limits.max_images,
                         allow_client_packages=proxy.accept_client_packages)
     if not slots:
-        return await _send(request, proxy, build_request(proxy.upstream.client, request, raw))
+        del body  # a second copy of what may be 100 MB, and forwarding needs only the first
+        return await _send(request, proxy, _upstream_request(proxy, request, original.take()))
+    if any(_is_locator(s.ref) for s in slots):
+        slots = await _fetch_locators(proxy, slots, held)
+        original.replace(dump_body(body))
     model = body.get("model") if isinstance(body.get("model"), str) else ""
     caps = await proxy.resolver.capabilities(model)
     tally = RequestTally()
@@ -162,10 +258,49 @@ async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.Stream
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
     if not rewritten:
-        return await _send(request, proxy, build_request(proxy.upstream.client, request, raw),
+        del body, slots
+        return await _send(request, proxy, _upstream_request(proxy, request, original.take()),
                            headers)
-    new_body = orjson.dumps(body)
-    return await _send_with_fallback(request, proxy, new_body, raw, tally)
+    new_body = dump_body(body)
+    del body, slots
+    return await _send_with_fallback(request, proxy, new_body, original, tally)
+
+
+async def _fetch_locators(proxy: Proxy, slots: list[ImageSlot],
+                          held: Reservation) -> list[ImageSlot]:
+    """Fetch the images named by URL or path, under the SSRF policy, into the request.
+
+    Upstream must never fetch them, on any path (a stock server, a fallback, a refused
+    package): its fetcher has no SSRF guard, and its own DNS lookup could answer otherwise
+    than the one the guard vetted (rebinding). An image that cannot be fetched is a 400.
+    """
+    fetched = await asyncio.gather(*(_fetch(proxy, s) for s in slots))
+    added = sum(len(new.ref) for new, old in zip(fetched, slots, strict=True) if new is not old)
+    if held.held + added > proxy.limits.max_body_bytes:
+        raise BodyTooLarge("the request with its fetched images is over the "
+                           f"{proxy.limits.max_body_bytes}-byte body limit")
+    await held.take(added)
+    return fetched
+
+
+async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
+    if not _is_locator(slot.ref):
+        return slot
+    data, _ = await proxy.resolver.load_media(slot.ref)
+    # the media type from the bytes (already checked), never from a remote Content-Type
+    mime = "image/" + (await asyncio.to_thread(inspect, data)).format.lower()
+    slot.put_image(data, mime)
+    return dataclasses.replace(slot, ref=data_uri(data, mime), mime=mime)
+
+
+def _is_locator(ref: str) -> bool:
+    """Anything but inline bytes (a data URI, base64) and vcache:// names: a URL or a path.
+
+    These are loaded here, under the fetch policy, which refuses every scheme but http(s) and
+    file (and, like llama-server, takes whatever starts with "http" for a URL)."""
+    scheme = _SCHEME.match(ref)
+    return ref[:4].lower() == "http" or (
+        scheme is not None and scheme.group(1).lower() not in ("data", "vcache"))
 
 
 async def _rewrite(proxy: Proxy, slots: list[ImageSlot], caps: Capabilities, model: str,
@@ -185,12 +320,11 @@ def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> N
     proxy.metrics.fallbacks.inc(len(slots))
 
 
-async def _send_with_fallback(request: web.Request, proxy: Proxy, new_body: bytes, raw: bytes,
-                              tally: RequestTally) -> web.StreamResponse:
+async def _send_with_fallback(request: web.Request, proxy: Proxy, new_body: bytes,
+                              original: _Original, tally: RequestTally) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original."""
-    client = proxy.upstream.client
-    upstream = await _open(proxy, build_request(client, request, new_body))
-    if upstream.status_code == 400 and not _has_vcache_refs(raw):
+    upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
+    if upstream.status_code == 400 and not original.has_vcache_refs():
         detail = await upstream.aread()
         await upstream.aclose()
         if b"image_embedding" in detail:
@@ -199,7 +333,8 @@ async def _send_with_fallback(request: web.Request, proxy: Proxy, new_body: byte
             proxy.upstream.forget_capabilities()
             tally.fallbacks += tally.hits + tally.misses
             tally.hits = tally.misses = 0
-            upstream = await _open(proxy, build_request(client, request, raw))
+            # a refusal, not a processed request: the one path that sends a request twice
+            upstream = await _open(proxy, _upstream_request(proxy, request, original.take()))
         else:
             return _replay(upstream.status_code, upstream.headers, detail, tally)
     return await relay(request, upstream, {"X-Vcache": tally.header()})
@@ -223,14 +358,44 @@ def _replay(status: int, headers: Any, body: bytes, tally: RequestTally) -> web.
     return resp
 
 
-def _has_vcache_refs(raw: bytes) -> bool:
-    # a named reference has no image to fall back to: upstream's answer stands
-    return b"vcache://" in raw
-
-
-def _parse_json(raw: bytes) -> Any:
+def decode_body(raw: bytearray) -> str:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        # not ours to judge: upstream answers malformed JSON its own way
-        return None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClientError(f"request body is not UTF-8 text: {e.reason} at byte {e.start}") from e
+
+
+def dump_body(body: Any) -> bytes:
+    """A parsed body, rewritten, as JSON again: by the standard library, like the parse.
+
+    orjson refuses integers past 64 bits and writes NaN as null, and the parser reads both:
+    a body it can read, the proxy can write back as the client meant it (non-ASCII escaped,
+    which keeps lone surrogates writable)."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+
+
+def parse_body(text: str) -> Any:
+    """The body as llama-server reads it, or a 400: what the proxy cannot read, it refuses.
+
+    Forwarded unread, such a body would reach a parser more lenient than ours, which would
+    then fetch image URLs the proxy never saw. Two ways around the SSRF guard worked like
+    that: a UTF-8 byte order mark, and nesting deeper than orjson's 1024 levels (llama-server's
+    nlohmann::json skips the one and has no limit on the other). The standard library's
+    parser is used: it reads more than nlohmann does (NaN, huge numbers), never less, except
+    nesting deeper than the interpreter's recursion limit (refused here); and it costs one
+    copy of a huge string where orjson's costs two.
+    """
+    start = 1 if text.startswith("\ufeff") else 0  # nlohmann skips a BOM: so do we
+    try:
+        body, end = _JSON.raw_decode(text, _skip_whitespace(text, start))
+    except (ValueError, RecursionError) as e:
+        raise ClientError(f"request body is not valid JSON: {e}") from e
+    if _skip_whitespace(text, end) != len(text):
+        raise ClientError("request body has more after its JSON value")
+    return body
+
+
+def _skip_whitespace(text: str, pos: int) -> int:
+    match = _WHITESPACE.match(text, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()

@@ -56,6 +56,9 @@ class ServeSettings(BaseSettings):
                                       "endpoints (X-Vcache-Key or Authorization: Bearer)")
     max_body_mb: int = Field(100, gt=0, description="largest request body in MiB (413 above)")
     max_images: int = Field(32, gt=0, description="most images in one request")
+    upstream_idle_s: float = Field(600.0, gt=0, description="longest wait for upstream's "
+                                   "next byte (its headers, or the next chunk of a "
+                                   "stream) before the request fails (504)")
     media_path: Path | None = Field(None, description="directory file:// image URLs may read "
                                     "from (off by default, as in llama-server)")
     allow_private_urls: bool = Field(False, description="let image URLs reach loopback and "

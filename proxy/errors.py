@@ -13,6 +13,8 @@ Our exception hierarchy:
     + UnknownReference            (400: a vcache:// name or digest not in the store)
     + ClientPackageRefused        (400: image_embedding parts from clients are off)
   x AuthError                     (401 authentication_error)
+  x ProxyBusy                     (503 unavailable_error: the request-body budget stayed full;
+                                   proxy.budget)
   x ReservedArgumentError         (also ValueError: managed mode chooses --host/--port itself;
                                    proxy.supervisor)
   x UpstreamError                 (502 unavailable_error: llama-server down or broken)
@@ -84,6 +86,13 @@ class ClientPackageRefused(ClientError):
 class AuthError(ProxyError):
     status = 401
     error_type = "authentication_error"
+
+
+class ProxyBusy(ProxyError):
+    """Too many request bodies held at once: try again later (nothing reached upstream)."""
+
+    status = 503
+    error_type = "unavailable_error"
 
 
 class UpstreamError(ProxyError):

@@ -4,6 +4,9 @@ Each endpoint family names images its own way; this module hides that behind `Im
 client's reference to one image (a URL, a data URI, base64, or ``vcache://NAME``) plus a
 function that puts a package object in its place. The forms are those of docs/wire-format.md.
 
+`ImageSlot.put_image` puts image bytes where the client named the image by URL or path: the
+proxy fetches such images itself (under its SSRF policy) and upstream must never fetch them.
+
 A client that sends ``image_embedding`` parts itself is refused unless the proxy is told to
 trust them: a package names its own id, and a forged one could poison the server's prompt cache
 for the image it claims to be.
@@ -11,6 +14,7 @@ for the image it claims to be.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,11 +40,17 @@ IMAGE_PATHS = CHAT_PATHS | PROMPT_PATHS | ANTHROPIC_PATHS | RESPONSES_PATHS
 
 @dataclasses.dataclass(frozen=True)
 class ImageSlot:
-    """One image in a request: what the client sent, and how to replace it."""
+    """One image in a request: what the client sent, and how to replace it by a package
+    (`put_package`) or by the image's bytes and media type (`put_image`)."""
 
     ref: str
     mime: str | None
     put_package: Callable[[Package], None]
+    put_image: Callable[[bytes, str], None]
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def find_images(path: str, body: Any, *, max_images: int,
@@ -87,13 +97,22 @@ def _chat_slots(messages: Any) -> Iterator[Found]:
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
             if isinstance(url, str):
-                yield ImageSlot(url, None, _chat_replacer(part))
+                yield ImageSlot(url, None, _chat_replacer(part), _chat_image(part))
 
 
 def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         part.clear()
         part.update({"type": "image_embedding", "image_embedding": pkg})
+    return put
+
+
+def _chat_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
+    def put(data: bytes, mime: str) -> None:
+        if isinstance(part.get("image_url"), dict):
+            part["image_url"]["url"] = data_uri(data, mime)
+        else:
+            part["image_url"] = data_uri(data, mime)
     return put
 
 
@@ -107,7 +126,7 @@ def _prompt_slots(prompt: Any) -> Iterator[Found]:
             continue
         for i, item in enumerate(data):
             if isinstance(item, str):
-                yield ImageSlot(item, None, _list_replacer(data, i))
+                yield ImageSlot(item, None, _list_replacer(data, i), _list_image(data, i))
             elif isinstance(item, dict):
                 yield None
 
@@ -115,6 +134,12 @@ def _prompt_slots(prompt: Any) -> Iterator[Found]:
 def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         items[i] = {"image_embedding": pkg}
+    return put
+
+
+def _list_image(items: list[Any], i: int) -> Callable[[bytes, str], None]:
+    def put(data: bytes, mime: str) -> None:
+        items[i] = base64.b64encode(data).decode()  # multimodal_data holds bare base64
     return put
 
 
@@ -140,14 +165,21 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
     elif kind == "base64" and isinstance(source.get("data"), str):
         mime = source.get("media_type")
         yield ImageSlot(source["data"], mime if isinstance(mime, str) else None,
-                        _source_replacer(block))
+                        _source_replacer(block), _source_image(block))
     elif kind == "url" and isinstance(source.get("url"), str):
-        yield ImageSlot(source["url"], None, _source_replacer(block))
+        yield ImageSlot(source["url"], None, _source_replacer(block), _source_image(block))
 
 
 def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         block["source"] = {"type": "image_embedding", "image_embedding": pkg}
+    return put
+
+
+def _source_image(block: dict[str, Any]) -> Callable[[bytes, str], None]:
+    def put(data: bytes, mime: str) -> None:
+        block["source"] = {"type": "base64", "media_type": mime,
+                           "data": base64.b64encode(data).decode()}
     return put
 
 
@@ -164,7 +196,13 @@ def _responses_slots(items: Any) -> Iterator[Found]:
                     yield None
                 url = part.get("image_url")
                 if part.get("type") == "input_image" and isinstance(url, str):
-                    yield ImageSlot(url, None, _chat_replacer(part))
+                    yield ImageSlot(url, None, _chat_replacer(part), _responses_image(part))
+
+
+def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
+    def put(data: bytes, mime: str) -> None:
+        part["image_url"] = data_uri(data, mime)
+    return put
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ from proxy import ssrf
 from proxy.errors import MediaError, MediaFetchFailed, MediaNotAllowed, MediaTooLarge
 from proxy.ssrf import FetchPolicy, IPAddress
 
-__all__ = ["FetchPolicy", "Media", "MediaLoader"]
+__all__ = ["FetchPolicy", "Media", "MediaLoader", "vet_url"]
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # base64 has no ':', so never matches
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
@@ -167,7 +167,7 @@ class MediaLoader:
         await self.aclose()
 
     async def _load_http(self, ref: str) -> Media:
-        url = ssrf.check_url(ref, self._policy)
+        url = vet_url(ref, self._policy)
         shown = _show(str(url))
         try:
             async with asyncio.timeout(self._policy.timeout_s):
@@ -219,9 +219,10 @@ class MediaLoader:
 
 
 def _load_data_uri(ref: str, max_bytes: int) -> Media:
-    header, comma, payload = ref.partition(",")
+    comma = ref.find(",")
+    header = ref[:comma] if comma >= 0 else ref
     shown = _show(header)  # the header only: never echo the payload
-    if not comma:
+    if comma < 0:
         raise MediaError(f"{shown}: a data URI needs a ',' before its data")
     mime, *params = header[len("data:") :].split(";")
     mime = mime.strip().lower()
@@ -231,15 +232,15 @@ def _load_data_uri(ref: str, max_bytes: int) -> Media:
         raise MediaError(f"{shown}: the data URI has no valid media type")
     if not mime.startswith("image/"):
         raise MediaError(f"{shown}: media type {mime!r} is not an image")
-    return Media(_decode_base64(payload, max_bytes), mime, "data-uri")
+    # sized before it is sliced out: a copy of 100 MB of base64 only to refuse it is a waste
+    _check_base64_size(len(ref) - comma - 1, max_bytes)
+    return Media(_decode_base64(ref[comma + 1:], max_bytes), mime, "data-uri")
 
 
 def _decode_base64(text: str, max_bytes: int) -> bytes:
     if not text:
         raise MediaError("empty base64 image data")
-    # Four characters carry three bytes: refuse before decoding megabytes we would drop.
-    if len(text) // 4 * 3 - 2 > max_bytes:
-        raise MediaTooLarge(f"base64 image data is over the {max_bytes}-byte cap")
+    _check_base64_size(len(text), max_bytes)
     try:
         data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII characters
@@ -247,6 +248,12 @@ def _decode_base64(text: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise MediaTooLarge(f"base64 image data is over the {max_bytes}-byte cap")
     return data
+
+
+def _check_base64_size(n_chars: int, max_bytes: int) -> None:
+    # Four characters carry three bytes: refuse before decoding megabytes we would drop.
+    if n_chars // 4 * 3 - 2 > max_bytes:
+        raise MediaTooLarge(f"base64 image data is over the {max_bytes}-byte cap")
 
 
 # --- http(s): the guard ------------------------------------------------------------------
@@ -354,6 +361,21 @@ def _resolve_result(host: str, ip: IPAddress, port: int) -> ResolveResult:
 # --- http(s): redirects and the body -----------------------------------------------------
 
 
+def vet_url(url: str | URL, policy: FetchPolicy) -> URL:
+    """`ssrf.check_url`, with whatever the URL parser raises taken as a refusal.
+
+    yarl fails on some malformed URLs with errors other than ValueError ("http://[x]@//"
+    raised IndexError: found by fuzz/fuzz_requests.py), and what cannot be parsed is not
+    fetched; without this the request failed with a 500.
+    """
+    try:
+        return ssrf.check_url(url, policy)
+    except MediaError:
+        raise
+    except Exception as exc:  # the parser's bugs, translated at the boundary
+        raise MediaNotAllowed(f"{_show(str(url))}: not a valid URL") from exc
+
+
 def _redirect_target(resp: aiohttp.ClientResponse, url: URL, policy: FetchPolicy) -> URL | None:
     """The checked URL a redirect points to, or None if `resp` is not a redirect."""
     if resp.status not in _REDIRECTS:
@@ -364,10 +386,10 @@ def _redirect_target(resp: aiohttp.ClientResponse, url: URL, policy: FetchPolicy
         raise MediaFetchFailed(f"{shown}: HTTP {resp.status} without a Location")
     try:
         target = url.join(URL(location)).with_fragment(None)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # yarl's own failures too (IndexError): see vet_url
         raise MediaFetchFailed(f"{shown}: redirect to a malformed URL") from exc
     try:
-        return ssrf.check_url(target, policy)
+        return vet_url(target, policy)
     except MediaError as exc:
         # Same class (a refused redirect is a refusal), and say it came from a redirect.
         raise type(exc)(f"redirect from {shown}: {exc.message}") from exc

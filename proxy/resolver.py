@@ -23,6 +23,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import xxhash
+
 from proxy.encoder import LocalEncoder
 from proxy.errors import (
     ClientError,
@@ -335,6 +337,11 @@ class Resolver:
         if self._transport == "file":
             ref = entry.ref
             return header.by_reference(FileRef(ref.segment, ref.offset, ref.length, ref.checksum))
+        # The store checks a payload once per process; bytes changed under its mapping since
+        # (a disk error, a stray write) must not become embeddings. A file reference upstream
+        # checks itself; inline ones are ours to check (cheap beside the base64 encoding).
+        if xxhash.xxh3_64_hexdigest(entry.payload) != entry.ref.checksum:
+            raise PackageError(f"payload of {entry.key.text} changed since it was stored")
         return header.inline(entry.payload)
 
     def _fallback(self, tally: RequestTally) -> Package | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -77,14 +78,16 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
                     MediaLoader(fetch_policy(settings)) as media,
                     _shared(settings) as shared,
                     _local_encoder(settings) as encoder):
-            upstream = Upstream(managed.base_url if managed else str(settings.upstream))
+            upstream = Upstream(managed.base_url if managed else str(settings.upstream),
+                                encode_timeout_s=settings.upstream_idle_s)
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
             transport = settings.resolved_transport
             resolver = Resolver(store, upstream, media, metrics, transport=transport,
                                 shared=shared, encoder=encoder)
             proxy = Proxy(upstream, resolver, store, metrics,
-                          Limits(settings.max_body_mb * MIB, settings.max_images),
+                          Limits(settings.max_body_mb * MIB, settings.max_images,
+                                 settings.upstream_idle_s),
                           settings.api_key.get_secret_value() if settings.api_key else None,
                           settings.accept_client_packages, _health_extra(managed))
             if managed is not None:
@@ -160,8 +163,25 @@ async def _site(app: web.Application, settings: ServeSettings) -> AsyncIterator[
         await runner.cleanup()
 
 
+def raise_open_file_limit(target: int = 65536) -> int:
+    """Raise this process's soft limit on open files towards the hard one; returns the new one.
+
+    Each payload mapping the hot tier keeps holds a file descriptor (up to 1024 of them),
+    beside every client and upstream connection: under load the usual soft limit of 1024 ran
+    out (EMFILE: accepts failed, /vcache/health answered 500). The hard limit is the
+    operator's to set; the soft one is ours to use up to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return soft
+
+
 async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
+    log.info("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
         await serve_llama_cpp(llama_cpp_settings(settings))
         return

@@ -22,6 +22,7 @@ from vision_cache.keys import Namespace
 from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
 
 CAPS_TTL_S = 10.0
+KEEPALIVE_S = 2.0  # cpp-httplib's keep-alive timeout, llama-server's, is 5 s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,11 @@ class Upstream:
         self.client = httpx.AsyncClient(
             base_url=self._base_url,
             timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            # idle connections go well before llama-server's own 5 s keep-alive timeout: at
+            # the same 5 s (httpx's default) a request could go out on a connection the server
+            # was closing, a 502 nobody caused (a few a minute in scripts/soak.py)
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                keepalive_expiry=KEEPALIVE_S),
             follow_redirects=False,
         )
         self._encode_timeout = httpx.Timeout(encode_timeout_s, connect=connect_timeout_s)

@@ -95,3 +95,34 @@ def test_proxy_answers_400_and_upstream_survives(gemma_proxy: ProxyProcess,
                                                    "image_url": {"url": good}}]}],
         "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def png_with_truncated_pixels() -> bytes:
+    """A header Pillow reads happily, pixel data cut off: only a decoder finds out."""
+    data = real_png((64, 48))
+    idat = data.index(b"IDAT")
+    return data[:idat + 12]
+
+
+HEADER_OK_IMAGES = {
+    "malformed EXIF": jpeg_with_bad_exif(),
+    "truncated pixel data": png_with_truncated_pixels(),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", list(HEADER_OK_IMAGES))
+def test_images_with_a_sound_header_are_left_to_upstream_and_nothing_breaks(
+        gemma_proxy: ProxyProcess, patched_gemma: LlamaServer, name: str) -> None:
+    """Past the header check the decoder decides: an answer or llama-server's own 4xx, relayed;
+    never a 500 from the proxy, never a traceback, and the server keeps serving."""
+    url = "data:image/jpeg;base64," + base64.b64encode(HEADER_OK_IMAGES[name]).decode()
+    r = httpx.post(f"{gemma_proxy.base_url}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                   "image_url": {"url": url}}]}],
+        "max_tokens": 2})
+    assert r.status_code in (200, 400), r.text
+    assert "Traceback" not in r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    assert httpx.get(f"{patched_gemma.base_url}/health", timeout=10).status_code == 200

@@ -820,3 +820,19 @@ def test_media_repr_leaves_the_bytes_out() -> None:
     assert repr(Media(b"x" * 10_000, "image/png", "http")) == (
         "Media(mime='image/png', origin='http')"
     )
+
+
+@pytest.mark.parametrize("ref", ["http://[x]@//", "http://a@[::1]@/", "http://@[]@//c"])
+async def test_urls_the_parser_chokes_on_are_refused(make_loader: MakeLoader, ref: str) -> None:
+    """Regression (found by fuzz/fuzz_requests.py): yarl raises IndexError for these, which
+    escaped the loader and became a 500."""
+    with pytest.raises(MediaNotAllowed, match="not a valid URL"):
+        await make_loader(allow_private=True).load(ref)
+
+
+async def test_a_redirect_the_parser_chokes_on_is_a_fetch_failure(
+    make_loader: MakeLoader, raw_server: RawFactory
+) -> None:
+    server = await raw_server(http_reply(b"", "Location: http://[x]@//", status="302 Found"))
+    with pytest.raises(MediaFetchFailed, match="malformed"):
+        await make_loader(allow_private=True).load(server.url())

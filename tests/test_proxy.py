@@ -8,6 +8,7 @@ changes the answer), so a proxy that dropped or swapped images would fail.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,26 @@ def test_streaming_matches_direct(proxy: ProxyProcess, patched_server: LlamaServ
     for text in ("Stream a description.", "Stream something else."):
         got = stream(proxy.base_url, text)
         assert got and got == stream(patched_server.base_url, text)
+
+
+def _streamed_chat(text: str) -> dict[str, Any]:
+    return {"stream": True, "temperature": 0, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": text},
+                                     image_part(url(CHECKERS))]}]}
+
+
+def test_llama_server_closes_the_connection_after_a_stream(
+        patched_server: LlamaServer) -> None:
+    """While announcing keep-alive: what test_faults.py's CLOSE_AFTER_STREAM fault mimics."""
+    with httpx.Client(base_url=patched_server.base_url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=_streamed_chat("Once.")) as r:
+            assert r.headers.get("keep-alive")
+            r.read()
+            stream = r.extensions["network_stream"]
+        deadline = time.monotonic() + 5
+        while not stream.get_extra_info("is_readable") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.get_extra_info("is_readable")  # readable and idle: the server's FIN
 
 
 def test_images_in_earlier_turns(proxy: ProxyProcess, patched_server: LlamaServer) -> None:

@@ -18,7 +18,8 @@ from test_images import sample_image
 
 pytestmark = pytest.mark.server
 
-DISCONNECT_CYCLES = 200
+# 200 in the suite; docs/reliability.md reports a run of 1,000 (VCACHE_DISCONNECT_CYCLES=1000)
+DISCONNECT_CYCLES = int(os.environ.get("VCACHE_DISCONNECT_CYCLES", "200"))
 
 
 def long_stream_body(text: str = "Tell me a very long story.") -> dict[str, Any]:
@@ -79,12 +80,18 @@ def test_disconnect_cycles_leave_no_leak(managed: ProxyProcess) -> None:
         stream_then_drop(managed)
         wait_idle(managed, 5.0)
     before = health(managed)["process"]
-    worst = 0.0
+    cancels = []
     for _ in range(DISCONNECT_CYCLES):
         stream_then_drop(managed)
-        worst = max(worst, wait_idle(managed, 5.0))
+        cancels.append(wait_idle(managed, 5.0))
     time.sleep(0.5)
     after = health(managed)["process"]
+    worst = max(cancels)
+    cancels.sort()
+    print(f"disconnects: {DISCONNECT_CYCLES} cycles, upstream idle after "
+          f"p50 {cancels[len(cancels) // 2] * 1000:.0f} ms, "
+          f"p99 {cancels[int(len(cancels) * 0.99)] * 1000:.0f} ms, worst {worst * 1000:.0f} ms; "
+          f"before {before}, after {after}")
     assert worst < 1.0, f"slowest cancellation {worst:.2f} s"
     assert after["tasks"] <= before["tasks"] + 2, (before, after)
     assert after["open_fds"] <= before["open_fds"] + 4, (before, after)
