@@ -67,9 +67,10 @@ class Plan:
     slow: int   # requests per arm that encode
     fast: int   # requests per arm that hit
     text: int   # text-only requests per side
+    threads: int = 0  # llama-server's -t (0: default_threads())
 
 
-PLANS = {"tiny": Plan("tiny", 30, 60, 200), "realistic": Plan("realistic", 4, 30, 200)}
+PLANS = {"tiny": Plan("tiny", 30, 60, 200), "realistic": Plan("realistic", 3, 30, 200)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -95,7 +96,10 @@ def timed_stream(client: httpx.Client, base: str,
     first: float | None = None
     arrivals: list[float] = []
     encode_ms = 0.0
-    with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+    # llama-server closes the connection after a stream while announcing keep-alive: a pooled
+    # connection could be reused just before it goes, so each stream gets its own, on every arm
+    with client.stream("POST", f"{base}/v1/chat/completions", json=body,
+                       headers={"Connection": "close"}) as r:
         r.raise_for_status()
         cache = r.headers.get("x-vcache", "")
         for line in r.iter_lines():
@@ -125,8 +129,14 @@ def _outcome(header: str) -> str:
 VERBS = ("describe", "summarise", "list what you see in", "name the colours of")
 
 
+_ASKED = itertools.count()
+
+
 def varying_text(i: int) -> str:
-    return f"Question {i}: {VERBS[i % len(VERBS)]} this image."
+    """Text never sent before in this run, of one length: llama-server keeps earlier prompts
+    (its slots and its RAM prompt cache), and a repeated prefix ending at the image would let
+    it skip the image, encoder and all, on any arm."""
+    return f"Question {next(_ASKED):06d}: {VERBS[i % len(VERBS)]} this image."
 
 
 def fresh_image(i: int, size: tuple[int, int]) -> str:
@@ -148,8 +158,8 @@ def run_arm(base: str, n: int, image: Callable[[int], str], label: str) -> list[
         for i in range(n):
             sample, _ = timed_stream(client, base, chat_body(varying_text(i), image(i)))
             samples.append(sample)
-            print(f"  {label}: {i + 1}/{n} ttft {sample.ttft_ms:.1f} ms {sample.cache}",
-                  flush=True)
+            print(f"  {label}: {i + 1}/{n} ttft {sample.ttft_ms:.1f} ms "
+                  f"total {sample.total_ms:.1f} ms {sample.cache}", flush=True)
     return samples
 
 
@@ -199,12 +209,19 @@ class Setup:
     by_file: ProxyProcess
 
 
+def default_threads() -> int:
+    """One core left to the client and the proxy. llama-server's threads spin at each step's
+    barrier: on 2 cores with -t 2, a third busy process (the proxy relaying chunks) slowed
+    generation from 0.45 to 2.7 ms per token in our runs, a cost of the shared cores, not of
+    the proxy, that would show on the proxy's arms only."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 @contextmanager
-def setup(size: str, tmp: Path) -> Iterator[Setup]:
+def setup(size: str, tmp: Path, threads: int) -> Iterator[Setup]:
     models = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
     files = generate("gemma3", size, 0, models)  # type: ignore[arg-type]
-    threads = str(os.cpu_count() or 2)
-    common = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", threads,
+    common = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", str(threads),
               "-c", "8192", "-np", "1", "--no-warmup"]
     file_store = tmp / "store-file"
     (file_store / "segments").mkdir(parents=True)
@@ -231,6 +248,7 @@ def setup(size: str, tmp: Path) -> Iterator[Setup]:
 @dataclasses.dataclass
 class Results:
     size: str
+    threads: int
     arms: dict[str, list[Sample]]
     text_direct: list[float]
     text_proxy: list[float]
@@ -251,7 +269,7 @@ def run(plan: Plan) -> Results:
         return fresh_image(i, ref.size)
 
     with tempfile.TemporaryDirectory(prefix="vcache-bench-") as tmp, \
-            setup(plan.size, Path(tmp)) as s:
+            setup(plan.size, Path(tmp), plan.threads) as s:
         slow, fast = plan.slow, plan.fast
         arms: dict[str, list[Sample]] = {}
         arms[ARMS[0]] = run_arm(s.patched.base_url, slow, same, "floor")
@@ -266,7 +284,8 @@ def run(plan: Plan) -> Results:
         gaps_d, gaps_p = chunk_delays(s.patched.base_url), chunk_delays(s.inline.base_url)
         measured = plan.size == "tiny"
         workload = measure_workload(s) if measured else model_workload(arms)
-    return Results(plan.size, arms, text_d, text_p, gaps_d, gaps_p, workload, measured)
+    return Results(plan.size, plan.threads, arms, text_d, text_p, gaps_d, gaps_p, workload,
+                   measured)
 
 
 ARMS = (
@@ -408,7 +427,7 @@ def plots(r: Results) -> list[Path]:
 
 
 def section(r: Results, pngs: list[Path]) -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                           text=True, cwd=ROOT, check=False).stdout.strip() or "uncommitted"
     how = ("measured in this run" if r.workload_measured else "computed from this run's "
            "medians: each image's first use costs a miss, later uses a hit")
@@ -416,7 +435,8 @@ def section(r: Results, pngs: list[Path]) -> str:
         f"### End to end, {r.size} model",
         "",
         f"`python scripts/bench_e2e.py --size {r.size}` at {head}, {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} CPU cores, Gemma 3 test VLM ({r.size}), one run, medians and p90.",
+        f"{os.cpu_count()} CPU cores, llama-server `-t {r.threads}`, Gemma 3 test VLM "
+        f"({r.size}), one run, medians and p90.",
         "",
         *table(r), "", *targets(r), "",
         f"Image reuse ({how}):", "",
@@ -445,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(PLANS), default="tiny")
     p.add_argument("--slow", type=int, help="requests per encoding arm (default by size)")
     p.add_argument("--fast", type=int, help="requests per hit arm (default by size)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="llama-server threads (default: all cores but one)")
     args = p.parse_args(argv)
     plan = PLANS[args.size]
-    plan = dataclasses.replace(plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast)
+    plan = dataclasses.replace(plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast,
+                               threads=args.threads)
     results = run(plan)
     write_section(section(results, plots(results)), plan.size)
     print(f"wrote {DOC}")
