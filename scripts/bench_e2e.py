@@ -249,6 +249,7 @@ def setup(size: str, tmp: Path, threads: int) -> Iterator[Setup]:
 class Results:
     size: str
     threads: int
+    commit: str  # git describe --dirty at the start, before this run writes its plots
     arms: dict[str, list[Sample]]
     text_direct: list[float]
     text_proxy: list[float]
@@ -259,6 +260,8 @@ class Results:
 
 
 def run(plan: Plan) -> Results:
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True, cwd=ROOT, check=False).stdout.strip() or "unknown"
     ref = sample_image("gradient_text_800x600")
     ref_url = ref.data_url("PNG")
 
@@ -284,7 +287,7 @@ def run(plan: Plan) -> Results:
         gaps_d, gaps_p = chunk_delays(s.patched.base_url), chunk_delays(s.inline.base_url)
         measured = plan.size == "tiny"
         workload = measure_workload(s) if measured else model_workload(arms)
-    return Results(plan.size, plan.threads, arms, text_d, text_p, gaps_d, gaps_p, workload,
+    return Results(plan.size, plan.threads, commit, arms, text_d, text_p, gaps_d, gaps_p, workload,
                    measured)
 
 
@@ -427,8 +430,7 @@ def plots(r: Results) -> list[Path]:
 
 
 def section(r: Results, pngs: list[Path]) -> str:
-    head = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                          text=True, cwd=ROOT, check=False).stdout.strip() or "uncommitted"
+    head = r.commit
     how = ("measured in this run" if r.workload_measured else "computed from this run's "
            "medians: each image's first use costs a miss, later uses a hit")
     lines = [
