@@ -82,12 +82,6 @@ class Proxy:
 
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
-# llama-server closes the connection after every streamed response (its stream provider ends
-# by returning false, which cpp-httplib takes for an error) while announcing keep-alive; a
-# request sent on that connection before its FIN arrives fails unsent, a 502 nobody caused.
-# So streamed requests go out on a connection of their own, closed by both sides when done.
-STREAMED: web.RequestKey[bool] = web.RequestKey("streamed", bool)
-CLOSE = {"Connection": "close"}
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -168,8 +162,7 @@ async def _forward(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY_KEY]
     if request.method == "POST" and request.path in IMAGE_PATHS:
         return await _forward_with_images(request, proxy)
-    # /cors-proxy: see test_faults.py (a 204 with a body); /infill: it streams (below)
-    extra = CLOSE if request.path in ("/cors-proxy", "/infill") else None
+    extra = {"Connection": "close"} if request.path == "/cors-proxy" else None
     content = None
     if request.can_read_body:
         check_declared_length(request, proxy.limits.max_body_bytes)
@@ -179,8 +172,6 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 def _upstream_request(proxy: Proxy, request: web.Request, content: Any,
                       extra: dict[str, str] | None = None) -> httpx.Request:
-    if request.get(STREAMED):
-        extra = CLOSE
     return build_request(proxy.upstream.client, request, content, extra,
                          proxy.limits.upstream_idle_s)
 
@@ -240,8 +231,6 @@ async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.Stream
 async def _with_images(request: web.Request, proxy: Proxy, original: _Original,
                        held: Reservation) -> web.StreamResponse:
     body = parse_body(original.text())
-    if isinstance(body, dict) and body.get("stream") is True:
-        request[STREAMED] = True
     slots = find_images(request.path, body, max_images=proxy.limits.max_images,
                         allow_client_packages=proxy.accept_client_packages)
     if not slots:

@@ -173,10 +173,12 @@ async def relay(request: web.Request, upstream: httpx.Response,
             resp.content_length = int(length)
         await resp.prepare(request)
         request[RESPONSE_STARTED] = resp
-        if _has_body(request.method, upstream.status_code):
-            await _copy_body(resp, upstream)
-        else:
+        if not _has_body(request.method, upstream.status_code):
             await _drop_connection(upstream)
+        else:
+            await _copy_body(resp, upstream)
+            if "text/event-stream" in upstream.headers.get("content-type", ""):
+                await _drop_connection(upstream)
         await resp.write_eof()
         return resp
     finally:
@@ -184,12 +186,15 @@ async def relay(request: web.Request, upstream: httpx.Response,
 
 
 async def _drop_connection(upstream: httpx.Response) -> None:
-    """Never pool the connection of a response that has no body by its status or method.
+    """Never pool the connection of a bodiless response or of an event stream.
 
     A 204, a 304 or an answer to HEAD ends with its headers, whatever they say; bytes a broken
     server sends after them (llama-server's /cors-proxy answers 204 with a chunked body) would
-    be read as the response to the next request on the connection, someone else's. Closing
-    the socket makes the pool discard the connection (a closed socket reads as expired).
+    be read as the response to the next request on the connection, someone else's. And
+    llama-server closes the connection after every event stream (its stream provider ends by
+    returning false, which cpp-httplib takes for an error) while announcing keep-alive: a
+    request sent on it before the FIN arrives fails unsent, a 502 nobody caused. Closing the
+    socket makes the pool discard the connection (a closed socket reads as expired).
     """
     stream = upstream.extensions.get("network_stream")
     if stream is not None:
