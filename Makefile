@@ -45,7 +45,7 @@ llama-cpp-python: venv llama
 	scripts/install_llama_cpp_python.sh $(VENV)
 
 models: venv
-	$(PY) scripts/make_test_vlm.py --all --out $(MODELS)
+	$(PY) -m vision_cache.synthetic --all --out $(MODELS)
 
 # --- the two README commands ------------------------------------------------------------------
 
@@ -69,15 +69,15 @@ unit: venv
 # --- benchmarks -------------------------------------------------------------------------------
 
 bench: llama venv
-	$(PY) scripts/make_test_vlm.py --all --size realistic --out $(MODELS)
-	$(PY) scripts/bench_e2e.py --size realistic
+	$(PY) -m vision_cache.synthetic --all --size realistic --out $(MODELS)
+	$(PY) -m scripts.bench_e2e --size realistic
 
 bench-quick: llama models
-	$(PY) scripts/bench_e2e.py --size tiny
+	$(PY) -m scripts.bench_e2e --size tiny
 
 bench-encoder: llama-cpp-python
-	$(PY) scripts/make_test_vlm.py --arch gemma3 --size realistic --out $(MODELS)
-	$(PY) scripts/bench_encoder_worker.py --size realistic
+	$(PY) -m vision_cache.synthetic --family gemma3 --size realistic --out $(MODELS)
+	$(PY) -m scripts.bench_encoder_worker --size realistic
 
 bench-store: venv
 	$(PY) scripts/bench_store.py

@@ -37,12 +37,12 @@ import atheris
 with atheris.instrument_imports():
     from pydantic import ValidationError
 
-    from proxy.admin import LookupRequest, WarmRequest
-    from proxy.app import decode_body, dump_body, parse_body
     from proxy.errors import ProxyError
-    from proxy.image_check import inspect
-    from proxy.image_slots import IMAGE_PATHS, find_images
-    from proxy.media import FetchPolicy, MediaLoader, vet_url
+    from proxy.images.inspection import inspect
+    from proxy.images.media import FetchPolicy, MediaLoader, vet_url
+    from proxy.images.slots import IMAGE_PATHS, find_images
+    from proxy.web.admin import LookupRequest, WarmRequest
+    from proxy.web.body import decode_body, dump_body, parse_body
     from vision_cache.errors import VisionCacheError
     from vision_cache.keys import validate_digest, validate_name
 

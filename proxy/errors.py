@@ -14,12 +14,12 @@ Our exception hierarchy:
     + ClientPackageRefused        (400: image_embedding parts from clients are off)
   x AuthError                     (401 authentication_error)
   x ProxyBusy                     (503 unavailable_error: the request-body budget stayed full;
-                                   proxy.budget)
+                                   proxy.web.budget)
   x ReservedArgumentError         (also ValueError: managed mode chooses --host/--port itself;
-                                   proxy.supervisor)
+                                   proxy.upstream.supervisor)
   x UpstreamError                 (502 unavailable_error: llama-server down or broken)
     + UpstreamTimeout             (504)
-    + LocalEncoderError           (the encoder worker failed; proxy.encoder)
+    + LocalEncoderError           (the encoder worker failed; proxy.lookup.local_encoder)
       - LocalEncoderRejected      (the bytes are not an image it takes)
       - LocalEncoderTimeout       (also UpstreamTimeout, 504)
 

@@ -12,17 +12,18 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import Limits, Proxy, create_app
-from proxy.config import ServeSettings
-from proxy.encoder import LocalEncoder, LocalEncoderConfig
-from proxy.llama_cpp_backend import LlamaCppSettings, serve_llama_cpp
-from proxy.media import FetchPolicy, MediaLoader
-from proxy.metrics import Metrics
-from proxy.resolver import Resolver
-from proxy.supervisor import ManagedServer, ManagedServerConfig
-from proxy.upstream import Upstream
-from vision_cache.mtmd import EncoderSettings
-from vision_cache.shared_tier import SharedTier, shared_tier
+from proxy.backends.llama_cpp import LlamaCppSettings, serve_llama_cpp
+from proxy.cli.config import ServeSettings
+from proxy.images.media import FetchPolicy, MediaLoader
+from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
+from proxy.lookup.package_lookup import PackageLookup
+from proxy.upstream.client import Upstream
+from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
+from proxy.web.app import create_app
+from proxy.web.metrics import Metrics
+from proxy.web.state import Limits, Proxy
+from vision_cache.llama.mtmd import EncoderSettings
+from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
 
 log = logging.getLogger("vcache.serve")
@@ -83,9 +84,9 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
             transport = settings.resolved_transport
-            resolver = Resolver(store, upstream, media, metrics, transport=transport,
+            lookup = PackageLookup(store, upstream, media, metrics, transport=transport,
                                 shared=shared, encoder=encoder)
-            proxy = Proxy(upstream, resolver, store, metrics,
+            proxy = Proxy(upstream, lookup, store, metrics,
                           Limits(settings.max_body_mb * MIB, settings.max_images,
                                  settings.upstream_idle_s),
                           settings.api_key.get_secret_value() if settings.api_key else None,
@@ -99,7 +100,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
                     yield url, proxy
             finally:
                 await upstream.aclose()
-                resolver.close()
+                lookup.close()
     finally:
         store.close()
 

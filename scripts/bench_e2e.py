@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """End-to-end benchmark: stock llama-server against every vcache path, all in one run.
 
 Each request carries the same reference image with different text before it, so llama-server's
@@ -14,8 +13,8 @@ own prompt cache cannot hide the encoder. Arms:
 plus text-only requests direct vs through vcache (the proxy's overhead), and the delay between
 streamed chunks direct vs through vcache. Writes its section of docs/benchmarks.md and PNG plots.
 
-    python scripts/bench_e2e.py --size tiny         # make bench-quick
-    python scripts/bench_e2e.py --size realistic    # make bench (the encoder dominates: slow)
+    python -m scripts.bench_e2e --size tiny         # make bench-quick
+    python -m scripts.bench_e2e --size realistic    # make bench (the encoder dominates: slow)
 """
 
 from __future__ import annotations
@@ -40,14 +39,12 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import generate
 
-from llama_server import LlamaServer  # noqa: E402
-from make_test_vlm import generate  # noqa: E402
-from proxy_process import ProxyProcess  # noqa: E402
-from test_images import sample_image  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOTS = ROOT / "docs" / "plots"
@@ -436,7 +433,7 @@ def section(r: Results, pngs: list[Path]) -> str:
     lines = [
         f"### End to end, {r.size} model",
         "",
-        f"`python scripts/bench_e2e.py --size {r.size}` at {head}, {time.strftime('%Y-%m-%d')}, "
+        f"`python -m scripts.bench_e2e --size {r.size}` at {head}, {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} CPU cores, llama-server `-t {r.threads}`, Gemma 3 test VLM "
         f"({r.size}), one run, medians and p90.",
         "",

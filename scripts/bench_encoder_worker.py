@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Does a text-only request still wait behind an image encode? With and without the encoder worker.
 
 One patched llama-server (packages on) and, beside it, vcache's local encoder worker
-(proxy.encoder) on the same mmproj. Measured in one run:
+(proxy.lookup.local_encoder) on the same mmproj. Measured in one run:
 
 * idle: a short text-only chat request with nothing else running (median of a few);
 * worker: the same request sent while the worker encodes an image (the server only serves);
@@ -12,9 +11,9 @@ One patched llama-server (packages on) and, beside it, vcache's local encoder wo
 
 On a CPU the worker and the server share the cores, so "worker" shows what contention remains.
 
-    python scripts/bench_encoder_worker.py                       # realistic gemma3, 2 threads each
-    python scripts/bench_encoder_worker.py --size tiny           # quick sanity run
-    python scripts/bench_encoder_worker.py --json out.json --encoder-threads 1
+    python -m scripts.bench_encoder_worker                       # realistic gemma3, 2 threads each
+    python -m scripts.bench_encoder_worker --size tiny           # quick sanity run
+    python -m scripts.bench_encoder_worker --json out.json --encoder-threads 1
 
 Prints a Markdown table; ``--json`` also writes the figures.
 """
@@ -36,17 +35,13 @@ from typing import Any, TypeVar
 
 import httpx
 
+from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
+from tests.support.llama_server import LlamaServer
+from vision_cache.llama.mtmd import EncoderSettings
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles, generate
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from llama_server import LlamaServer  # noqa: E402
-from make_test_vlm import ModelFiles, generate  # noqa: E402
-from test_images import sample_image  # noqa: E402
-
-from proxy.encoder import LocalEncoder, LocalEncoderConfig  # noqa: E402
-from vision_cache.mtmd import EncoderSettings  # noqa: E402
 
 T = TypeVar("T")
 TEXT_PROMPT = "Name three colours."

@@ -38,11 +38,9 @@ from pathlib import Path
 import redis
 import redis.asyncio as aredis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from vision_cache import CacheKey, Namespace, Store
 from vision_cache.package import Chunk, PackageHeader, StoredPackage
-from vision_cache.shared_tier import RedisTier, SharedEntry, SharedTierConfig
+from vision_cache.shared.tier import RedisTier, SharedEntry, SharedTierConfig
 
 MIB = 1024 * 1024
 START, END = "<!-- bench_redis:start -->", "<!-- bench_redis:end -->"

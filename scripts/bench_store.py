@@ -39,8 +39,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from vision_cache import CacheKey, Namespace, Store
 
 MB = 1_000_000

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Memory under a flood of huge bodies: many clients at once, each sending a body of base64.
 
 Starts `vcache serve --max-body-mb LIMIT` in front of the fault upstream (tests/
@@ -9,9 +8,9 @@ reports its peak above the idle value, which must stay under twice LIMIT: the pr
 most LIMIT of request bodies at once (proxy/budget.py), and parsing one costs about as much
 again.
 
-    python scripts/body_flood.py                                  # 50 x 100 MB, limit 100 MiB
-    python scripts/body_flood.py --chunked --upstream stock       # the other paths
-    python scripts/body_flood.py --clients 8 --size-mb 6 --limit-mb 8   # the test's size
+    python -m scripts.body_flood                                  # 50 x 100 MB, limit 100 MiB
+    python -m scripts.body_flood --chunked --upstream stock       # the other paths
+    python -m scripts.body_flood --clients 8 --size-mb 6 --limit-mb 8   # the test's size
 """
 
 from __future__ import annotations
@@ -29,11 +28,10 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.fault_upstream import FaultUpstream
+from tests.support.proxy_process import ProxyProcess
 
-from fault_upstream import FaultUpstream  # noqa: E402
-from proxy_process import ProxyProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MB = 1_000_000
 MIB = 1024 * 1024

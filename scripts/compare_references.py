@@ -24,10 +24,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import vision_cache
-from vision_cache.warmup import DEFAULT_PROXY, IMAGE_SUFFIXES
+from vision_cache.client.warmup import DEFAULT_PROXY, IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-#!/usr/bin/env python3
 """Crash test: a proxy process SIGKILLed at random points while its cache writes are in flight.
 
 Each seed starts `vcache serve` on one store directory (a small disk budget, so it evicts
-throughout) in front of the fault upstream playing a patched server (tests/fault_upstream.py:
-its packages are a function of the image, so any byte can be checked). First the restart:
-REHITS chat requests for images the store held after the previous kill, each of which must
-be a hit that hands upstream an intact package (the fake counts corrupt ones). Then WRITES
+throughout) in front of the fault upstream playing a patched server
+(tests/support/fault_upstream.py: its packages are a function of the image, so any byte can
+be checked). First the restart: REHITS chat requests for images the store held after the
+previous kill, each of which must be a hit that hands upstream an intact package (the fake
+counts corrupt ones). Then WRITES
 concurrent /vcache/warm requests, each with an image never seen before (an encode and a store
 put), and a SIGKILL once a random number of them (0..WRITES) has been answered, plus a random
 0-10 ms. Then, with the proxy dead:
@@ -15,8 +15,8 @@ put), and a SIGKILL once a random number of them (0..WRITES) has been answered, 
 * after the last seed, `gc()` reclaims what the kills left behind (orphaned payloads,
   segments of dead writers): what stays is alignment padding only.
 
-    python scripts/crash_proxy.py --seeds 200              # the figure in docs/reliability.md
-    python scripts/crash_proxy.py --seeds 3 --writes 300   # what tests/test_crash_proxy.py runs
+    python -m scripts.crash_proxy --seeds 200              # the figure in docs/reliability.md
+    python -m scripts.crash_proxy --seeds 3 --writes 300   # what tests/test_crash_proxy.py runs
 
 Exit status 1 if any check failed. The client is aiohttp: httpx's connection pool costs time
 in proportion to its connections for every request, and at a thousand connections the
@@ -45,14 +45,12 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from tests.support.fault_upstream import FaultUpstream, expected_payload
+from tests.support.proxy_process import ProxyProcess
+from tests.support.store_helpers import integrity
+from vision_cache import Store
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fault_upstream import FaultUpstream, expected_payload  # noqa: E402
-from proxy_process import ProxyProcess  # noqa: E402
-from store_helpers import integrity  # noqa: E402
-
-from vision_cache import Store  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 

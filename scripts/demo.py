@@ -33,7 +33,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 QUESTIONS = ("What is in this picture?", "Which colours dominate it?", "Is there any text in it?")
 
@@ -54,7 +53,7 @@ def say(msg: str) -> None:
 def model_files() -> tuple[Path, Path, str]:
     if os.environ.get("MODEL") and os.environ.get("MMPROJ"):
         return Path(os.environ["MODEL"]), Path(os.environ["MMPROJ"]), "your model"
-    from make_test_vlm import generate
+    from vision_cache.synthetic.models import generate
 
     out = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
     say("generating the demo VLM (random weights, SigLIP-so400m-wide vision tower), once")
@@ -68,7 +67,7 @@ def image_url() -> tuple[str, str]:
         mime = mimetypes.guess_type(path)[0] or "image/jpeg"
         data = base64.b64encode(Path(path).read_bytes()).decode()
         return f"data:{mime};base64,{data}", Path(path).name
-    from test_images import sample_image
+    from vision_cache.synthetic.images import sample_image
 
     return sample_image("gradient_text_800x600").data_url("PNG"), "generated 800x600 PNG"
 

@@ -37,7 +37,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from vision_cache.llama_libs import load_llama_libs
+from vision_cache.llama.libs import load_llama_libs
 
 if version("llama_cpp_python") != sys.argv[2]:
     sys.exit(1)
@@ -71,7 +71,7 @@ echo "installed in $(( $(date +%s) - start )) s"
 
 if ! loads_our_build; then
     echo "error: llama-cpp-python $VERSION is installed but cannot load $LIB_DIR" >&2
-    "$PY" -c "from pathlib import Path; from vision_cache.llama_libs import load_llama_libs; \
+    "$PY" -c "from pathlib import Path; from vision_cache.llama.libs import load_llama_libs; \
 load_llama_libs(Path('$LIB_DIR'))" >&2 || true
     exit 1
 fi

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Soak: many clients on loopback, a steady mixed load through vcache, for a bounded time.
 
-Starts a patched llama-server with the tiny generated gemma3 model (scripts/make_test_vlm.py)
+Starts a patched llama-server with the tiny generated gemma3 model (vision_cache.synthetic)
 and `vcache serve` in front of it, warms a few reference images, then runs CLIENTS concurrent
 clients for MINUTES. Each request is, at random by weight:
 
@@ -18,8 +17,8 @@ JSON summary.
 
     # the figures in docs/reliability.md (llama-server's RAM prompt cache off: with it, the
     # server itself slows down as it fills, and that is not what a soak of the proxy measures)
-    python scripts/soak.py --minutes 30 --server-arg=--cache-ram --server-arg=0
-    python scripts/soak.py --minutes 1 --clients 4       # a quick look
+    python -m scripts.soak --minutes 30 --server-arg=--cache-ram --server-arg=0
+    python -m scripts.soak --minutes 1 --clients 4       # a quick look
 """
 
 from __future__ import annotations
@@ -43,13 +42,11 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from vision_cache.synthetic.models import generate
 
-from llama_server import LlamaServer  # noqa: E402
-from make_test_vlm import generate  # noqa: E402
-from proxy_process import ProxyProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = {"hit": 0.4, "miss": 0.15, "text": 0.25, "stream": 0.2}
 MAX_TOKENS = 8

@@ -9,7 +9,8 @@ the parsed string) plus a fixed overhead that weighs more on small bodies than o
 from __future__ import annotations
 
 import pytest
-from body_flood import flood
+
+from scripts.body_flood import flood
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vision_cache.breaker import CircuitBreaker
+from vision_cache.shared.breaker import CircuitBreaker
 
 
 class Clock:

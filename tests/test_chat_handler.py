@@ -1,4 +1,4 @@
-"""The caching chat handler (vision_cache.chat_handler) against llama-cpp-python's stock one.
+"""The caching chat handler (vision_cache.llama.chat_handler) against llama-cpp-python's stock one.
 
 Greedy decoding, logprobs on, so replies are compared token by token. Negative controls: another
 image answers differently (the model reads the image), a tampered stored package changes the
@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from llama_cpp_fixtures import OTHER_IMAGE, data_url, png
-from llama_cpp_fixtures import lib_dir as lib_dir  # fixture
-from llama_cpp_fixtures import llama_libs as llama_libs  # fixture
-from make_test_vlm import ModelFiles
 
-from vision_cache.llama_libs import LlamaLibs
+from tests.support.llama_cpp_fixtures import OTHER_IMAGE, data_url, png
+from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
+from tests.support.llama_cpp_fixtures import llama_libs as llama_libs  # fixture
+from vision_cache.llama.libs import LlamaLibs
 from vision_cache.package import StoredPackage
 from vision_cache.store import Store
+from vision_cache.synthetic.models import ModelFiles
 
 if TYPE_CHECKING:
-    from vision_cache.chat_handler import CachingChatHandler
+    from vision_cache.llama.chat_handler import CachingChatHandler
 
 pytestmark = pytest.mark.server
 N_TOKENS = 16
@@ -53,7 +53,7 @@ def stock_llama(llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles],
 def caching(llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles], arch: str,
             tmp_path_factory: pytest.TempPathFactory,
             ) -> Iterator[tuple[Any, CachingChatHandler, Store]]:
-    from vision_cache.chat_handler import CachingChatHandler
+    from vision_cache.llama.chat_handler import CachingChatHandler
 
     files = tiny_model(arch)
     with Store.open(tmp_path_factory.mktemp("handler-store"), hot_bytes=0,

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crash_proxy import run
+
+from scripts.crash_proxy import run
 
 
 @pytest.mark.slow

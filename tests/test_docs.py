@@ -20,11 +20,11 @@ from typing import IO
 
 import httpx
 import pytest
-from make_test_vlm import ModelFiles
-from redis_server import RedisServer
-from test_images import sample_image
 
-from proxy.config import ServeSettings
+from proxy.cli.config import ServeSettings
+from tests.support.redis_server import RedisServer
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

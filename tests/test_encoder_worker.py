@@ -1,4 +1,5 @@
-"""The local encoder worker (proxy.encoder): packages identical to the patched server's own.
+"""The local encoder worker (proxy.lookup.local_encoder): packages identical to the patched
+server's own.
 
 Every equivalence carries a negative control: another image, a perturbed package, so a worker
 that returned the same embeddings for everything, or a server that ignored packages, fails.
@@ -17,21 +18,21 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from llama_cpp_fixtures import IMAGES, OTHER_IMAGE, data_url, png
-from llama_cpp_fixtures import lib_dir as lib_dir  # fixture
-from llama_cpp_fixtures import local_encoder as local_encoder  # fixture
-from llama_cpp_fixtures import runner as runner  # fixture
-from llama_server import LlamaServer
-from make_test_vlm import ModelFiles
-from vlm_client import chat, encode, image_part, package_part, perturbed
 
-from proxy.encoder import (
+from proxy.lookup.local_encoder import (
     LocalEncoder,
     LocalEncoderConfig,
     LocalEncoderRejected,
     LocalEncoderTimeout,
 )
-from proxy.upstream import Capabilities
+from proxy.upstream.client import Capabilities
+from tests.support.llama_cpp_fixtures import IMAGES, OTHER_IMAGE, data_url, png
+from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
+from tests.support.llama_cpp_fixtures import local_encoder as local_encoder  # fixture
+from tests.support.llama_cpp_fixtures import runner as runner  # fixture
+from tests.support.llama_server import LlamaServer
+from tests.support.vlm_client import chat, encode, image_part, package_part, perturbed
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 

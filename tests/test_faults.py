@@ -1,5 +1,5 @@
-"""Upstream faults (tests/fault_upstream.py): each ends in a clean error the client can read,
-never a hang, and no request the client sent once reaches upstream twice.
+"""Upstream faults (tests/support/fault_upstream.py): each ends in a clean error the client
+can read, never a hang, and no request the client sent once reaches upstream twice.
 
 Before the response headers, a fault is a 502 or 504 in llama-server's error shape; after them
 an event stream ends with an error event and anything else ends short of its length. Every
@@ -18,9 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fault_upstream import SMUGGLED, Fault, FaultUpstream, refused_port
-from inprocess_proxy import CHAT, IDLE_S, assert_error_shape, chat, png
-from inprocess_proxy import proxy_in_front as running
+
+from tests.support.fault_upstream import SMUGGLED, Fault, FaultUpstream, refused_port
+from tests.support.inprocess_proxy import CHAT, IDLE_S, assert_error_shape, chat, png
+from tests.support.inprocess_proxy import proxy_in_front as running
 
 CLIENT_S = 10.0  # no test waits longer for anything
 

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llama_server import LlamaServer
-from make_test_vlm import ModelFiles
-from proxy_process import ProxyProcess
-from redis_server import RedisServer
-from test_images import sample_image
-from vlm_client import Reply, chat, image_part
 
 import vision_cache
+from tests.support.fixtures import server_args
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from tests.support.redis_server import RedisServer
+from tests.support.vlm_client import Reply, chat, image_part
 from vision_cache.keys import CacheKey
-from vision_cache.shared_value import decode_value
+from vision_cache.shared.value import decode_value
 from vision_cache.store import Store
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 
@@ -41,8 +42,6 @@ def url(name: str) -> str:
 @pytest.fixture(scope="module")
 def server_b(patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    from conftest import server_args
-
     log = tmp_path_factory.mktemp("logs") / "patched-gemma3-b.log"
     with LlamaServer(patched_bin, server_args(tiny_model("gemma3"), "--image-embedding"),
                      log) as server:

@@ -3,8 +3,8 @@
 proxy. Whatever comes in: no 500, no traceback in any body, every error of the proxy in
 llama-server's shape, and no image URL or path ever reaches upstream.
 
-The proxy and the fault upstream (tests/fault_upstream.py, as a stock and as a patched server)
-run on their own event loop in a thread, so Hypothesis drives them with a plain client. Name
+The proxy and the fault upstream (tests/support/fault_upstream.py, as a stock and as a patched
+server) run on their own event loop in a thread, so Hypothesis drives them with a plain client. Name
 lookups are faked and connections leaving loopback fail: no fuzzed URL reaches the network.
 fuzz/fuzz_requests.py is the coverage-guided (atheris) version of the same, run on demand.
 """
@@ -21,14 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fault_upstream import FaultUpstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inprocess_proxy import png_bytes, proxy_in_front
 
-from proxy import media
 from proxy.errors import ClientPackageRefused, MediaFetchFailed, TooManyImages
-from proxy.image_slots import (
+from proxy.images import media
+from proxy.images.slots import (
     ANTHROPIC_PATHS,
     CHAT_PATHS,
     IMAGE_PATHS,
@@ -36,6 +34,8 @@ from proxy.image_slots import (
     RESPONSES_PATHS,
     find_images,
 )
+from tests.support.fault_upstream import FaultUpstream
+from tests.support.inprocess_proxy import png_bytes, proxy_in_front
 
 PROXY_ERRORS = {400, 401, 413, 502, 503, 504}
 FUZZ = settings(max_examples=150, deadline=None,
@@ -194,7 +194,7 @@ def running(request: pytest.FixtureRequest,
         async def no_names(host: str, port: int) -> Any:
             raise MediaFetchFailed(f"cannot resolve host {host!r} (fuzzing: no DNS)")
 
-        patch.setattr(media, "_resolve_name", no_names)
+        patch.setattr(media, "resolve_name", no_names)
         tmp = tmp_path_factory.mktemp("fuzz")
         with BackgroundProxy(tmp, bool(request.param)) as proxy, \
                 httpx.Client(timeout=30) as client:

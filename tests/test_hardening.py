@@ -1,9 +1,9 @@
 """Hostile clients, a damaged disk, a damaged store: what THREAT_MODEL.md promises, end to end.
 
-The proxy runs in-process (tests/inprocess_proxy.py) in front of the fault upstream in its
+The proxy runs in-process (tests/support/inprocess_proxy.py) in front of the fault upstream in its
 well-behaved modes, which plays a stock llama-server or, with ``packages=True``, a patched one
-that checks every package it is handed (tests/fault_upstream.py). Nothing here leaves loopback:
-an autouse guard fails any test whose process tries to connect anywhere else.
+that checks every package it is handed (tests/support/fault_upstream.py). Nothing here leaves
+loopback: an autouse guard fails any test whose process tries to connect anywhere else.
 """
 
 from __future__ import annotations
@@ -26,19 +26,26 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from fault_upstream import FaultUpstream
-from inprocess_proxy import CHAT, assert_error_shape, chat, png, png_bytes, proxy_in_front
-from llama_server import LlamaServer
-from proxy_process import ProxyProcess
-from store_helpers import ALLOWED_FILES, integrity
 
-from proxy import app as proxy_app
-from proxy import media, ssrf
-from proxy.config import ServeSettings
+from proxy.cli.config import ServeSettings
 from proxy.errors import AuthError, MediaFetchFailed
-from proxy.ssrf import IPAddress
+from proxy.images import media, ssrf
+from proxy.images.ssrf import IPAddress
+from proxy.web import app as proxy_app
+from tests.support.fault_upstream import FaultUpstream
+from tests.support.inprocess_proxy import (
+    CHAT,
+    assert_error_shape,
+    chat,
+    png,
+    png_bytes,
+    proxy_in_front,
+)
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from tests.support.store_helpers import ALLOWED_FILES, integrity
 from vision_cache import Store
-from vision_cache import index as index_module
+from vision_cache.store import index as index_module
 
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 
@@ -129,7 +136,7 @@ async def canary() -> AsyncIterator[Canary]:
 def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """Names the guard's one lookup a hop resolves; anything else does not resolve."""
     answers: dict[str, list[str]] = {"localhost": ["127.0.0.1"]}
-    real = media._resolve_name
+    real = media.resolve_name
 
     async def resolve(host: str, port: int) -> tuple[IPAddress, ...]:
         if host == "localhost":
@@ -138,7 +145,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
             raise MediaFetchFailed(f"cannot resolve host {host!r}")
         return tuple(ip_address(a) for a in answers[host])
 
-    monkeypatch.setattr(media, "_resolve_name", resolve)
+    monkeypatch.setattr(media, "resolve_name", resolve)
     answers.update({"metadata.test": ["169.254.169.254"], "intranet.test": ["10.1.2.3"],
                     "loopback.test": ["127.0.0.1"], "v6.test": ["::1"],
                     "mixed.test": ["93.184.216.34", "127.0.0.1"]})
@@ -340,10 +347,10 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module proxy.app calls it in
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module proxy.web.app calls it in
     request = make_mocked_request("GET", "/vcache/stats", headers={"X-Vcache-Key": "guess"})
     with pytest.raises(AuthError):
-        proxy_app._check_key(request, KEY)
+        proxy_app.check_key(request, KEY)
     assert calls == [(b"guess", KEY.encode())]
 
 
@@ -383,8 +390,8 @@ async def test_bodies_over_the_limit_get_413_with_a_length_or_chunked(
 
 
 async def test_the_body_budget_serves_in_order_and_gives_up_with_503() -> None:
-    from proxy.budget import BodyBudget
     from proxy.errors import ProxyBusy
+    from proxy.web.budget import BodyBudget
 
     budget = BodyBudget(10, wait_s=0.2)
     order: list[str] = []
@@ -665,7 +672,7 @@ async def test_numbers_orjson_cannot_write_survive_a_rewrite(
 
 async def test_a_large_body_is_forwarded_whole_with_its_length(
         stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
-    """Large bodies go out in slices (proxy.forwarding.build_request), still framed by their
+    """Large bodies go out in slices (proxy.upstream.relay.build_request), still framed by their
     Content-Length, byte for byte as sent."""
     raw = json.dumps(chat(image=png(61), tag="x" * 300_000)).encode()
     async with proxy_in_front(stock.url, tmp_path) as (url, _):

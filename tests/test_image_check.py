@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from llama_server import LlamaServer
 from PIL import Image
-from proxy_process import ProxyProcess
 
 from proxy.errors import MediaError, MediaTooLarge
-from proxy.image_check import inspect
+from proxy.images.inspection import inspect
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_helpers import ALLOWED_FILES, store_files
 
+from tests.support.store_helpers import ALLOWED_FILES, store_files
 from vision_cache import CacheKey, Namespace, Store, content_digest
 from vision_cache.errors import (
     InvalidDigestError,
@@ -23,7 +23,7 @@ from vision_cache.errors import (
     InvalidNamespaceError,
 )
 from vision_cache.keys import validate_name
-from vision_cache.layout import parse_segment_name, segment_name
+from vision_cache.store.layout import parse_segment_name, segment_name
 
 BASE: dict[str, Any] = {
     "model": "gemma-3-4b-it",

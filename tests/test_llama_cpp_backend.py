@@ -1,4 +1,4 @@
-"""`vcache serve --backend llama-cpp-python` (proxy.llama_cpp_backend), served in-process."""
+"""`vcache serve --backend llama-cpp-python` (proxy.backends.llama_cpp), served in-process."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
-from llama_cpp_fixtures import OTHER_IMAGE, data_url, png
-from llama_cpp_fixtures import lib_dir as lib_dir  # fixture
-from make_test_vlm import ModelFiles
 
-from proxy.llama_cpp_backend import LlamaCppSettings, running_backend
+from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
+from tests.support.llama_cpp_fixtures import OTHER_IMAGE, data_url, png
+from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 

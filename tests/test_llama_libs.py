@@ -1,11 +1,11 @@
-"""vision_cache.llama_libs: naming llama.cpp builds for cache namespaces (no libraries loaded)."""
+"""vision_cache.llama.libs: naming llama.cpp builds for cache namespaces (no libraries loaded)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from vision_cache.llama_libs import build_id
+from vision_cache.llama.libs import build_id
 
 
 def _libs(root: Path, content: bytes) -> Path:

@@ -1,4 +1,4 @@
-"""proxy.media: every form of image reference, against real servers on loopback.
+"""proxy.images.media: every form of image reference, against real servers on loopback.
 
 The HTTP tests run an aiohttp server (and, where a test needs to break HTTP or count
 connections, a raw asyncio server) on 127.0.0.1, port 0. Nothing here connects anywhere
@@ -27,10 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy import media, ssrf
 from proxy.errors import MediaError, MediaFetchFailed, MediaNotAllowed, MediaTooLarge
-from proxy.media import FetchPolicy, Media, MediaLoader
-from proxy.ssrf import IPAddress
+from proxy.images import media, ssrf
+from proxy.images.media import FetchPolicy, Media, MediaLoader
+from proxy.images.ssrf import IPAddress
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 CAP = 100_000  # max_bytes for the size tests: big enough for several chunks
@@ -258,7 +258,7 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
             raise MediaFetchFailed(f"cannot resolve host {host!r}")
         return tuple(ip_address(a) for a in fake.answers[host])
 
-    monkeypatch.setattr(media, "_resolve_name", resolve)
+    monkeypatch.setattr(media, "resolve_name", resolve)
     return fake
 
 
@@ -386,7 +386,7 @@ async def test_unsupported_schemes(make_loader: MakeLoader, ref: str) -> None:
 async def test_near_urls_are_refused_not_left_to_upstream(
     make_loader: MakeLoader, ref: str
 ) -> None:
-    """llama-server downloads any url that starts with "http", unguarded. proxy.resolver
+    """llama-server downloads any url that starts with "http", unguarded. The package lookup
     leaves plain MediaErrors to upstream, so these must be MediaNotAllowed, not MediaError."""
     with pytest.raises(MediaNotAllowed):
         await make_loader().load(ref)
@@ -468,11 +468,11 @@ async def test_name_with_a_non_public_answer_is_refused(
 
 
 async def test_pinned_resolver_refuses_unvetted_names() -> None:
-    resolver = media._PinnedResolver()
+    resolver = media.PinnedResolver()
     with pytest.raises(OSError, match="not vetted"):
         await resolver.resolve("images.test", 80)
     url = URL("http://images.test/")
-    with media._pinned(url, (IPv4Address("127.0.0.1"),)):
+    with media.pinned(url, (IPv4Address("127.0.0.1"),)):
         with pytest.raises(OSError, match="not vetted"):
             await resolver.resolve("other.test", 80)
         answer = await resolver.resolve("images.test.", 80, socket.AF_UNSPEC)
@@ -485,7 +485,7 @@ async def test_lookup_failure_is_fetch_failed(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fail)
     with pytest.raises(MediaFetchFailed, match=r"cannot resolve host 'nowhere\.test'"):
-        await media._resolve_name("nowhere.test", 80)
+        await media.resolve_name("nowhere.test", 80)
 
 
 # --- http(s): redirects ------------------------------------------------------------------
@@ -764,7 +764,7 @@ def test_symlink_swapped_in_after_the_check_is_refused(media_root: Path, tmp_pat
     root = os.path.realpath(media_root)
     for parts in (("sub-link", "x.png"), ("file-link.png",)):
         with pytest.raises(MediaNotAllowed, match="changed while it was opened"):
-            media._open_regular(root, parts, "file://race")
+            media.open_regular(root, parts, "file://race")
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from llama_server import LlamaServer
-from test_images import sample_image
-from vlm_client import chat, encode, image_part, package_part, perturbed
+
+from tests.support.llama_server import LlamaServer
+from tests.support.vlm_client import chat, encode, image_part, package_part, perturbed
+from vision_cache.synthetic.images import sample_image
 
 pytestmark = pytest.mark.server
 

@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from llama_server import LlamaServer
-from proxy_process import ProxyProcess
-from test_images import sample_image
-from vlm_client import chat, image_part
+
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from tests.support.vlm_client import chat, image_part
+from vision_cache.synthetic.images import sample_image
 
 pytestmark = pytest.mark.server
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from make_test_vlm import ModelFiles
-from proxy_process import ProxyProcess
-from test_images import sample_image
+
+from tests.support.proxy_process import ProxyProcess
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 

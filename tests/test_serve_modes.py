@@ -7,13 +7,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llama_server import LlamaServer
-from make_test_vlm import ModelFiles
-from proxy_process import ProxyProcess
-from test_images import sample_image
-from vlm_client import chat, image_part
 
-from proxy.config import ServeSettings
+from proxy.cli.config import ServeSettings
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from tests.support.vlm_client import chat, image_part
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 
@@ -65,13 +65,13 @@ def test_llama_cpp_python_backend_through_the_command(
      "runs the model itself"),
 ])
 def test_inconsistent_modes_are_refused(args: list[str], message: str) -> None:
-    from proxy.cli import _settings_error
-    from proxy.config import load_settings
+    from proxy.cli.config import load_settings
+    from proxy.cli.main import settings_error
 
     flags = {a[2:].replace("-", "_"): b for a, b in zip(args[::2], args[1::2], strict=True)}
     with pytest.raises(ValueError) as err:
         load_settings(flags)
-    assert message in _settings_error(err.value)
+    assert message in settings_error(err.value)
 
 
 def test_managed_mode_takes_encoder_files_from_llama_args() -> None:

@@ -18,12 +18,12 @@ import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
-from redis_server import RedisClusterNodes, RedisServer, free_port
 
+from tests.support.redis_server import RedisClusterNodes, RedisServer, free_port
 from vision_cache.errors import InvalidNameError, SharedEntryCorruptError, SharedTierConfigError
 from vision_cache.keys import CacheKey, Namespace
-from vision_cache.shared_tier import NullSharedTier, RedisTier, SharedTierConfig, shared_tier
-from vision_cache.shared_value import HEADER_SIZE, decode_value, encode_value
+from vision_cache.shared.tier import NullSharedTier, RedisTier, SharedTierConfig, shared_tier
+from vision_cache.shared.value import HEADER_SIZE, decode_value, encode_value
 
 NS = Namespace.for_encoder(model="m", mmproj="xxh3-128:" + "0" * 32 + ":1", build="b",
                            format_version=1, encoder={})

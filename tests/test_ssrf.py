@@ -1,4 +1,4 @@
-"""The address and URL policy of proxy.ssrf: pure functions, no sockets."""
+"""The address and URL policy of proxy.images.ssrf: pure functions, no sockets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import ssrf
 from proxy.errors import MediaNotAllowed
-from proxy.ssrf import FetchPolicy, check_url, is_public_address, parse_host_address
+from proxy.images import ssrf
+from proxy.images.ssrf import FetchPolicy, check_url, is_public_address, parse_host_address
 
 NOT_PUBLIC = [
     # loopback
@@ -373,7 +373,7 @@ def test_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
 
 
 def test_docstring_examples() -> None:
-    """The examples in proxy.ssrf's docstrings run and say what they show."""
+    """The examples in proxy.images.ssrf's docstrings run and say what they show."""
     result = doctest.testmod(ssrf, extraglobs={"Path": Path}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0

@@ -15,9 +15,9 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlite_utils import Database
-from store_helpers import NAMESPACE, key, meta_for, payload_for, sql
 
-from proxy.cli import main
+from proxy.cli.main import main
+from tests.support.store_helpers import NAMESPACE, key, meta_for, payload_for, sql
 from vision_cache import Namespace, Store
 from vision_cache.errors import (
     InvalidEntryError,
@@ -25,9 +25,9 @@ from vision_cache.errors import (
     SchemaVersionError,
     StoreNotFoundError,
 )
-from vision_cache.hot_tier import LruHotTier, NullHotTier
-from vision_cache.schema import KNOWN_MIGRATIONS, migrations
-from vision_cache.segments import ALIGNMENT, HEADER_SIZE
+from vision_cache.store.hot_tier import LruHotTier, NullHotTier
+from vision_cache.store.schema import KNOWN_MIGRATIONS, migrations
+from vision_cache.store.segments import ALIGNMENT, HEADER_SIZE
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import key, meta_for, payload_for, sql
 
+from tests.support.store_helpers import key, meta_for, payload_for, sql
 from vision_cache import Store
 from vision_cache.errors import IndexUnavailableError
-from vision_cache.index import Index
-from vision_cache.layout import segment_name
-from vision_cache.segments import HEADER_SIZE
+from vision_cache.store.index import Index
+from vision_cache.store.layout import segment_name
+from vision_cache.store.segments import HEADER_SIZE
 
 SEGMENT = 64 * 1024  # small segments so a few puts roll over
 

@@ -8,19 +8,17 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from store_helpers import integrity, key, meta_for, payload_for
 
+from tests.support.store_helpers import integrity, key, meta_for, payload_for
+from tests.support.store_worker import COMMAND as WORKER
+from tests.support.store_worker import ROOT as WORKER_ROOT
 from vision_cache import SingleFlight, Store
-
-WORKER = Path(__file__).with_name("store_worker.py")
-
 
 # -- single flight ------------------------------------------------------------------
 
@@ -165,8 +163,9 @@ def test_four_processes_hammering_one_store(tmp_path: Path) -> None:
         pass
     started = time.monotonic()
     workers = [subprocess.Popen(
-        [sys.executable, str(WORKER), "stress", str(root), str(seed), str(total // processes),
-         str(threads), str(keys)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [*WORKER, "stress", str(root), str(seed), str(total // processes),
+         str(threads), str(keys)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=WORKER_ROOT)
         for seed in range(processes)]
     counts: Counter[str] = Counter()
     for worker in workers:

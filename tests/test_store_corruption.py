@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import integrity, key, meta_for, payload_for, sql
 
+from tests.support.store_helpers import integrity, key, meta_for, payload_for, sql
 from vision_cache import Store
-from vision_cache import index as index_module
-from vision_cache.entry import FileRef
+from vision_cache.store import index as index_module
+from vision_cache.store.entry import SegmentRef
 
 COUNT = 30
 
@@ -36,7 +36,7 @@ def store(root: Path) -> Iterator[Store]:
         yield opened
 
 
-def ref_of(root: Path, i: int) -> FileRef:
+def ref_of(root: Path, i: int) -> SegmentRef:
     with Store.open(root, hot_bytes=0) as store:
         entry = store.get(key(i))
         assert entry is not None
@@ -89,7 +89,7 @@ def test_verified_locations_are_bounded_and_forgetting_means_checking_again(
         root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A long-lived process does not remember every location it verified; one it forgot is
     checked again on its next read, so a payload damaged since is still caught."""
-    from vision_cache import store as store_module
+    from vision_cache.store import store as store_module
     monkeypatch.setattr(store_module, "MAX_VERIFIED", 8)
     with Store.open(root, hot_bytes=0) as store:
         assert assert_exact_or_missing(store, range(COUNT)) == COUNT  # each read verified

@@ -8,16 +8,16 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from store_helpers import integrity, meta_for, payload_for
-from store_worker import CRASH_SPREAD
 
+from tests.support.store_helpers import integrity, meta_for, payload_for
+from tests.support.store_worker import COMMAND as WORKER
+from tests.support.store_worker import CRASH_SPREAD
+from tests.support.store_worker import ROOT as WORKER_ROOT
 from vision_cache import Store
 
-WORKER = Path(__file__).with_name("store_worker.py")
 SEEDS = 60
 # Calls the writer may kill itself at (see store_worker.KILL_POINTS), with
 # how many calls in the kill may come (rarer calls get a smaller range).
@@ -27,13 +27,13 @@ KILL_POINTS = {"pwrite": 60, "fdatasync": 60, "unlink": 6, "transaction": 60, "f
 
 def run_writer(root: Path, seed: int, rng: random.Random) -> str:
     """Start a writer and see it killed; returns how it died."""
-    args = [sys.executable, str(WORKER), "crash", str(root), str(seed)]
+    args = [*WORKER, "crash", str(root), str(seed)]
     injected = seed % 2 == 1
     if injected:
         point = sorted(KILL_POINTS)[(seed // 2) % len(KILL_POINTS)]
         args += [point, str(rng.randint(1, KILL_POINTS[point]))]
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as writer:
+                          text=True, cwd=WORKER_ROOT) as writer:
         assert writer.stdout is not None
         ready = writer.stdout.readline().strip() == "ready"
         if ready:
@@ -94,8 +94,9 @@ def test_a_writer_killed_mid_put_leaves_no_row(tmp_path: Path) -> None:
     root = tmp_path / "store"
     with Store.open(root):
         pass
-    args = [sys.executable, str(WORKER), "crash", str(root), "1", "fdatasync", "3"]
-    completed = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    args = [*WORKER, "crash", str(root), "1", "fdatasync", "3"]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                               cwd=WORKER_ROOT)
     assert completed.returncode == -signal.SIGKILL
     with Store.open(root, hot_bytes=0) as store:
         report = store.check()

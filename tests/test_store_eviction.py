@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import NAMESPACE, FakeClock, key
 
+from tests.support.store_helpers import NAMESPACE, FakeClock, key
 from vision_cache import Namespace, Store
-from vision_cache.entry import Entry, FileRef
-from vision_cache.hot_tier import LruHotTier, NullHotTier, hot_tier
+from vision_cache.store.entry import Entry, SegmentRef
+from vision_cache.store.hot_tier import LruHotTier, NullHotTier, hot_tier
 
 SIZE = 10_000  # bytes per test payload
 
@@ -41,7 +41,7 @@ def present(store: Store, count: int) -> set[int]:
 
 
 def fake_entry(i: int, size: int) -> Entry:
-    return Entry(key(i), b"", memoryview(bytes(size)), FileRef("seg-00000001.vseg", 4096, size,
+    return Entry(key(i), b"", memoryview(bytes(size)), SegmentRef("seg-00000001.vseg", 4096, size,
                                                               "0" * 16), False, 0.0, None, i)
 
 

@@ -1,4 +1,5 @@
-"""Managed mode: proxy.supervisor against tests/fake_llama_server.py run as a real binary."""
+"""Managed mode: proxy.upstream.supervisor against tests/support/fake_llama_server.py run as a
+real binary."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ import httpx
 import psutil
 import pytest
 
-from proxy import supervisor
 from proxy.errors import UpstreamError
-from proxy.supervisor import ManagedServer, ManagedServerConfig, ReservedArgumentError
+from proxy.upstream import supervisor
+from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig, ReservedArgumentError
 
-FAKE = Path(__file__).with_name("fake_llama_server.py")
+FAKE = Path(__file__).parent / "support" / "fake_llama_server.py"
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_COMMAND = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))}"
@@ -189,8 +190,8 @@ async def test_bind_race_is_retried_on_a_new_port(
     with socket.create_server(("127.0.0.1", 0)) as taken:
         busy = taken.getsockname()[1]
         picks = iter([busy])
-        real_pick = supervisor._pick_free_port
-        monkeypatch.setattr(supervisor, "_pick_free_port",
+        real_pick = supervisor.pick_free_port
+        monkeypatch.setattr(supervisor, "pick_free_port",
                             lambda host: next(picks, None) or real_pick(host))
         async with ManagedServer(fast_config(make_binary())) as server:
             assert server.healthy
@@ -201,12 +202,12 @@ async def test_unwritable_log_path_falls_back_to_our_logger(
     make_binary: BinaryFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = fast_config(make_binary(), log_path=tmp_path / "no-such-dir" / "llama.log")
-    with caplog.at_level(logging.INFO, logger="proxy.supervisor"):
+    with caplog.at_level(logging.INFO, logger="proxy.upstream.supervisor"):
         async with ManagedServer(config) as server:
             assert server.healthy
     messages = [(r.name, r.getMessage()) for r in caplog.records]
     assert any("cannot append llama-server's output" in m for _, m in messages)
-    assert ("proxy.supervisor.llama_server",
+    assert ("proxy.upstream.supervisor.llama_server",
             f"main: server is listening on {server.base_url}") in messages
 
 
@@ -252,7 +253,7 @@ async def test_embedding_dir_is_left_out_for_a_stock_build(
 ) -> None:
     # The stock fake refuses the flag, so a wrongly passed flag would also fail the start.
     config = fast_config(make_binary(), embedding_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="proxy.supervisor"):
+    with caplog.at_level(logging.WARNING, logger="proxy.upstream.supervisor"):
         async with ManagedServer(config) as server:
             assert not server.supports_embedding_dir
             argv = (await props(server))["argv"]
@@ -332,7 +333,7 @@ async def test_stop_during_the_backoff_leaves_nothing(make_binary: BinaryFactory
 def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:
     config = ManagedServerConfig(binary=Path("llama-server"), backoff_initial_s=1.0,
                                  backoff_max_s=30.0, stable_after_s=60.0)
-    backoff = supervisor._Backoff(config)
+    backoff = supervisor.Backoff(config)
     delays = [backoff.next_delay(uptime_s=5.0) for _ in range(7)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert backoff.next_delay(uptime_s=60.0) == 1.0
@@ -343,7 +344,7 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:
     (1, "exited with code 1"), (-signal.SIGKILL, "was killed by SIGKILL"),
 ])
 def test_exits_are_described_with_code_or_signal(returncode: int, text: str) -> None:
-    assert supervisor._describe_exit(returncode) == text
+    assert supervisor.describe_exit(returncode) == text
 
 
 # --- no orphans -----------------------------------------------------------------------------
@@ -381,7 +382,7 @@ async def test_cancelling_a_start_stops_the_loading_child(make_binary: BinaryFac
 PARENT = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from proxy.supervisor import ManagedServer, ManagedServerConfig
+    from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
 
     async def main() -> None:
         async with ManagedServer(ManagedServerConfig(binary=Path(sys.argv[1]))) as server:

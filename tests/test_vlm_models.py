@@ -3,7 +3,7 @@
 Equivalence tests of the cache (same answer with and without a cached visual package)
 prove nothing on a model whose answer ignores the image, so this checks, for each
 architecture, that greedy output is long, repeatable, and different for different images.
-Servers and models come from the shared fixtures in conftest.py.
+Servers and models come from the shared fixtures in tests/support/fixtures.py.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
-import make_test_vlm
 import pytest
-import test_images
-from llama_server import LlamaServer
+
+from tests.support.llama_server import LlamaServer
+from vision_cache.synthetic import images as test_images
+from vision_cache.synthetic import models
 
 PROMPT = "Describe this image."
 MIN_TOKENS = 16
@@ -68,28 +69,28 @@ def client(stock_server: LlamaServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def _digests(files: make_test_vlm.ModelFiles) -> list[str]:
+def _digests(files: models.ModelFiles) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() for p in (files.model, files.mmproj)]
 
 
 def test_generation_is_deterministic_per_seed(tmp_path: Path) -> None:
-    first = make_test_vlm.generate("qwen2vl", "tiny", seed=3, out=tmp_path / "a")
-    again = make_test_vlm.generate("qwen2vl", "tiny", seed=3, out=tmp_path / "b")
-    other = make_test_vlm.generate("qwen2vl", "tiny", seed=4, out=tmp_path / "c")
+    first = models.generate("qwen2vl", "tiny", seed=3, out=tmp_path / "a")
+    again = models.generate("qwen2vl", "tiny", seed=3, out=tmp_path / "b")
+    other = models.generate("qwen2vl", "tiny", seed=4, out=tmp_path / "c")
     assert _digests(first) == _digests(again)
     assert _digests(first)[0] != _digests(other)[0]
     assert _digests(first)[1] != _digests(other)[1]
 
 
 def test_generation_skips_up_to_date_models_and_redoes_changed_ones(tmp_path: Path) -> None:
-    files = make_test_vlm.generate("gemma3", "tiny", seed=0, out=tmp_path)
+    files = models.generate("gemma3", "tiny", seed=0, out=tmp_path)
     stamp = files.model.stat().st_mtime_ns
-    assert make_test_vlm.generate("gemma3", "tiny", seed=0, out=tmp_path) == files
+    assert models.generate("gemma3", "tiny", seed=0, out=tmp_path) == files
     assert files.model.stat().st_mtime_ns == stamp  # recorded seed and params match
-    make_test_vlm.generate("gemma3", "tiny", seed=1, out=tmp_path)
+    models.generate("gemma3", "tiny", seed=1, out=tmp_path)
     assert files.model.stat().st_mtime_ns != stamp  # another seed: regenerated
     files.mmproj.write_bytes(b"truncated")
-    make_test_vlm.generate("gemma3", "tiny", seed=1, out=tmp_path)
+    models.generate("gemma3", "tiny", seed=1, out=tmp_path)
     assert files.mmproj.stat().st_size > 1_000_000  # a damaged file is rewritten
 
 
@@ -139,7 +140,7 @@ def test_image_token_count_matches_preprocessing(client: httpx.Client, arch: str
         with_image = chat(client, sample.data_url(), max_tokens=1).prompt_tokens
         counts[sample.name] = with_image - text_only - 2  # minus image begin/end tokens
         width, height = sample.size
-        expected = make_test_vlm.expected_image_tokens(
-            cast(make_test_vlm.Arch, arch), "tiny", width, height)
+        expected = models.expected_image_tokens(
+            arch, "tiny", width, height)
         assert counts[sample.name] == expected, sample.name
     assert (len(set(counts.values())) == 1) == (arch == "gemma3"), counts

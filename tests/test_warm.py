@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from make_test_vlm import ModelFiles
 from PIL import Image
-from proxy_process import ProxyProcess
-from test_images import sample_image
-from vlm_client import chat, image_part
 
 import vision_cache
+from tests.support.proxy_process import ProxyProcess
+from tests.support.vlm_client import chat, image_part
 from vision_cache.store import Store
+from vision_cache.synthetic.images import sample_image
+from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
 
@@ -209,8 +209,8 @@ def test_import_refuses_a_foreign_namespace(managed_proxy: Callable[..., ProxyPr
                                             tmp_path: Path) -> None:
     proxy = managed_proxy()
     store_dir = tmp_path / "other"
+    from vision_cache.client.pack import export_pack
     from vision_cache.keys import Namespace
-    from vision_cache.pack import export_pack
 
     ns = Namespace.for_encoder(model="", mmproj="xxh3-128:" + "1" * 32 + ":1", build="b",
                                format_version=1, encoder={})

@@ -27,21 +27,21 @@ The store's exception hierarchy:
       - SharedTierTimeoutError
     + SharedTierRefusedError
     + SharedEntryCorruptError
-  x WarmError (vision_cache.warmup: warm-up cannot start)
-  x PackError (vision_cache.pack: a reference pack cannot be written or imported)
-  x LlamaLibsError (vision_cache.llama_libs: llama.cpp's libraries cannot be loaded)
-  x EncoderError (vision_cache.mtmd: the vision encoder failed)
+  x WarmError (vision_cache.client.warmup: warm-up cannot start)
+  x PackError (vision_cache.client.pack: a reference pack cannot be written or imported)
+  x LlamaLibsError (vision_cache.llama.libs: llama.cpp's libraries cannot be loaded)
+  x EncoderError (vision_cache.llama.mtmd: the vision encoder failed)
     - ImageRejected (the bytes are not an image it takes)
 
 Classes marked with a module live beside the code that raises them, but join this tree.
 
 sqlite3 and OSError failures are translated into these classes where they
-happen (vision_cache.index, vision_cache.segments). `Store.get` and `Store.put`
+happen (vision_cache.store.index, vision_cache.store.segments). `Store.get` and `Store.put`
 never raise the StoreError branch: a failed read is a miss and a failed write
 returns None, so the caller serves the request uncached.
 
 redis-py's errors are translated into the SharedTierError branch in one place
-(vision_cache.shared_tier); the shared tier's public calls never raise that
+(vision_cache.shared.tier); the shared tier's public calls never raise that
 branch either, except SharedTierConfigError for a configuration that cannot work.
 """
 

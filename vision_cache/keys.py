@@ -10,7 +10,7 @@ the SHA-256 of the raw image bytes.
     True
 
 Nothing here ever becomes part of a file path: keys live in the SQLite index
-only, and segment files are named from integers (see vision_cache.layout).
+only, and segment files are named from integers (see vision_cache.store.layout).
 See docs/cache-keys.md for the hash choice and its measurement.
 """
 

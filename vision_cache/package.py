@@ -39,7 +39,7 @@ class ImageSizeWire(_Wire):
     ny: Annotated[int, Field(ge=1, le=1 << 16)]
 
 
-class FileRefWire(_Wire):
+class EmbeddingFileWire(_Wire):
     path: Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,512}$")]
     offset: Annotated[int, Field(ge=0)]
     length: Annotated[int, Field(ge=1)]
@@ -57,7 +57,7 @@ class PackageWire(_Wire):
     image: ImageSizeWire
     chunks: Annotated[list[ChunkWire], Field(min_length=1, max_length=256)]
     data: str | None = None
-    file: FileRefWire | None = None
+    file: EmbeddingFileWire | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PackageWire:
@@ -75,7 +75,7 @@ class Chunk:
 
 
 @dataclasses.dataclass(frozen=True)
-class FileRef:
+class EmbeddingFileRef:
     """Where a payload lies inside the server's embedding directory."""
 
     path: str
@@ -126,7 +126,7 @@ class PackageHeader:
     def inline(self, payload: bytes | memoryview) -> dict[str, Any]:
         return {**self.to_wire(), "data": base64.b64encode(payload).decode()}
 
-    def by_reference(self, ref: FileRef) -> dict[str, Any]:
+    def by_reference(self, ref: EmbeddingFileRef) -> dict[str, Any]:
         return {**self.to_wire(), "file": ref.to_wire()}
 
 

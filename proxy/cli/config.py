@@ -1,0 +1,234 @@
+"""Configuration of `vcache serve`: one pydantic-settings model for flags, environment and TOML.
+
+Precedence, highest first: command-line flags, ``VCACHE_*`` environment variables, the TOML
+file named by ``--config`` (or ``VCACHE_CONFIG``), the defaults below. The command-line options
+are generated from the fields, so ``vcache serve --help`` documents every one of them with its
+default, and the README's configuration table is checked against the same fields by a test.
+
+    [serve]          # in vcache.toml
+    upstream = "http://127.0.0.1:8080"
+    hot_mb = 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from vision_cache.shared.tier import SharedTierConfig
+
+DEFAULT_STORE = Path("~/.cache/vcache/store")
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "vcache_toml", default=None)
+
+
+class ServeSettings(BaseSettings):
+    """Settings of one proxy."""
+
+    model_config = SettingsConfigDict(env_prefix="VCACHE_", extra="forbid", frozen=True)
+
+    upstream: str | None = Field(None, description="URL of a running llama-server to front")
+    llama_server: Path | None = Field(
+        None, description="llama-server binary to start and manage (managed mode); its "
+        "arguments follow `--`")
+    llama_args: list[str] = Field(default_factory=list, description="arguments for the managed "
+                                  "llama-server (on the command line: everything after `--`)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8081, ge=0, le=65535, description="port to listen on (0: any free port)")
+    store: Path = Field(DEFAULT_STORE, description="cache directory")
+    hot_mb: int = Field(512, ge=0, description="in-memory tier budget in MiB (0 disables it)")
+    disk_gb: float = Field(20.0, gt=0, description="disk tier budget in GiB")
+    transport: Literal["auto", "file", "inline"] = Field(
+        "auto", description="how packages reach upstream: by file reference (upstream reads "
+        "the cache directory), inline in the JSON, or auto (file in managed mode)")
+    api_key: SecretStr | None = Field(None, description="key for the proxy's own /vcache/ "
+                                      "endpoints (X-Vcache-Key or Authorization: Bearer)")
+    max_body_mb: int = Field(100, gt=0, description="largest request body in MiB (413 above)")
+    max_images: int = Field(32, gt=0, description="most images in one request")
+    upstream_idle_s: float = Field(600.0, gt=0, description="longest wait for upstream's "
+                                   "next byte (its headers, or the next chunk of a "
+                                   "stream) before the request fails (504)")
+    media_path: Path | None = Field(None, description="directory file:// image URLs may read "
+                                    "from (off by default, as in llama-server)")
+    allow_private_urls: bool = Field(False, description="let image URLs reach loopback and "
+                                     "private addresses (off: public addresses only)")
+    url_max_mb: int = Field(20, gt=0, description="largest image fetched from a URL, in MiB")
+    url_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
+    accept_client_packages: bool = Field(False, description="accept image_embedding inputs "
+                                         "from clients (off: a forged package could poison "
+                                         "upstream's prompt cache)")
+    shared_store: SecretStr | None = Field(
+        None, description="Redis URL of a tier shared by a fleet of proxies (redis://host:6379/0, "
+        "rediss:// for TLS); off when unset")
+    shared_cluster: bool = Field(False, description="the shared store URL names one node of "
+                                 "a Redis Cluster")
+    shared_prefix: str = Field("vcache:", description="key prefix in Redis, so that several "
+                               "deployments can share one")
+    shared_timeout_ms: int = Field(500, gt=0, description="time limit for one round trip to "
+                                   "Redis; a timeout makes the proxy skip Redis for a while")
+    shared_ttl_h: float = Field(168.0, gt=0, description="lifetime in Redis of unpinned "
+                                "entries, in hours (pinned entries never expire)")
+    shared_username: str | None = Field(None, description="Redis user, when the URL names none")
+    shared_password: SecretStr | None = Field(None, description="Redis password, when the URL "
+                                              "has none (best set as VCACHE_SHARED_PASSWORD)")
+    encoder: Literal["upstream", "local"] = Field(
+        "upstream", description="who encodes on a miss: upstream's POST /vision/embedding, or "
+        "local encoder worker processes (text requests then never wait behind an encode)")
+    encoder_workers: int = Field(1, ge=1, description="local encoder worker processes")
+    encoder_threads: int = Field(2, ge=1, description="threads per local encoder worker")
+    encoder_gpu: bool = Field(False, description="run the local encoder on a GPU (a build "
+                              "with GPU support)")
+    encoder_timeout_s: float = Field(600.0, gt=0, description="time limit for one local encode")
+    backend: Literal["llama-server", "llama-cpp-python"] = Field(
+        "llama-server", description="what generates: a llama-server (--upstream or "
+        "--llama-server), or llama-cpp-python in this process (--model, --mmproj)")
+    model: Path | None = Field(None, description="text model GGUF for the llama-cpp-python "
+                               "backend and the local encoder (managed mode: taken from -m)")
+    mmproj: Path | None = Field(None, description="mmproj GGUF for the llama-cpp-python "
+                                "backend and the local encoder (managed mode: from --mmproj)")
+    n_ctx: int = Field(4096, ge=256, description="context size of the llama-cpp-python backend")
+    llama_lib_dir: Path | None = Field(None, description="llama.cpp shared libraries for "
+                                       "llama-cpp-python (default: beside --llama-server, else "
+                                       "$LLAMA_CPP_LIB_PATH)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info",
+                                                                     description="log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(_ServeSection(settings_cls, toml))
+        return tuple(sources)
+
+    @field_validator("store", "media_path", "llama_server", "model", "mmproj", "llama_lib_dir")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @model_validator(mode="after")
+    def _one_upstream(self) -> ServeSettings:
+        if self.backend == "llama-cpp-python":
+            if self.upstream or self.llama_server or self.encoder == "local":
+                raise ValueError("--backend llama-cpp-python runs the model itself: no "
+                                 "--upstream, --llama-server or --encoder local")
+            if self.model is None or self.mmproj is None:
+                raise ValueError("--backend llama-cpp-python needs --model and --mmproj")
+            return self
+        if (self.upstream is None) == (self.llama_server is None):
+            raise ValueError("give exactly one of --upstream URL and --llama-server PATH")
+        if self.encoder == "local" and (self.encoder_model is None or self.encoder_mmproj is None):
+            raise ValueError("--encoder local needs --model and --mmproj (in managed mode, "
+                             "-m and --mmproj among the llama-server arguments do)")
+        if self.llama_args and self.llama_server is None:
+            raise ValueError("arguments after `--` are for --llama-server (managed mode)")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_tier_works(self) -> ServeSettings:
+        self.shared_config  # noqa: B018 -- building it checks URL, prefix and limits at startup
+        return self
+
+    @property
+    def shared_config(self) -> SharedTierConfig | None:
+        if self.shared_store is None:
+            return None
+        password = self.shared_password.get_secret_value() if self.shared_password else None
+        return SharedTierConfig(
+            self.shared_store.get_secret_value(), prefix=self.shared_prefix,
+            cluster=self.shared_cluster,
+            username=self.shared_username, password=password,
+            timeout_s=self.shared_timeout_ms / 1000, ttl_s=self.shared_ttl_h * 3600)
+
+    @property
+    def encoder_model(self) -> Path | None:
+        return self.model or _arg_value(self.llama_args, ("-m", "--model"))
+
+    @property
+    def encoder_mmproj(self) -> Path | None:
+        return self.mmproj or _arg_value(self.llama_args, ("-mm", "--mmproj"))
+
+    @property
+    def lib_dir(self) -> Path | None:
+        """The llama.cpp libraries llama-cpp-python runs on: the patched build's, if known."""
+        if self.llama_lib_dir is not None:
+            return self.llama_lib_dir
+        return self.llama_server.parent if self.llama_server is not None else None
+
+    @property
+    def managed(self) -> bool:
+        return self.llama_server is not None
+
+    @property
+    def resolved_transport(self) -> Literal["file", "inline"]:
+        if self.transport == "auto":
+            return "file" if self.managed else "inline"
+        return self.transport
+
+
+class _ServeSection(TomlConfigSettingsSource):
+    """The ``[serve]`` table of a TOML file (or the whole file if it has none)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls, toml_file=path)
+        section = self.toml_data.get("serve")
+        if isinstance(section, dict):
+            self.toml_data = section
+            self.init_kwargs = section
+
+
+def _arg_value(args: list[str], names: tuple[str, ...]) -> Path | None:
+    """The value of a llama-server option among `args` (`-m X` or `--model=X`)."""
+    for i, arg in enumerate(args):
+        if arg in names and i + 1 < len(args):
+            return Path(args[i + 1]).expanduser()
+        name, eq, value = arg.partition("=")
+        if eq and name in names:
+            return Path(value).expanduser()
+    return None
+
+
+def load_settings(flags: dict[str, Any], toml: Path | None = None) -> ServeSettings:
+    """Settings from command-line `flags` (only those given), env and the TOML file."""
+    path = toml or (Path(os.environ["VCACHE_CONFIG"]) if os.environ.get("VCACHE_CONFIG") else None)
+    if path is not None and not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    token = _toml_path.set(path)
+    try:
+        return ServeSettings(**flags)
+    finally:
+        _toml_path.reset(token)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field; unset options stay out of the namespace (env/TOML apply)."""
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="TOML file with a [serve] table (env: VCACHE_CONFIG)")
+    for name, field in ServeSettings.model_fields.items():
+        if name == "llama_args":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else default
+        help_text = f"{field.description} (default: {shown}; env: VCACHE_{name.upper()})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text,
+                                metavar=name.upper())

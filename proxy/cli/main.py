@@ -1,0 +1,81 @@
+"""The `vcache` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from proxy.cli.config import add_arguments, load_settings
+from proxy.cli.pack_commands import add_pack_commands
+from proxy.cli.store_commands import Subparsers, add_store_commands
+from proxy.cli.warm_command import add_warm_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vcache", description="A caching proxy for llama-server that encodes each image once.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_serve(subparsers)
+    add_warm_command(subparsers)
+    add_pack_commands(subparsers)
+    add_store_commands(subparsers)
+    return parser
+
+
+def _add_serve(subparsers: Subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the proxy",
+        description="Run the proxy in front of a llama-server: either one already running "
+        "(--upstream URL) or one it starts and manages (--llama-server PATH -- ARGS...).",
+        epilog="Example: vcache serve --llama-server ./llama-server -- -m model.gguf "
+        "--mmproj mmproj.gguf")
+    add_arguments(serve)
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config")}
+    try:
+        settings = load_settings(flags, getattr(args, "config", None))
+    except (ValidationError, ValueError) as e:
+        print(f"vcache serve: {settings_error(e)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.serve import serve  # heavy imports only for the command that needs them
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def settings_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                         for err in e.errors())
+    return str(e)
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`vcache serve ... -- llama-server args`: what follows `--` goes to llama-server."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(own)
+    if passthrough:
+        args.llama_args = passthrough
+    handler: Any = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    return int(handler(args))

@@ -1,0 +1,379 @@
+"""From one image in a request to the package that replaces it: store, else upstream's encoder.
+
+The contract with the rest of the proxy: `resolve()` returns a package object to put in the
+request, or None to leave the image as the client sent it (the fallback). It raises only for
+what would fail direct too, or must not reach upstream: a URL refused by the fetch policy, an
+image that cannot be fetched, an unknown ``vcache://`` reference. Everything that goes wrong on
+the cache path itself (store, encode endpoint, a bad package) is a fallback, counted.
+
+The lookup chain: the local store (hot RAM, then disk); then, with a shared tier configured,
+the fleet's copy in Redis, written through to the local store; then upstream's encoder, under
+a best-effort fleet lock so that two proxies do not encode the same image at once, and the
+result published to the fleet. Names resolve locally first, then fleet-wide (docs/scaling.md).
+The shared tier never raises: Redis trouble is a miss there, never a fallback here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import xxhash
+
+from proxy.errors import (
+    ClientError,
+    MediaError,
+    MediaFetchFailed,
+    MediaNotAllowed,
+    MediaTooLarge,
+    UnknownReference,
+    UpstreamError,
+)
+from proxy.images.inspection import inspect
+from proxy.images.media import MediaLoader
+from proxy.images.slots import ImageSlot, Package
+from proxy.lookup.local_encoder import LocalEncoder
+from proxy.upstream.client import Capabilities, Encoded, Upstream
+from proxy.web.metrics import Metrics
+from vision_cache.errors import PackageError, VisionCacheError
+from vision_cache.keys import CacheKey, Namespace
+from vision_cache.package import EmbeddingFileRef, PackageHeader, StoredPackage
+from vision_cache.shared.tier import NullSharedTier, SharedEntry, SharedTier
+from vision_cache.singleflight import SingleFlight
+from vision_cache.store import Store
+from vision_cache.store.entry import Entry
+
+log = logging.getLogger("vcache.lookup")
+
+Transport = Literal["file", "inline"]
+REFERENCE_PREFIX = "vcache://"
+_DIGEST_REF = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmResult:
+    key: CacheKey
+    namespace: Namespace
+    status: Literal["cached", "encoded"]
+    encode_ms: float
+    nbytes: int
+
+
+@dataclasses.dataclass
+class RequestTally:
+    """What the cache did for one request (the X-Vcache header)."""
+
+    hits: int = 0
+    misses: int = 0
+    fallbacks: int = 0
+    encode_ms_saved: float = 0.0
+
+    def header(self) -> str:
+        return (f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
+                f"encode_ms_saved={self.encode_ms_saved:.0f}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Filled:
+    """A package that was missing here: the fleet's copy, or fresh from upstream's encoder."""
+
+    header: PackageHeader
+    payload: bytes | memoryview
+    encode_ms: float
+    from_fleet: bool
+
+
+class PackageLookup:
+    def __init__(self, store: Store, upstream: Upstream, media: MediaLoader, metrics: Metrics,
+                 *, transport: Transport, pin_new: bool = False,
+                 shared: SharedTier | None = None, encoder: LocalEncoder | None = None) -> None:
+        self._store = store
+        self._encoder = encoder
+        self._shared = shared or NullSharedTier()
+        self._upstream = upstream
+        self._media = media
+        self._metrics = metrics
+        self._transport = transport
+        self._flight: SingleFlight[_Filled] = SingleFlight()
+        self._fetches: SingleFlight[_Filled | None] = SingleFlight()  # vcache:// from the fleet
+        # store calls block (SQLite, fsync): never on the event loop
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vcache-store")
+        self._registered: set[str] = set()
+
+    async def capabilities(self, model: str = "") -> Capabilities:
+        """Upstream's capabilities, with the namespace of whoever encodes on a miss.
+
+        With a local encoder the packages are its own: its build and settings name the
+        namespace, so they never mix with the server's unless they are the same build.
+        """
+        caps = await self._upstream.capabilities(model)
+        if self._encoder is None or not caps.packages:
+            return caps
+        return dataclasses.replace(caps, namespace=self._encoder.namespace())
+
+    async def _encode(self, image: bytes, mime: str | None, model: str) -> Encoded:
+        if self._encoder is not None:
+            return await self._encoder.encode(image, mime)
+        caps = await self._upstream.capabilities(model)
+        return await self._upstream.encode(caps, image, mime, model)
+
+    async def resolve(self, slot: ImageSlot, caps: Capabilities, model: str,
+                      tally: RequestTally) -> Package | None:
+        namespace = caps.namespace
+        if namespace is None:
+            return None
+        if slot.ref.startswith(REFERENCE_PREFIX):
+            return await self._named(slot.ref, namespace, tally)
+        try:
+            media = await self._media.load(slot.ref)
+        except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
+            raise
+        except MediaError as e:
+            if _is_locator(slot.ref):
+                # upstream would fetch or read it under its own, weaker rules: never forward
+                raise
+            # inline bytes undecodable here; upstream's more lenient decoder has the last word
+            log.info("image left to upstream: %s", e)
+            return self._fallback(tally)
+        # a bomb or a broken file must never reach upstream's decoder: 400 here
+        await asyncio.to_thread(inspect, media.data)
+        key = namespace.key_for_image(media.data)
+        return await self._by_key(key, namespace, media.data, media.mime or slot.mime, model, tally)
+
+    async def _by_key(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
+                      model: str, tally: RequestTally) -> Package | None:
+        try:
+            entry = await self._run(self._store.get, key)
+            if entry is not None:
+                return self._hit(entry, tally)
+            filled = await self._flight.run(
+                key.text, lambda: self._fill(key, namespace, image, mime, model))
+            entry = await self._run(self._store.get, key)
+            if filled.from_fleet:
+                return self._fleet_hit(filled, entry, tally)
+            tally.misses += 1
+            self._metrics.misses.inc()
+            if entry is not None:
+                return self._part(entry)
+            # not stored (disk full, unwritable): still spares upstream a second encode
+            return filled.header.inline(filled.payload)
+        except (UpstreamError, VisionCacheError, OSError) as e:
+            log.warning("cache path failed, forwarding the image: %s", e)
+            return self._fallback(tally)
+
+    async def _encode_and_store(self, key: CacheKey, namespace: Namespace, image: bytes,
+                                mime: str | None, model: str, *, pin: bool = False,
+                                ttl: float | None = None) -> Encoded:
+        with self._metrics.encode_seconds.time():
+            encoded = await self._encode(image, mime, model)
+        self._metrics.encode_ms.inc(encoded.encode_ms)
+        stored = StoredPackage(encoded.header, encoded.encode_ms)
+        await self._register(namespace)
+        put = functools.partial(self._store.put, pin=pin, ttl=ttl)
+        meta = stored.to_meta()
+        if await self._run(put, key, meta, encoded.payload) is None:
+            log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
+        await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
+        return encoded
+
+    async def _fill(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
+                    model: str, *, pin: bool = False, ttl: float | None = None) -> _Filled:
+        """A key missing here: the fleet's copy if there is one (or once the proxy holding the
+        key's fleet lock has published it), else upstream's encode. Stored here either way."""
+        found = await self._fetch(key, namespace, pin=pin, ttl=ttl)
+        if found is not None:
+            return found
+        async with self._shared.claim(key) as claim:
+            if claim.elsewhere:
+                found = await self._from_fleet(key, namespace, await self._shared.wait_for(key),
+                                               pin=pin, ttl=ttl)
+                if found is not None:
+                    return found
+            # the lock is best effort: past the wait's bound, or without Redis, encode anyway
+            encoded = await self._encode_and_store(key, namespace, image, mime, model, pin=pin,
+                                                   ttl=ttl)
+        return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
+
+    async def _fetch(self, key: CacheKey, namespace: Namespace, *, pin: bool = False,
+                     ttl: float | None = None) -> _Filled | None:
+        return await self._from_fleet(key, namespace, await self._shared.get(key), pin=pin,
+                                      ttl=ttl)
+
+    async def _from_fleet(self, key: CacheKey, namespace: Namespace, found: SharedEntry | None,
+                          *, pin: bool, ttl: float | None) -> _Filled | None:
+        """Write a shared-tier hit through to the local store, pinned if the fleet pinned it."""
+        if found is None:
+            return None
+        try:
+            stored = _fleet_package(key, found)
+        except PackageError as e:
+            log.warning("shared tier holds an unusable package for %s, replacing it: %s",
+                        key.text, e)
+            await self._shared.discard(key)
+            return None
+        await self._register(namespace)
+        put = functools.partial(self._store.put, pin=pin or found.pinned, ttl=ttl)
+        if await self._run(put, key, found.meta, found.payload) is None:
+            log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
+        return _Filled(stored.header, found.payload, stored.encode_ms, from_fleet=True)
+
+    async def warm(self, image: bytes, mime: str | None, model: str, *, pin: bool,
+                   name: str | None, ttl: float | None) -> WarmResult:
+        """Make sure one image is cached (encoding it if needed), pinned and named as asked."""
+        namespace = (await self.capabilities(model)).namespace
+        if namespace is None:
+            raise ClientError("upstream takes no packages: nothing to warm "
+                              "(a patched llama-server started with --image-embedding?)")
+        key = namespace.key_for_image(image)
+        entry = await self._run(self._store.get, key)
+        encode_ms = 0.0
+        status_: Literal["cached", "encoded"] = "cached"
+        if entry is None:
+            filled = await self._flight.run(key.text, lambda: self._fill(
+                key, namespace, image, mime, model, pin=pin, ttl=ttl))
+            if not filled.from_fleet:
+                encode_ms, status_ = filled.encode_ms, "encoded"
+            entry = await self._run(self._store.get, key)
+            if entry is None:
+                raise UpstreamError("encoded, but the cache could not store it (disk full?)")
+        if pin and not entry.pinned:
+            await self._run(self._store.pin, key)
+        if name:
+            await self._run(self._store.set_name, key, name)
+        await self._publish(entry, pin=pin, ttl=ttl, name=name)
+        return WarmResult(key, namespace, status_, encode_ms, entry.nbytes)
+
+    async def _publish(self, entry: Entry, *, pin: bool, ttl: float | None,
+                       name: str | None) -> None:
+        """Make a warmed entry the fleet's too: it may predate the shared tier, or Redis may
+        have lost it. Where the fleet has it already, this only pins it (if asked)."""
+        await self._shared.put(entry.key, entry.meta, entry.payload, pin=pin, ttl=ttl)
+        if name:
+            await self._shared.set_name(entry.key, name)
+
+    async def load_media(self, ref: str) -> tuple[bytes, str | None]:
+        media = await self._media.load(ref)
+        await asyncio.to_thread(inspect, media.data)
+        return media.data, media.mime
+
+    async def present(self, namespace: Namespace, digests: list[str]) -> dict[str, bool]:
+        """Cached, readable, unexpired `digests` of `namespace`, each with its pinned flag."""
+        def check() -> dict[str, bool]:
+            found = {}
+            for d in digests:
+                entry = self._store.get(namespace.key(d))
+                if entry is not None:
+                    found[d] = entry.pinned
+            return found
+        result: dict[str, bool] = await self._run(check)
+        return result
+
+    async def _named(self, ref: str, namespace: Namespace, tally: RequestTally) -> Package:
+        target = ref[len(REFERENCE_PREFIX):]
+        m = _DIGEST_REF.fullmatch(target)
+        try:
+            key = namespace.key(m.group(1)) if m else await self._resolve_name(namespace, target)
+        except VisionCacheError as e:
+            raise UnknownReference(f"bad reference {ref!r}: {e}") from e
+        entry = await self._run(self._store.get, key) if key else None
+        try:
+            if entry is not None:
+                return self._hit(entry, tally)
+            part = await self._named_from_fleet(key, namespace, tally) if key else None
+            return part if part is not None else self._unknown(ref, namespace)
+        except PackageError as e:
+            raise UnknownReference(f"{ref} is stored but unreadable ({e}); warm it again") from e
+
+    async def _resolve_name(self, namespace: Namespace, name: str) -> CacheKey | None:
+        """Local names first, then the fleet's; a fleet name is remembered here."""
+        key: CacheKey | None = await self._run(self._store.resolve_name, namespace, name)
+        if key is None:
+            key = await self._shared.resolve_name(namespace.id, name)
+            if key is not None:
+                await self._run(self._store.set_name, key, name)
+        return key
+
+    async def _named_from_fleet(self, key: CacheKey, namespace: Namespace,
+                                tally: RequestTally) -> Package | None:
+        filled = await self._fetches.run(key.text, lambda: self._fetch(key, namespace))
+        if filled is None:
+            return None
+        return self._fleet_hit(filled, await self._run(self._store.get, key), tally)
+
+    def _unknown(self, ref: str, namespace: Namespace) -> Package:
+            raise UnknownReference(
+                f"{ref} is not in the cache for namespace {namespace.id[:16]} "
+                "(never warmed for this model and settings, or evicted)")
+
+    def _hit(self, entry: Entry, tally: RequestTally) -> Package:
+        stored = StoredPackage.from_meta(entry.meta)
+        part = self._part(entry, stored)
+        self._count_hit(stored.encode_ms, tally)
+        return part
+
+    def _fleet_hit(self, filled: _Filled, entry: Entry | None, tally: RequestTally) -> Package:
+        """Another proxy's encode: a hit here, served from the local copy when the
+        write-through stored one."""
+        self._count_hit(filled.encode_ms, tally)
+        if entry is not None:
+            return self._part(entry)
+        self._metrics.package_bytes.inc(memoryview(filled.payload).nbytes)
+        return filled.header.inline(filled.payload)
+
+    def _count_hit(self, encode_ms: float, tally: RequestTally) -> None:
+        tally.hits += 1
+        tally.encode_ms_saved += encode_ms
+        self._metrics.hits.inc()
+        self._metrics.encode_ms_saved.inc(encode_ms)
+
+    def _part(self, entry: Entry, stored: StoredPackage | None = None) -> Package:
+        header = (stored or StoredPackage.from_meta(entry.meta)).header
+        self._metrics.package_bytes.inc(entry.nbytes)
+        if self._transport == "file":
+            ref = entry.ref
+            return header.by_reference(
+                EmbeddingFileRef(ref.segment, ref.offset, ref.length, ref.checksum))
+        # The store checks a payload once per process; bytes changed under its mapping since
+        # (a disk error, a stray write) must not become embeddings. A file reference upstream
+        # checks itself; inline ones are ours to check (cheap beside the base64 encoding).
+        if xxhash.xxh3_64_hexdigest(entry.payload) != entry.ref.checksum:
+            raise PackageError(f"payload of {entry.key.text} changed since it was stored")
+        return header.inline(entry.payload)
+
+    def _fallback(self, tally: RequestTally) -> Package | None:
+        """Count a fallback; the image stays as the client sent it (hence None)."""
+        tally.fallbacks += 1
+        self._metrics.fallbacks.inc()
+        return None
+
+    async def _register(self, namespace: Namespace) -> None:
+        if namespace.id not in self._registered:
+            await self._run(self._store.register_namespace, namespace)
+            self._registered.add(namespace.id)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _fleet_package(key: CacheKey, found: SharedEntry) -> StoredPackage:
+    """The package header of a shared-tier hit, checked against its key and payload."""
+    stored = StoredPackage.from_meta(found.meta)
+    if stored.header.image_id != key.digest:
+        raise PackageError(f"package of image {stored.header.image_id[:16]} under another key")
+    if stored.header.payload_size != found.payload.nbytes:
+        raise PackageError(f"payload of {found.payload.nbytes} bytes, its header says "
+                           f"{stored.header.payload_size}")
+    return stored
+
+
+def _is_locator(ref: str) -> bool:
+    """A URL or file path, as opposed to the image bytes themselves."""
+    return ref.lower().startswith(("http:", "https:", "file:"))

@@ -1,0 +1,8 @@
+"""The side that faces clients: the aiohttp application that looks like llama-server.
+
+`app` routes every request (images swapped for cached packages on the endpoints that take
+them, everything else relayed untouched), `admin` serves the proxy's own /vcache/ endpoints,
+`state` holds what every handler needs (`Proxy`, `Limits`), `body` reads and parses request
+bodies under the size limit, `budget` bounds the bytes of all bodies held at once, and
+`metrics` renders the Prometheus metrics.
+"""

@@ -1,0 +1,7 @@
+"""Benchmarks, the demo and operational scripts.
+
+Those that start servers through the test support package (bench_e2e, bench_encoder_worker,
+soak, crash_proxy, body_flood) run as ``python -m scripts.NAME`` from the repository root; the
+rest also run as ``python scripts/NAME.py``. build_llama_server.py needs nothing but the
+standard library, so it runs before the virtualenv exists.
+"""

@@ -1,0 +1,1 @@
+"""vcache's test suite; `tests.support` holds what the test modules share."""

@@ -1,0 +1,40 @@
+"""The model families the generator knows: family name -> the module that holds it.
+
+Adding a family is one module in `vision_cache.synthetic.families` (a `Family` subclass and
+``FAMILY = ...``) and one line here. Modules are imported on first use, so a family's cost is
+paid only by whoever generates it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from vision_cache.synthetic.family import Family
+
+FAMILIES: dict[str, str] = {
+    "gemma3": "vision_cache.synthetic.families.gemma3",
+    "qwen2vl": "vision_cache.synthetic.families.qwen2vl",
+}
+
+
+class UnknownFamilyError(KeyError):
+    """A family name the registry does not list."""
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(FAMILIES)
+
+
+@functools.cache
+def get_family(name: str) -> Family:
+    """The family called `name`; UnknownFamilyError if none is registered under it."""
+    try:
+        module = importlib.import_module(FAMILIES[name])
+    except KeyError:
+        raise UnknownFamilyError(
+            f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+    family = getattr(module, "FAMILY", None)
+    if not isinstance(family, Family) or family.name != name:
+        raise TypeError(f"{FAMILIES[name]}.FAMILY must be a Family named {name!r}")
+    return family
