@@ -59,6 +59,7 @@ check: lint typecheck unit
 
 lint: venv
 	$(VENV)/bin/ruff check proxy vision_cache scripts tests fuzz
+	$(VENV)/bin/ruff format --check proxy vision_cache scripts tests fuzz
 
 typecheck: venv llama-cpp-python
 	$(VENV)/bin/mypy

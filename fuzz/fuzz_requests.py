@@ -74,7 +74,7 @@ def one_input(data: bytes) -> None:
 def _reference(ref: str) -> None:
     try:
         if ref.startswith("vcache://"):
-            _named(ref[len("vcache://"):])
+            _named(ref[len("vcache://") :])
         elif ref[:4].lower() == "http":
             vet_url(ref, POLICY)  # what the loader checks before any connection
         elif not ref.lower().startswith("file:"):

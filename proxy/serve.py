@@ -33,11 +33,21 @@ MIB = 1024 * 1024
 def llama_cpp_settings(settings: ServeSettings) -> LlamaCppSettings:
     assert settings.model is not None and settings.mmproj is not None
     return LlamaCppSettings(
-        model=settings.model, mmproj=settings.mmproj, store=settings.store,
-        lib_dir=settings.lib_dir, n_ctx=settings.n_ctx, n_threads=settings.encoder_threads,
-        mmproj_use_gpu=settings.encoder_gpu, host=settings.host, port=settings.port,
-        hot_mb=settings.hot_mb, disk_gb=settings.disk_gb, max_body_mb=settings.max_body_mb,
-        max_images=settings.max_images, fetch=fetch_policy(settings))
+        model=settings.model,
+        mmproj=settings.mmproj,
+        store=settings.store,
+        lib_dir=settings.lib_dir,
+        n_ctx=settings.n_ctx,
+        n_threads=settings.encoder_threads,
+        mmproj_use_gpu=settings.encoder_gpu,
+        host=settings.host,
+        port=settings.port,
+        hot_mb=settings.hot_mb,
+        disk_gb=settings.disk_gb,
+        max_body_mb=settings.max_body_mb,
+        max_images=settings.max_images,
+        fetch=fetch_policy(settings),
+    )
 
 
 def fetch_policy(settings: ServeSettings) -> FetchPolicy:
@@ -72,31 +82,48 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
 @contextlib.asynccontextmanager
 async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Proxy]]:
     """Everything started; yields the proxy's URL. Stops everything on exit."""
-    store = Store.open(settings.store, hot_bytes=settings.hot_mb * MIB,
-                       disk_bytes=int(settings.disk_gb * 1024 * MIB))
+    store = Store.open(
+        settings.store,
+        hot_bytes=settings.hot_mb * MIB,
+        disk_bytes=int(settings.disk_gb * 1024 * MIB),
+    )
     try:
-        async with (_managed(settings, store) as managed,
-                    MediaLoader(fetch_policy(settings)) as media,
-                    _shared(settings) as shared,
-                    _local_encoder(settings) as encoder):
-            upstream = Upstream(managed.base_url if managed else str(settings.upstream),
-                                encode_timeout_s=settings.upstream_idle_s)
+        async with (
+            _managed(settings, store) as managed,
+            MediaLoader(fetch_policy(settings)) as media,
+            _shared(settings) as shared,
+            _local_encoder(settings) as encoder,
+        ):
+            upstream = Upstream(
+                managed.base_url if managed else str(settings.upstream),
+                encode_timeout_s=settings.upstream_idle_s,
+            )
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
             transport = settings.resolved_transport
-            lookup = PackageLookup(store, upstream, media, metrics, transport=transport,
-                                shared=shared, encoder=encoder)
-            proxy = Proxy(upstream, lookup, store, metrics,
-                          Limits(settings.max_body_mb * MIB, settings.max_images,
-                                 settings.upstream_idle_s),
-                          settings.api_key.get_secret_value() if settings.api_key else None,
-                          settings.accept_client_packages, _health_extra(managed))
+            lookup = PackageLookup(
+                store, upstream, media, metrics, transport=transport, shared=shared, encoder=encoder
+            )
+            proxy = Proxy(
+                upstream,
+                lookup,
+                store,
+                metrics,
+                Limits(settings.max_body_mb * MIB, settings.max_images, settings.upstream_idle_s),
+                settings.api_key.get_secret_value() if settings.api_key else None,
+                settings.accept_client_packages,
+                _health_extra(managed),
+            )
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
                 async with _site(create_app(proxy), settings) as url:
-                    log.info("vcache listening on %s, upstream %s, packages by %s",
-                             url, upstream.base_url, transport)
+                    log.info(
+                        "vcache listening on %s, upstream %s, packages by %s",
+                        url,
+                        upstream.base_url,
+                        transport,
+                    )
                     yield url, proxy
             finally:
                 await upstream.aclose()
@@ -113,11 +140,13 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
         return
     assert settings.encoder_mmproj is not None and settings.encoder_model is not None
     config = LocalEncoderConfig(
-        mmproj=settings.encoder_mmproj, text_model=settings.encoder_model,
-        lib_dir=settings.lib_dir, workers=settings.encoder_workers,
+        mmproj=settings.encoder_mmproj,
+        text_model=settings.encoder_model,
+        lib_dir=settings.lib_dir,
+        workers=settings.encoder_workers,
         timeout_s=settings.encoder_timeout_s,
-        settings=EncoderSettings(n_threads=settings.encoder_threads,
-                                 use_gpu=settings.encoder_gpu))
+        settings=EncoderSettings(n_threads=settings.encoder_threads, use_gpu=settings.encoder_gpu),
+    )
     log.info("starting %d local encoder worker(s) for %s", config.workers, config.mmproj)
     async with LocalEncoder(config) as encoder:
         yield encoder
@@ -138,14 +167,16 @@ def _rebase(upstream: Upstream, managed: ManagedServer) -> Callable[[], Any]:
     async def on_restart() -> None:
         log.warning("llama-server restarted (restart #%d)", managed.restarts)
         upstream.rebase(managed.base_url)
+
     return on_restart
 
 
 def _health_extra(managed: ManagedServer | None) -> Callable[[], dict[str, Any]] | None:
     if managed is None:
         return None
-    return lambda: {"managed": {"healthy": managed.healthy, "restarts": managed.restarts,
-                                "pid": managed.pid}}
+    return lambda: {
+        "managed": {"healthy": managed.healthy, "restarts": managed.restarts, "pid": managed.pid}
+    }
 
 
 @contextlib.asynccontextmanager

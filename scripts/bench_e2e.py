@@ -61,9 +61,9 @@ class Sample:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     size: str
-    slow: int   # requests per arm that encode
-    fast: int   # requests per arm that hit
-    text: int   # text-only requests per side
+    slow: int  # requests per arm that encode
+    fast: int  # requests per arm that hit
+    text: int  # text-only requests per side
     threads: int = 0  # llama-server's -t (0: default_threads())
 
 
@@ -81,13 +81,19 @@ def chat_body(text: str, image_url: str | None, max_tokens: int = 8) -> dict[str
     content: list[dict[str, object]] = [{"type": "text", "text": text}]
     if image_url:
         content.append({"type": "image_url", "image_url": {"url": image_url}})
-    return {"stream": True, "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": content}],
-            "stream_options": {"include_usage": True}, "timings_per_token": False}
+    return {
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}],
+        "stream_options": {"include_usage": True},
+        "timings_per_token": False,
+    }
 
 
-def timed_stream(client: httpx.Client, base: str,
-                 body: dict[str, object]) -> tuple[Sample, list[float]]:
+def timed_stream(
+    client: httpx.Client, base: str, body: dict[str, object]
+) -> tuple[Sample, list[float]]:
     """One streamed request: TTFT, total, encoder time, cache outcome, and chunk arrival times."""
     started = time.perf_counter()
     first: float | None = None
@@ -95,8 +101,9 @@ def timed_stream(client: httpx.Client, base: str,
     encode_ms = 0.0
     # llama-server closes the connection after a stream while announcing keep-alive: a pooled
     # connection could be reused just before it goes, so each stream gets its own, on every arm
-    with client.stream("POST", f"{base}/v1/chat/completions", json=body,
-                       headers={"Connection": "close"}) as r:
+    with client.stream(
+        "POST", f"{base}/v1/chat/completions", json=body, headers={"Connection": "close"}
+    ) as r:
         r.raise_for_status()
         cache = r.headers.get("x-vcache", "")
         for line in r.iter_lines():
@@ -155,15 +162,22 @@ def run_arm(base: str, n: int, image: Callable[[int], str], label: str) -> list[
         for i in range(n):
             sample, _ = timed_stream(client, base, chat_body(varying_text(i), image(i)))
             samples.append(sample)
-            print(f"  {label}: {i + 1}/{n} ttft {sample.ttft_ms:.1f} ms "
-                  f"total {sample.total_ms:.1f} ms {sample.cache}", flush=True)
+            print(
+                f"  {label}: {i + 1}/{n} ttft {sample.ttft_ms:.1f} ms "
+                f"total {sample.total_ms:.1f} ms {sample.cache}",
+                flush=True,
+            )
     return samples
 
 
 def text_overhead(direct: str, proxy: str, n: int) -> tuple[list[float], list[float]]:
     """Non-streamed text-only requests, alternating sides so drift hits both equally."""
-    body = {"temperature": 0, "max_tokens": 1, "cache_prompt": True,
-            "messages": [{"role": "user", "content": "Say one word."}]}
+    body = {
+        "temperature": 0,
+        "max_tokens": 1,
+        "cache_prompt": True,
+        "messages": [{"role": "user", "content": "Say one word."}],
+    }
     times: dict[str, list[float]] = {"direct": [], "proxy": []}
     with httpx.Client(timeout=60) as client:
         for _ in range(5):  # warm both paths
@@ -192,8 +206,12 @@ def chunk_delays(base: str, runs: int = 3) -> list[float]:
 
 
 def binary(variant: str) -> Path:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_llama_server.py"),
-                          "--print-path", variant], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -218,25 +236,45 @@ def default_threads() -> int:
 def setup(size: str, tmp: Path, threads: int) -> Iterator[Setup]:
     models = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
     files = generate("gemma3", size, 0, models)  # type: ignore[arg-type]
-    common = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", str(threads),
-              "-c", "8192", "-np", "1", "--no-warmup"]
+    common = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        str(threads),
+        "-c",
+        "8192",
+        "-np",
+        "1",
+        "--no-warmup",
+    ]
     file_store = tmp / "store-file"
     (file_store / "segments").mkdir(parents=True)
     with ExitStack() as stack:
-        stock = stack.enter_context(LlamaServer(binary("stock"), common, tmp / "stock.log",
-                                                startup_timeout=900))
-        patched = stack.enter_context(LlamaServer(
-            binary("patched"), [*common, "--image-embedding-dir", str(file_store / "segments")],
-            tmp / "patched.log", startup_timeout=900))
+        stock = stack.enter_context(
+            LlamaServer(binary("stock"), common, tmp / "stock.log", startup_timeout=900)
+        )
+        patched = stack.enter_context(
+            LlamaServer(
+                binary("patched"),
+                [*common, "--image-embedding-dir", str(file_store / "segments")],
+                tmp / "patched.log",
+                startup_timeout=900,
+            )
+        )
 
         def proxy(upstream: str, store: Path, *extra: str) -> ProxyProcess:
-            args = ["--upstream", upstream, "--store", str(store), "--log-level", "warning",
-                    *extra]
+            args = ["--upstream", upstream, "--store", str(store), "--log-level", "warning", *extra]
             return stack.enter_context(ProxyProcess(args, tmp / f"{store.name}.log"))
 
-        yield Setup(stock, patched, proxy(stock.base_url, tmp / "store-fallback"),
-                    proxy(patched.base_url, tmp / "store-inline", "--transport", "inline"),
-                    proxy(patched.base_url, file_store, "--transport", "file"))
+        yield Setup(
+            stock,
+            patched,
+            proxy(stock.base_url, tmp / "store-fallback"),
+            proxy(patched.base_url, tmp / "store-inline", "--transport", "inline"),
+            proxy(patched.base_url, file_store, "--transport", "file"),
+        )
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -257,8 +295,16 @@ class Results:
 
 
 def run(plan: Plan) -> Results:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                            text=True, cwd=ROOT, check=False).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        ).stdout.strip()
+        or "unknown"
+    )
     ref = sample_image("gradient_text_800x600")
     ref_url = ref.data_url("PNG")
 
@@ -268,8 +314,10 @@ def run(plan: Plan) -> Results:
     def new(i: int) -> str:
         return fresh_image(i, ref.size)
 
-    with tempfile.TemporaryDirectory(prefix="vcache-bench-") as tmp, \
-            setup(plan.size, Path(tmp), plan.threads) as s:
+    with (
+        tempfile.TemporaryDirectory(prefix="vcache-bench-") as tmp,
+        setup(plan.size, Path(tmp), plan.threads) as s,
+    ):
         slow, fast = plan.slow, plan.fast
         arms: dict[str, list[Sample]] = {}
         arms[ARMS[0]] = run_arm(s.patched.base_url, slow, same, "floor")
@@ -284,8 +332,9 @@ def run(plan: Plan) -> Results:
         gaps_d, gaps_p = chunk_delays(s.patched.base_url), chunk_delays(s.inline.base_url)
         measured = plan.size == "tiny"
         workload = measure_workload(s) if measured else model_workload(arms)
-    return Results(plan.size, plan.threads, commit, arms, text_d, text_p, gaps_d, gaps_p, workload,
-                   measured)
+    return Results(
+        plan.size, plan.threads, commit, arms, text_d, text_p, gaps_d, gaps_p, workload, measured
+    )
 
 
 ARMS = (
@@ -322,8 +371,10 @@ def measure_workload(s: Setup) -> dict[int, tuple[float, float]]:
 
         direct = run_arm(s.stock.base_url, len(ids), image, f"workload {pool} direct")
         cached = run_arm(s.inline.base_url, len(ids), image, f"workload {pool} vcache")
-        out[pool] = (statistics.mean(x.ttft_ms for x in direct),
-                     statistics.mean(x.ttft_ms for x in cached))
+        out[pool] = (
+            statistics.mean(x.ttft_ms for x in direct),
+            statistics.mean(x.ttft_ms for x in cached),
+        )
     return out
 
 
@@ -351,16 +402,22 @@ def floor_ms(arms: dict[str, list[Sample]]) -> float:
 def table(r: Results) -> list[str]:
     base = statistics.median(s.ttft_ms for s in r.arms[ARMS[1]])
     floor = floor_ms(r.arms)
-    lines = ["| arm | n | TTFT median | TTFT p90 | total median | TTFT vs arm 1 | encoder ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| arm | n | TTFT median | TTFT p90 | total median | TTFT vs arm 1 | encoder ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, samples in r.arms.items():
         ttft = [s.ttft_ms for s in samples]
         med = statistics.median(ttft)
-        lines.append(f"| {name} | {len(samples)} | {med:.1f} ms | {pct(ttft, 90):.1f} ms | "
-                     f"{statistics.median(s.total_ms for s in samples):.1f} ms | "
-                     f"{med / base:.4f} | {statistics.median(s.encode_ms for s in samples):.1f} |")
-    lines.append(f"\nFloor (direct TTFT minus the encoder time the server reports, median): "
-                 f"**{floor:.1f} ms**.")
+        lines.append(
+            f"| {name} | {len(samples)} | {med:.1f} ms | {pct(ttft, 90):.1f} ms | "
+            f"{statistics.median(s.total_ms for s in samples):.1f} ms | "
+            f"{med / base:.4f} | {statistics.median(s.encode_ms for s in samples):.1f} |"
+        )
+    lines.append(
+        f"\nFloor (direct TTFT minus the encoder time the server reports, median): "
+        f"**{floor:.1f} ms**."
+    )
     return lines
 
 
@@ -376,7 +433,8 @@ def targets(r: Results) -> list[str]:
         return "met" if ok else "**missed**"
 
     return [
-        "| target | measured | verdict |", "|---|---|---|",
+        "| target | measured | verdict |",
+        "|---|---|---|",
         f"| hit TTFT <= floor x 1.05 + 2 ms ({bound:.1f} ms) | file {hit:.1f} ms, "
         f"inline {hit_inline:.1f} ms | file {verdict(hit <= bound)}, "
         f"inline {verdict(hit_inline <= bound)} |",
@@ -428,8 +486,12 @@ def plots(r: Results) -> list[Path]:
 
 def section(r: Results, pngs: list[Path]) -> str:
     head = r.commit
-    how = ("measured in this run" if r.workload_measured else "computed from this run's "
-           "medians: each image's first use costs a miss, later uses a hit")
+    how = (
+        "measured in this run"
+        if r.workload_measured
+        else "computed from this run's "
+        "medians: each image's first use costs a miss, later uses a hit"
+    )
     lines = [
         f"### End to end, {r.size} model",
         "",
@@ -437,11 +499,18 @@ def section(r: Results, pngs: list[Path]) -> str:
         f"{os.cpu_count()} CPU cores, llama-server `-t {r.threads}`, Gemma 3 test VLM "
         f"({r.size}), one run, medians and p90.",
         "",
-        *table(r), "", *targets(r), "",
-        f"Image reuse ({how}):", "",
-        "| distinct reused images | direct mean TTFT | vcache mean TTFT |", "|---:|---:|---:|",
-        *[f"| {p} | {r.workload[p][0]:.1f} ms | {r.workload[p][1]:.1f} ms |"
-          for p in sorted(r.workload)],
+        *table(r),
+        "",
+        *targets(r),
+        "",
+        f"Image reuse ({how}):",
+        "",
+        "| distinct reused images | direct mean TTFT | vcache mean TTFT |",
+        "|---:|---:|---:|",
+        *[
+            f"| {p} | {r.workload[p][0]:.1f} ms | {r.workload[p][1]:.1f} ms |"
+            for p in sorted(r.workload)
+        ],
         "",
         *[f"![{p.stem}](plots/{p.name})" for p in pngs],
     ]
@@ -453,7 +522,7 @@ def write_section(text: str, size: str) -> None:
     doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = f"{start}\n{text}\n{end}"
     if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(doc)
@@ -464,12 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(PLANS), default="tiny")
     p.add_argument("--slow", type=int, help="requests per encoding arm (default by size)")
     p.add_argument("--fast", type=int, help="requests per hit arm (default by size)")
-    p.add_argument("--threads", type=int, default=default_threads(),
-                   help="llama-server threads (default: all cores but one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="llama-server threads (default: all cores but one)",
+    )
     args = p.parse_args(argv)
     plan = PLANS[args.size]
-    plan = dataclasses.replace(plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast,
-                               threads=args.threads)
+    plan = dataclasses.replace(
+        plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast, threads=args.threads
+    )
     results = run(plan)
     write_section(section(results, plots(results)), plan.size)
     print(f"wrote {DOC}")

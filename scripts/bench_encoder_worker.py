@@ -51,8 +51,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=("gemma3", "qwen2vl"), default="gemma3")
     p.add_argument("--size", choices=("tiny", "realistic"), default="realistic")
-    p.add_argument("--models-dir", type=Path,
-                   default=Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models")))
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models")),
+    )
     p.add_argument("--server", type=Path, help="patched llama-server (default: build it)")
     p.add_argument("--server-threads", type=int, default=2)
     p.add_argument("--encoder-threads", type=int, default=2)
@@ -67,8 +70,17 @@ def patched_server(arg: Path | None) -> Path:
         return arg
     import subprocess
 
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_llama_server.py"),
-                          "--print-path", "patched"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "build_llama_server.py"),
+            "--print-path",
+            "patched",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -79,8 +91,12 @@ async def timed(aw: Awaitable[T]) -> tuple[T, float]:
 
 
 async def chat(client: httpx.AsyncClient, parts: list[dict[str, Any]], max_tokens: int) -> Any:
-    body = {"messages": [{"role": "user", "content": parts}], "temperature": 0,
-            "max_tokens": max_tokens, "cache_prompt": False}
+    body = {
+        "messages": [{"role": "user", "content": parts}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "cache_prompt": False,
+    }
     r = await client.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     return r.json()
@@ -90,8 +106,9 @@ def text_part() -> list[dict[str, Any]]:
     return [{"type": "text", "text": TEXT_PROMPT}]
 
 
-async def text_while(client: httpx.AsyncClient, busy: Awaitable[T], max_tokens: int,
-                     head_start_s: float) -> tuple[float, T, float]:
+async def text_while(
+    client: httpx.AsyncClient, busy: Awaitable[T], max_tokens: int, head_start_s: float
+) -> tuple[float, T, float]:
     """Latency of a text request sent `head_start_s` into `busy`; `busy`'s result and time."""
     busy_task = asyncio.ensure_future(timed(busy))
     await asyncio.sleep(head_start_s)
@@ -105,35 +122,62 @@ async def bench(args: argparse.Namespace, files: ModelFiles, server_bin: Path) -
     png = sample_image("shapes_640x480").encode("PNG")
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     log = Path(tempfile.mkdtemp(prefix="vcache-bench-")) / "llama-server.log"
-    server_args = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t",
-                   str(args.server_threads), "-c", "4096", "-np", "2", "--no-warmup",
-                   "--image-embedding"]
-    config = LocalEncoderConfig(mmproj=files.mmproj, text_model=files.model,
-                                lib_dir=server_bin.parent,
-                                settings=EncoderSettings(n_threads=args.encoder_threads))
+    server_args = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        str(args.server_threads),
+        "-c",
+        "4096",
+        "-np",
+        "2",
+        "--no-warmup",
+        "--image-embedding",
+    ]
+    config = LocalEncoderConfig(
+        mmproj=files.mmproj,
+        text_model=files.model,
+        lib_dir=server_bin.parent,
+        settings=EncoderSettings(n_threads=args.encoder_threads),
+    )
     with LlamaServer(server_bin, server_args, log, startup_timeout=600) as server:
-        async with LocalEncoder(config) as encoder, \
-                httpx.AsyncClient(base_url=server.base_url, timeout=3600) as client:
+        async with (
+            LocalEncoder(config) as encoder,
+            httpx.AsyncClient(base_url=server.base_url, timeout=3600) as client,
+        ):
             await chat(client, text_part(), args.max_tokens)  # warm the text path
-            idle = [(await timed(chat(client, text_part(), args.max_tokens)))[1]
-                    for _ in range(args.idle_runs)]
+            idle = [
+                (await timed(chat(client, text_part(), args.max_tokens)))[1]
+                for _ in range(args.idle_runs)
+            ]
             first_ms = (await timed(encoder.encode(png)))[1]  # the worker's first encode
             head_start = min(2.0, first_ms / 4000.0)
-            with_worker, encoded, worker_ms = await text_while(client, encoder.encode(png),
-                                                               args.max_tokens, head_start)
-            package = {"type": "image_embedding",
-                       "image_embedding": encoded.header.inline(encoded.payload)}
-            pkg_reply, pkg_ms = await timed(chat(client, [*text_part(), package],
-                                                 args.max_tokens))
+            with_worker, encoded, worker_ms = await text_while(
+                client, encoder.encode(png), args.max_tokens, head_start
+            )
+            package = {
+                "type": "image_embedding",
+                "image_embedding": encoded.header.inline(encoded.payload),
+            }
+            pkg_reply, pkg_ms = await timed(chat(client, [*text_part(), package], args.max_tokens))
             image = {"type": "image_url", "image_url": {"url": url}}
             with_server, _, server_ms = await text_while(
-                client, chat(client, [*text_part(), image], args.max_tokens),
-                args.max_tokens, head_start)
+                client,
+                chat(client, [*text_part(), image], args.max_tokens),
+                args.max_tokens,
+                head_start,
+            )
     return {
-        "model": f"{args.arch}-{args.size}", "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(), "server_threads": args.server_threads,
-        "encoder_threads": args.encoder_threads, "max_tokens": args.max_tokens,
-        "text_idle_ms": statistics.median(idle), "text_idle_runs_ms": idle,
+        "model": f"{args.arch}-{args.size}",
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "server_threads": args.server_threads,
+        "encoder_threads": args.encoder_threads,
+        "max_tokens": args.max_tokens,
+        "text_idle_ms": statistics.median(idle),
+        "text_idle_runs_ms": idle,
         "text_during_worker_encode_ms": with_worker,
         "worker_first_encode_request_ms": first_ms,
         "worker_encode_request_ms": worker_ms,
@@ -155,10 +199,14 @@ def table(r: dict[str, Any]) -> str:
         ("request carrying the worker's package", r["request_with_package_ms"]),
         ("raw-image request (server encodes)", r["server_image_request_ms"]),
     ]
-    lines = [f"{r['model']}, {r['image_tokens']} image tokens, {r['cpus']} cores "
-             f"(load average {r['load_average'][0]:.1f} at the end), server -t "
-             f"{r['server_threads']}, worker threads {r['encoder_threads']}", "",
-             "| measurement | ms |", "|---|---:|"]
+    lines = [
+        f"{r['model']}, {r['image_tokens']} image tokens, {r['cpus']} cores "
+        f"(load average {r['load_average'][0]:.1f} at the end), server -t "
+        f"{r['server_threads']}, worker threads {r['encoder_threads']}",
+        "",
+        "| measurement | ms |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {ms:,.0f} |" for name, ms in rows]
     return "\n".join(lines)
 

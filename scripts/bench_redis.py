@@ -44,8 +44,9 @@ from vision_cache.shared.tier import RedisTier, SharedEntry, SharedTierConfig
 
 MIB = 1024 * 1024
 START, END = "<!-- bench_redis:start -->", "<!-- bench_redis:end -->"
-NAMESPACE = Namespace.for_encoder(model="bench", mmproj="bench", build="bench", format_version=1,
-                                  encoder={})
+NAMESPACE = Namespace.for_encoder(
+    model="bench", mmproj="bench", build="bench", format_version=1, encoder={}
+)
 # real shapes: Gemma 3 4B (256 tokens x 2560 f32) and Qwen2.5-VL-7B at 1008 px (1296 x 3584)
 PACKAGES = {"2.6 MB (Gemma 3 4B)": (256, 2560), "18.6 MB (Qwen2.5-VL-7B @1008px)": (1296, 3584)}
 
@@ -84,8 +85,15 @@ class LayoutRow:
 
 
 def package(n_tokens: int, n_embd: int) -> tuple[bytes, bytes]:
-    header = PackageHeader(mmproj="bench", n_embd=n_embd, dtype="f32", image_id="0" * 64,
-                           nx=1008, ny=1008, chunks=(Chunk(n_tokens, os.urandom(96)),))
+    header = PackageHeader(
+        mmproj="bench",
+        n_embd=n_embd,
+        dtype="f32",
+        image_id="0" * 64,
+        nx=1008,
+        ny=1008,
+        chunks=(Chunk(n_tokens, os.urandom(96)),),
+    )
     return StoredPackage(header, 1234.5).to_meta(), os.urandom(header.payload_size)
 
 
@@ -117,8 +125,9 @@ async def bench_hits(url: str, prefix: str, store_dir: Path, rounds: int) -> lis
     return rows
 
 
-async def _hit_row(tier: RedisTier, store: Store, label: str, shape: tuple[int, int], i: int,
-                   rounds: int) -> HitRow:
+async def _hit_row(
+    tier: RedisTier, store: Store, label: str, shape: tuple[int, int], i: int, rounds: int
+) -> HitRow:
     meta, payload = package(*shape)
     k = key(i)
     assert store.put(k, meta, payload) is not None
@@ -149,8 +158,9 @@ async def _hit_row(tier: RedisTier, store: Store, label: str, shape: tuple[int, 
     read = await timed(disk_read, rounds)
     shared = await timed(shared_hit, rounds)
     through = await timed(hit_and_write_through, max(3, rounds // 2))
-    return HitRow(label, len(payload), Spread.of(disk), Spread.of(read), Spread.of(shared),
-                  Spread.of(through))
+    return HitRow(
+        label, len(payload), Spread.of(disk), Spread.of(read), Spread.of(shared), Spread.of(through)
+    )
 
 
 async def _shared_hit(tier: RedisTier, k: CacheKey) -> SharedEntry:
@@ -174,15 +184,19 @@ async def bench_layout(url: str, prefix: str, rounds: int) -> list[LayoutRow]:
             await trip()
         ops: dict[str, Callable[[], list[RoundTrip]]] = {
             "read: one GET of the whole value": lambda: [lambda: client.get(big)],
-            "read: GETRANGE 1 MiB pieces, 4 per round trip (chosen)":
-                lambda: _getrange_reads(client, big, len(value)),
-            "read: 1 MiB chunk keys, all in one pipeline":
-                lambda: [lambda: _chunk_reads(client, chunks, len(value))],
-            "write: one SET of the whole value (chosen)":
-                lambda: [lambda: client.set(fresh, value)],
+            "read: GETRANGE 1 MiB pieces, 4 per round trip (chosen)": lambda: _getrange_reads(
+                client, big, len(value)
+            ),
+            "read: 1 MiB chunk keys, all in one pipeline": lambda: [
+                lambda: _chunk_reads(client, chunks, len(value))
+            ],
+            "write: one SET of the whole value (chosen)": lambda: [
+                lambda: client.set(fresh, value)
+            ],
             "write: 1 MiB chunk keys in one MULTI": lambda: _chunk_writes(client, fresh, value),
-            "write: SETRANGE 1 MiB pieces, 4 per round trip":
-                lambda: _setrange_writes(client, fresh, value),
+            "write: SETRANGE 1 MiB pieces, 4 per round trip": lambda: _setrange_writes(
+                client, fresh, value
+            ),
         }
         rows = []
         for op, trips in ops.items():
@@ -194,8 +208,9 @@ async def bench_layout(url: str, prefix: str, rounds: int) -> list[LayoutRow]:
         await client.aclose()
 
 
-async def _layout_row(client: aredis.Redis, op: str, trips: Callable[[], list[RoundTrip]],
-                      rounds: int, fresh: str) -> LayoutRow:
+async def _layout_row(
+    client: aredis.Redis, op: str, trips: Callable[[], list[RoundTrip]], rounds: int, fresh: str
+) -> LayoutRow:
     """Client latency uninstrumented; then Redis's time per round trip from SLOWLOG. The
     commands of one round trip run back to back, so their sum is how long it holds Redis."""
     await client.config_set("slowlog-log-slower-than", -1)
@@ -217,19 +232,25 @@ async def _layout_row(client: aredis.Redis, op: str, trips: Callable[[], list[Ro
         held.append(max(per_trip))
         totals.append(sum(per_trip))
         await _forget(client, [fresh], [fresh], 18_579_456)
-    return LayoutRow(op, Spread.of(latencies), statistics.median(held), max(held),
-                     statistics.median(totals))
+    return LayoutRow(
+        op, Spread.of(latencies), statistics.median(held), max(held), statistics.median(totals)
+    )
 
 
 async def _redis_ms(client: aredis.Redis) -> float:
     entries = await client.slowlog_get(10_000)
-    micros: int = sum(e["duration"] for e in entries
-                      if not e["command"].upper().startswith(b"SLOWLOG"))
+    micros: int = sum(
+        e["duration"] for e in entries if not e["command"].upper().startswith(b"SLOWLOG")
+    )
     return micros / 1e3
 
 
-async def _forget(client: aredis.Redis, keys: list[str], chunk_sets: list[str], size: int,
-                  ) -> None:
+async def _forget(
+    client: aredis.Redis,
+    keys: list[str],
+    chunk_sets: list[str],
+    size: int,
+) -> None:
     names = [*keys, *(f"{c}:{i}" for c in chunk_sets for i in range(-(-size // MIB)))]
     await client.delete(*names, *(f"{k}:tmp" for k in keys))
 
@@ -243,7 +264,7 @@ def _getrange_reads(client: aredis.Redis, name: str, size: int) -> list[RoundTri
                 pipe.getrange(name, start, min(start + MIB, size) - 1)
             return await pipe.execute()
 
-    return [functools.partial(trip, starts[i:i + 4]) for i in range(0, len(starts), 4)]
+    return [functools.partial(trip, starts[i : i + 4]) for i in range(0, len(starts), 4)]
 
 
 async def _chunk_reads(client: aredis.Redis, name: str, size: int) -> object:
@@ -257,7 +278,7 @@ def _chunk_writes(client: aredis.Redis, name: str, value: bytes) -> list[RoundTr
     async def trip() -> object:
         async with client.pipeline(transaction=True) as pipe:
             for i, start in enumerate(range(0, len(value), MIB)):
-                pipe.set(f"{name}:{i}", value[start:start + MIB])
+                pipe.set(f"{name}:{i}", value[start : start + MIB])
             return await pipe.execute()
 
     return [trip]
@@ -269,11 +290,12 @@ def _setrange_writes(client: aredis.Redis, name: str, value: bytes) -> list[Roun
     async def trip(batch: list[int]) -> object:
         async with client.pipeline(transaction=False) as pipe:
             for start in batch:
-                pipe.setrange(name + ":tmp", start, value[start:start + MIB])
+                pipe.setrange(name + ":tmp", start, value[start : start + MIB])
             return await pipe.execute()
 
-    trips: list[RoundTrip] = [functools.partial(trip, starts[i:i + 4])
-                              for i in range(0, len(starts), 4)]
+    trips: list[RoundTrip] = [
+        functools.partial(trip, starts[i : i + 4]) for i in range(0, len(starts), 4)
+    ]
     return [*trips, lambda: client.rename(name + ":tmp", name)]
 
 
@@ -292,8 +314,21 @@ class OwnRedis:
         if binary is None:
             raise SystemExit("redis-server not found: `make system-deps` installs it")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         with redis.Redis.from_url(self.url) as client:
             for _ in range(200):
@@ -340,7 +375,8 @@ def render(hits: list[HitRow], layout: list[LayoutRow], info: dict[str, str]) ->
         lines.append(
             f"| {h.package} | {_ms(h.disk)} | {_ms(h.disk_read)} | {_ms(h.shared)} | "
             f"{h.shared.median_ms / h.disk.median_ms:,.0f}x | "
-            f"{h.shared.median_ms / h.disk_read.median_ms:,.1f}x | {_ms(h.through)} |")
+            f"{h.shared.median_ms / h.disk_read.median_ms:,.1f}x | {_ms(h.through)} |"
+        )
     lines += [
         "",
         "Layout of an 18.6 MB value: the client's latency (median / p90, ms), and Redis's own "
@@ -353,8 +389,10 @@ def render(hits: list[HitRow], layout: list[LayoutRow], info: dict[str, str]) ->
         "|---|---:|---:|---:|---:|",
     ]
     for r in layout:
-        lines.append(f"| {r.operation} | {_ms(r.client)} | {r.held_ms:.2f} ms | "
-                     f"{r.held_max_ms:.2f} ms | {r.total_ms:.2f} ms |")
+        lines.append(
+            f"| {r.operation} | {_ms(r.client)} | {r.held_ms:.2f} ms | "
+            f"{r.held_max_ms:.2f} ms | {r.total_ms:.2f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -368,7 +406,7 @@ def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{START}\n{section}\n{END}"
     if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
@@ -376,9 +414,13 @@ def write_section(path: Path, section: str) -> None:
 
 async def run(args: argparse.Namespace, url: str) -> str:
     load = "{:.1f} / {:.1f} / {:.1f}"
-    info = {"date": time.strftime("%Y-%m-%d"), "redis": redis_version(url),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                       f"{platform.python_version()}", "load_start": load.format(*os.getloadavg())}
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "redis": redis_version(url),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
+        "load_start": load.format(*os.getloadavg()),
+    }
     prefix = f"bench{os.getpid()}:"
     with tempfile.TemporaryDirectory(prefix="bench-redis-store-", dir=args.dir) as tmp:
         hits = await bench_hits(url, prefix, Path(tmp) / "store", args.rounds)
@@ -394,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout-rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="few rounds (script check only)")
     parser.add_argument("--dir", default=None, help="scratch directory for the local store")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.layout_rounds = 5, 3

@@ -43,10 +43,14 @@ from vision_cache import CacheKey, Namespace, Store
 
 MB = 1_000_000
 MIB = 1024 * 1024
-REAL_SIZES = {"Gemma 3 4B": int(2.6 * MB), "LLaVA 1.5": int(9.4 * MB),
-              "Qwen2.5-VL-7B @1008px": int(18.6 * MB)}
-NAMESPACE = Namespace.for_encoder(model="bench", mmproj="bench", build="bench", format_version=1,
-                                  encoder={})
+REAL_SIZES = {
+    "Gemma 3 4B": int(2.6 * MB),
+    "LLaVA 1.5": int(9.4 * MB),
+    "Qwen2.5-VL-7B @1008px": int(18.6 * MB),
+}
+NAMESPACE = Namespace.for_encoder(
+    model="bench", mmproj="bench", build="bench", format_version=1, encoder={}
+)
 START, END = "<!-- bench_store:start -->", "<!-- bench_store:end -->"
 
 
@@ -113,8 +117,7 @@ class Results:
 
 
 def keys(count: int, salt: str = "") -> list[CacheKey]:
-    return [NAMESPACE.key(hashlib.sha256(f"{salt}{i}".encode()).hexdigest())
-            for i in range(count)]
+    return [NAMESPACE.key(hashlib.sha256(f"{salt}{i}".encode()).hexdigest()) for i in range(count)]
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -199,11 +202,13 @@ def bench_payload(root: Path, name: str, size: int, count: int) -> PayloadResult
     payloads = [np.random.default_rng(i).bytes(size) for i in range(min(count, 8))]
     entry_keys = keys(count, salt=f"real{size}")
     with Store.open(root, hot_bytes=0, disk_bytes=1 << 50) as store:  # durable puts
-        put_times = [timed(functools.partial(store.put, k, b"{}", payloads[i % len(payloads)]))
-                     for i, k in enumerate(entry_keys)]
+        put_times = [
+            timed(functools.partial(store.put, k, b"{}", payloads[i % len(payloads)]))
+            for i, k in enumerate(entry_keys)
+        ]
     # The most recent writes are still in the page cache when the disk tier
     # is larger than memory; the sample mixes them with older entries.
-    recent = entry_keys[-min(count, 200):]
+    recent = entry_keys[-min(count, 200) :]
     sample = random.Random(size).sample(entry_keys, min(count, 500))
     with Store.open(root, hot_bytes=0) as store:  # reopened: first gets verify checksums
         first = Latency.of(get_latencies(store, recent))
@@ -212,8 +217,17 @@ def bench_payload(root: Path, name: str, size: int, count: int) -> PayloadResult
         read_s, copy_s = read_times(store, recent[-40:], size)
     shutil.rmtree(root)
     median_put = float(np.median(put_times))
-    return PayloadResult(name, size, count, size / MB / median_put, 1 / median_put, first, warm,
-                         size / read_s / 1e9, size / copy_s / 1e9)
+    return PayloadResult(
+        name,
+        size,
+        count,
+        size / MB / median_put,
+        1 / median_put,
+        first,
+        warm,
+        size / read_s / 1e9,
+        size / copy_s / 1e9,
+    )
 
 
 def read_times(store: Store, sample: list[CacheKey], size: int) -> tuple[float, float]:
@@ -250,12 +264,15 @@ def bench_rss(root: Path, hot_bytes: int, size: int) -> RssResult:
     with Store.open(root, hot_bytes=0, disk_bytes=1 << 50, durable=False) as store:
         for key in keys(count, salt="rss"):
             store.put(key, b"{}", payload)
-    child = subprocess.run([sys.executable, __file__, "--rss-child", str(root), str(hot_bytes),
-                            str(count)], capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(root), str(hot_bytes), str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     shutil.rmtree(root)
     measured = json.loads(child.stdout)
-    return RssResult(hot_bytes, count * size, count, measured["baseline_rss"],
-                     measured["peak_rss"])
+    return RssResult(hot_bytes, count * size, count, measured["baseline_rss"], measured["peak_rss"])
 
 
 def rss_child(root: str, hot_bytes: int, count: int) -> None:
@@ -289,12 +306,21 @@ def rss_child(root: str, hot_bytes: int, count: int) -> None:
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": f"{cpu}, {os.cpu_count()} cores",
-            "load": "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()),
-            "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "load": "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()),
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+    }
 
 
 def render(results: Results) -> str:
@@ -309,63 +335,84 @@ def render(results: Results) -> str:
 
 def _render_machine(results: Results) -> list[str]:
     info = results.machine
-    return [f"Measured {results.date} in one run on {info['cpu']}, {info['memory']} RAM, "
-            f"Python {info['python']}, SQLite {info['sqlite']}; disk free at start: "
-            f"{results.disk_free_gb:.0f} GB; load average (1/5/15 min) at start "
-            f"{info['load']}, at end {results.end_load}. Page cache warm unless a column "
-            "says first; tails (p99.9, max) include whatever else ran on the machine.", ""]
+    return [
+        f"Measured {results.date} in one run on {info['cpu']}, {info['memory']} RAM, "
+        f"Python {info['python']}, SQLite {info['sqlite']}; disk free at start: "
+        f"{results.disk_free_gb:.0f} GB; load average (1/5/15 min) at start "
+        f"{info['load']}, at end {results.end_load}. Page cache warm unless a column "
+        "says first; tails (p99.9, max) include whatever else ran on the machine.",
+        "",
+    ]
 
 
 def _render_index(rows: list[IndexResult]) -> list[str]:
-    lines = ["### Get latency by entry count (1 KiB payloads, disk tier, hot tier off)", "",
-             "| entries | index file | puts/s (no fsync) | first get p50 / p99 (maps, "
-             "verifies) | get p50 / p99 / p99.9 | hot-tier hit p50 / p99 |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Get latency by entry count (1 KiB payloads, disk tier, hot tier off)",
+        "",
+        "| entries | index file | puts/s (no fsync) | first get p50 / p99 (maps, "
+        "verifies) | get p50 / p99 / p99.9 | hot-tier hit p50 / p99 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         first, warm, hot = row.first_get, row.get, row.hot_get
         lines.append(
             f"| {row.entries:,} | {row.index_bytes / MB:,.0f} MB | {row.puts_per_s:,.0f} "
             f"| {first.p50_us:.0f} / {first.p99_us:.0f} µs "
             f"| {warm.p50_us:.0f} / {warm.p99_us:.0f} / {warm.p999_us:.0f} µs "
-            f"| {hot.p50_us:.1f} / {hot.p99_us:.1f} µs |")
+            f"| {hot.p50_us:.1f} / {hot.p99_us:.1f} µs |"
+        )
     return [*lines, ""]
 
 
 def _render_payloads(rows: list[PayloadResult]) -> list[str]:
-    lines = ["### Real payload sizes (durable puts: payload fdatasync before the row commits)",
-             "", "Entry counts: 10,000 or what fits a 30 GB allowance per size (the disk is "
-             "shared, and larger than memory: the page cache holds the index and the recent "
-             "entries). First get: the 200 most recent entries after reopening, each mapped "
-             "and its checksum verified. Get: 500 random entries, already verified, 4 passes; "
-             "a get maps the payload but does not read it. Read: get() plus a copy of every "
-             "byte out of the fresh mapping, against memcpy of the same bytes into the same "
-             "buffer, 40 recent entries, medians.", "",
-             "| model | payload | entries | put MB/s (puts/s) | first get p50 (verifies) "
-             "| get p50 / p99 | read GB/s | memcpy GB/s | read / memcpy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Real payload sizes (durable puts: payload fdatasync before the row commits)",
+        "",
+        "Entry counts: 10,000 or what fits a 30 GB allowance per size (the disk is "
+        "shared, and larger than memory: the page cache holds the index and the recent "
+        "entries). First get: the 200 most recent entries after reopening, each mapped "
+        "and its checksum verified. Get: 500 random entries, already verified, 4 passes; "
+        "a get maps the payload but does not read it. Read: get() plus a copy of every "
+        "byte out of the fresh mapping, against memcpy of the same bytes into the same "
+        "buffer, 40 recent entries, medians.",
+        "",
+        "| model | payload | entries | put MB/s (puts/s) | first get p50 (verifies) "
+        "| get p50 / p99 | read GB/s | memcpy GB/s | read / memcpy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         lines.append(
             f"| {row.name} | {row.size / MB:.1f} MB | {row.entries:,} "
             f"| {row.put_mb_s:,.0f} ({row.puts_per_s:,.0f}) | {row.first_get.p50_us / 1000:.2f} ms"
             f" | {row.get.p50_us:.0f} / {row.get.p99_us:.0f} µs | {row.read_gb_s:.1f} "
-            f"| {row.memcpy_gb_s:.1f} | {row.read_ratio:.0%} |")
+            f"| {row.memcpy_gb_s:.1f} | {row.read_ratio:.0%} |"
+        )
     return [*lines, ""]
 
 
 def _render_rss(row: RssResult) -> list[str]:
-    return ["### Peak RSS scanning a disk tier 10x the hot budget", "",
-            f"Hot budget {row.hot_bytes / MIB:.0f} MiB, disk tier {row.disk_bytes / MIB:,.0f} MiB "
-            f"({row.entries} entries of 2.6 MB), every byte read, two passes: peak RSS "
-            f"{row.peak_rss / MIB:.0f} MiB (after imports and open: "
-            f"{row.baseline_rss / MIB:.0f} MiB), i.e. hot budget + "
-            f"{(row.peak_rss - row.hot_bytes) / MIB:.0f} MiB.", ""]
+    return [
+        "### Peak RSS scanning a disk tier 10x the hot budget",
+        "",
+        f"Hot budget {row.hot_bytes / MIB:.0f} MiB, disk tier {row.disk_bytes / MIB:,.0f} MiB "
+        f"({row.entries} entries of 2.6 MB), every byte read, two passes: peak RSS "
+        f"{row.peak_rss / MIB:.0f} MiB (after imports and open: "
+        f"{row.baseline_rss / MIB:.0f} MiB), i.e. hot budget + "
+        f"{(row.peak_rss - row.hot_bytes) / MIB:.0f} MiB.",
+        "",
+    ]
 
 
 def _render_hashes(rows: dict[str, dict[str, float]]) -> list[str]:
-    lines = ["### Content digest throughput (MB/s, median of 15)", "",
-             "| image | SHA-256 | BLAKE2b-256 |", "|---:|---:|---:|"]
-    lines += [f"| {label} | {r['sha256']:,.0f} | {r['blake2b-256']:,.0f} |"
-              for label, r in rows.items()]
+    lines = [
+        "### Content digest throughput (MB/s, median of 15)",
+        "",
+        "| image | SHA-256 | BLAKE2b-256 |",
+        "|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {label} | {r['sha256']:,.0f} | {r['blake2b-256']:,.0f} |" for label, r in rows.items()
+    ]
     return [*lines, ""]
 
 
@@ -408,14 +455,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (script check only)")
     parser.add_argument("--large-count", type=int, default=1_000_000)
     parser.add_argument("--samples", type=int, default=20_000, help="gets timed per count")
-    parser.add_argument("--real-gb", type=float, default=30.0,
-                        help="disk allowance per real payload size, GB")
-    parser.add_argument("--real-max", type=int, default=10_000,
-                        help="at most this many entries per real payload size")
+    parser.add_argument(
+        "--real-gb", type=float, default=30.0, help="disk allowance per real payload size, GB"
+    )
+    parser.add_argument(
+        "--real-max",
+        type=int,
+        default=10_000,
+        help="at most this many entries per real payload size",
+    )
     parser.add_argument("--hot-mib", type=int, default=256)
     parser.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.large_count, args.samples, args.real_gb, args.hot_mib = 20_000, 2_000, 0.2, 16

@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MB = 1_000_000
 MIB = 1024 * 1024
-HEAD = (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
-        b'{"url": "data:image/png;base64,')
+HEAD = (
+    b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+    b'{"url": "data:image/png;base64,'
+)
 TAIL = b'"}}]}]}'
 PIECE = b"A" * (1 << 20)
 
@@ -71,13 +73,14 @@ async def body(size: int) -> AsyncIterator[bytes]:
     yield HEAD
     left = size - len(HEAD) - len(TAIL)
     while left > 0:
-        yield PIECE[:min(left, len(PIECE))]
+        yield PIECE[: min(left, len(PIECE))]
         left -= len(PIECE)
     yield TAIL
 
 
-async def send(session: aiohttp.ClientSession, size: int, chunked: bool,
-               statuses: collections.Counter[str]) -> None:
+async def send(
+    session: aiohttp.ClientSession, size: int, chunked: bool, statuses: collections.Counter[str]
+) -> None:
     headers = {"Content-Type": "application/json"}
     if not chunked:
         headers["Content-Length"] = str(size)
@@ -95,17 +98,29 @@ async def sample(pid: int, peak: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)
 
 
-async def flood(clients: int, size_mb: float, limit_mib: int, chunked: bool,
-                upstream: str) -> Flood:
+async def flood(
+    clients: int, size_mb: float, limit_mib: int, chunked: bool, upstream: str
+) -> Flood:
     size = int(size_mb * MB)
     with tempfile.TemporaryDirectory(prefix="vcache-flood-") as tmp:
         async with FaultUpstream(packages=upstream == "patched") as fake:
             # the image cap below the body size: the image is refused unread, as a 100 MB
             # one is under the default 20 MiB cap
-            proxy = ProxyProcess(["--upstream", fake.url, "--store", f"{tmp}/store",
-                                  "--max-body-mb", str(limit_mib),
-                                  "--url-max-mb", str(max(1, min(20, limit_mib // 4))),
-                                  "--log-level", "warning"], Path(tmp) / "proxy.log")
+            proxy = ProxyProcess(
+                [
+                    "--upstream",
+                    fake.url,
+                    "--store",
+                    f"{tmp}/store",
+                    "--max-body-mb",
+                    str(limit_mib),
+                    "--url-max-mb",
+                    str(max(1, min(20, limit_mib // 4))),
+                    "--log-level",
+                    "warning",
+                ],
+                Path(tmp) / "proxy.log",
+            )
             await asyncio.to_thread(proxy.start)
             try:
                 return await _measure(proxy, clients, size, limit_mib, chunked, upstream)
@@ -113,15 +128,17 @@ async def flood(clients: int, size_mb: float, limit_mib: int, chunked: bool,
                 proxy.stop()
 
 
-async def _measure(proxy: ProxyProcess, clients: int, size: int, limit_mib: int, chunked: bool,
-                   upstream: str) -> Flood:
+async def _measure(
+    proxy: ProxyProcess, clients: int, size: int, limit_mib: int, chunked: bool, upstream: str
+) -> Flood:
     assert proxy.proc is not None
     pid = proxy.proc.pid
     statuses: collections.Counter[str] = collections.Counter()
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(proxy.base_url, connector=connector,
-                                     timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        proxy.base_url, connector=connector, timeout=timeout
+    ) as session:
         await send(session, 4096, False, collections.Counter())  # warm up every code path
         await asyncio.sleep(0.5)
         reset_peak(pid)
@@ -134,8 +151,19 @@ async def _measure(proxy: ProxyProcess, clients: int, size: int, limit_mib: int,
         await sampler
     peak_bytes = max(peak[0], rss(pid, "VmHWM"))
     growth = (peak_bytes - idle) / MIB
-    return Flood(clients, size / MB, limit_mib, chunked, upstream, dict(statuses),
-                 idle / MIB, peak_bytes / MIB, growth, growth / limit_mib, seconds)
+    return Flood(
+        clients,
+        size / MB,
+        limit_mib,
+        chunked,
+        upstream,
+        dict(statuses),
+        idle / MIB,
+        peak_bytes / MIB,
+        growth,
+        growth / limit_mib,
+        seconds,
+    )
 
 
 def main() -> int:
@@ -146,8 +174,9 @@ def main() -> int:
     parser.add_argument("--chunked", action="store_true", help="no Content-Length")
     parser.add_argument("--upstream", choices=["patched", "stock"], default="patched")
     args = parser.parse_args()
-    result = asyncio.run(flood(args.clients, args.size_mb, args.limit_mb, args.chunked,
-                               args.upstream))
+    result = asyncio.run(
+        flood(args.clients, args.size_mb, args.limit_mb, args.chunked, args.upstream)
+    )
     print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0 if result.growth_over_limit < 2 else 1
 

@@ -119,13 +119,23 @@ def fetch_sdist(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (77 MB)")
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "-d", str(cache),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(cache),
         f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
     ]
     if subprocess.run(cmd, check=False).returncode != 0 or not target.exists():
-        raise BuildError("could not download the llama-cpp-python sdist with pip; "
-                         "pass --source PATH to build a llama.cpp checkout instead")
+        raise BuildError(
+            "could not download the llama-cpp-python sdist with pip; "
+            "pass --source PATH to build a llama.cpp checkout instead"
+        )
     return target
 
 
@@ -140,7 +150,7 @@ def extract_vendored_tree(sdist: Path, dest: Path) -> Path:
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
         for m in members:
-            m.name = m.name[len(prefix):]
+            m.name = m.name[len(prefix) :]
         tar.extractall(staging, members=[m for m in members if m.name], filter="data")
     # the vendored .git is a gitlink to a repository the sdist does not contain
     (staging / ".git").unlink(missing_ok=True)
@@ -169,8 +179,12 @@ def tree_digest(tree: Path) -> str:
 
 
 def git_commit(tree: Path) -> str:
-    res = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short=9", "HEAD"],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short=9", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return res.stdout.strip() if res.returncode == 0 else "unknown"
 
 
@@ -179,8 +193,9 @@ def resolve_source(arg: str | None, cache: Path) -> Source:
         sdist = fetch_sdist(cache / "downloads")
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         tree = extract_vendored_tree(sdist, cache / "sources" / digest[:16])
-        return Source(tree, digest, f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist",
-                      PINNED_COMMIT)
+        return Source(
+            tree, digest, f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist", PINNED_COMMIT
+        )
     tree = Path(arg).expanduser().resolve()
     if not (tree / "tools" / "server").is_dir() or not (tree / "tools" / "mtmd").is_dir():
         raise BuildError(f"{tree} is not a llama.cpp tree (no tools/server, tools/mtmd)")
@@ -216,10 +231,12 @@ def explain_patch_failure(patch: Path, stderr: str) -> str:
     file, line = m.group(1), int(m.group(2))
     hunk = hunk_number(patch, file, line)
     where = f"hunk #{hunk} " if hunk else ""
-    return (f"{patch.name} does not apply to this llama.cpp tree: {where}in {file} "
-            f"(at line {line} of the original file).\n"
-            "The tree has diverged from the one the patches were written for; see "
-            "llama_patches/README.md, 'Rebasing onto a newer llama.cpp'.")
+    return (
+        f"{patch.name} does not apply to this llama.cpp tree: {where}in {file} "
+        f"(at line {line} of the original file).\n"
+        "The tree has diverged from the one the patches were written for; see "
+        "llama_patches/README.md, 'Rebasing onto a newer llama.cpp'."
+    )
 
 
 def _git_apply(tree: Path, patch: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -227,8 +244,14 @@ def _git_apply(tree: Path, patch: Path, *flags: str) -> subprocess.CompletedProc
     # plain directory, or git would apply the patch relative to that repository's root and
     # silently skip every path outside the current directory
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent))
-    return subprocess.run(["git", "apply", "--whitespace=nowarn", *flags, str(patch)], cwd=tree,
-                          env=env, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["git", "apply", "--whitespace=nowarn", *flags, str(patch)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def apply_patches(tree: Path, patches: Sequence[Path]) -> None:
@@ -250,7 +273,8 @@ def apply_patches(tree: Path, patches: Sequence[Path]) -> None:
 def _skip_vcs_and_builds(directory: str, names: list[str]) -> set[str]:
     """Leave out .git and build directories (not files such as build-info.cpp.in)."""
     return {
-        n for n in names
+        n
+        for n in names
         if n == ".git" or ((n == "build" or n.startswith("build-")) and Path(directory, n).is_dir())
     }
 
@@ -282,8 +306,9 @@ def run_logged(cmd: Sequence[str], logfile: Path, env: dict[str, str]) -> None:
     last = -10
     with logfile.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -293,8 +318,9 @@ def run_logged(cmd: Sequence[str], logfile: Path, env: dict[str, str]) -> None:
                 log(f"  {last:3d}% {line.split(']', 1)[1].strip()[:90]}")
         if proc.wait() != 0:
             tail = logfile.read_text(errors="replace").splitlines()[-30:]
-            raise BuildError(f"command failed: {' '.join(cmd)}\n" + "\n".join(tail) +
-                             f"\n(full log: {logfile})")
+            raise BuildError(
+                f"command failed: {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {logfile})"
+            )
 
 
 def compile_tree(plan: BuildPlan, tree: Path, jobs: int) -> None:
@@ -307,8 +333,9 @@ def compile_tree(plan: BuildPlan, tree: Path, jobs: int) -> None:
     log(f"configuring {plan.variant} ({plan.source.description})")
     run_logged(["cmake", "-S", str(tree), "-B", str(build), *flags], logfile, env)
     log(f"compiling {plan.variant} llama-server with {jobs} jobs (a few minutes on 2 cores)")
-    run_logged(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
-               logfile, env)
+    run_logged(
+        ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)], logfile, env
+    )
 
 
 def install(plan: BuildPlan, tree: Path) -> None:
@@ -377,15 +404,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="a llama.cpp checkout to build instead of the pinned sdist")
     p.add_argument("--variant", choices=(*VARIANTS, "both"), default="both")
-    p.add_argument("--out", type=Path, default=ROOT / ".build" / "llama",
-                   help="build cache directory (default: .build/llama)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / ".build" / "llama",
+        help="build cache directory (default: .build/llama)",
+    )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--cuda", action="store_true", help="build with CUDA (GGML_CUDA=ON)")
     p.add_argument("--metal", action="store_true", help="build with Metal (GGML_METAL=ON)")
-    p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
-                   help="extra CMake argument, repeatable (e.g. --cmake-arg=-DGGML_VULKAN=ON)")
-    p.add_argument("--print-path", choices=VARIANTS,
-                   help="print the binary's path (building it if needed) and nothing else")
+    p.add_argument(
+        "--cmake-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra CMake argument, repeatable (e.g. --cmake-arg=-DGGML_VULKAN=ON)",
+    )
+    p.add_argument(
+        "--print-path",
+        choices=VARIANTS,
+        help="print the binary's path (building it if needed) and nothing else",
+    )
     return p.parse_args(argv)
 
 
@@ -398,8 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = resolve_source(args.source, out)
         flags = cmake_flags(args)
-        wanted = [args.print_path] if args.print_path else (
-            list(VARIANTS) if args.variant == "both" else [args.variant])
+        wanted = (
+            [args.print_path]
+            if args.print_path
+            else (list(VARIANTS) if args.variant == "both" else [args.variant])
+        )
         paths = {}
         for variant in wanted:
             patches = patch_files() if variant == "patched" else ()

@@ -47,30 +47,50 @@ def warm_references(proxy: str, folder: Path, model: str) -> dict[str, str]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SystemExit(f"no images in {folder}")
-    report = vision_cache.warm([], proxy=proxy, model=model,
-                               names={reference_name(p): p for p in files})
+    report = vision_cache.warm(
+        [], proxy=proxy, model=model, names={reference_name(p): p for p in files}
+    )
     for item in report.failed:
         print(f"warm-up failed for {item.source.location}: {item.error}", file=sys.stderr)
     return {name: ref for name, ref in sorted(report.refs.items())}
 
 
 def judge(client: httpx.Client, model: str, ref: str, candidate_url: str, rubric: str) -> Verdict:
-    body = {"model": model, "temperature": 0, "max_tokens": 32, "messages": [{
-        "role": "user", "content": [
-            {"type": "text", "text": f"Rubric: {rubric}\nReference image:"},
-            {"type": "image_url", "image_url": {"url": ref}},
-            {"type": "text", "text": "Candidate image:"},
-            {"type": "image_url", "image_url": {"url": candidate_url}},
-            {"type": "text", "text": "Does the candidate match the reference under the rubric? "
-                                     "Answer yes or no, then why."}]}]}
+    body = {
+        "model": model,
+        "temperature": 0,
+        "max_tokens": 32,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"Rubric: {rubric}\nReference image:"},
+                    {"type": "image_url", "image_url": {"url": ref}},
+                    {"type": "text", "text": "Candidate image:"},
+                    {"type": "image_url", "image_url": {"url": candidate_url}},
+                    {
+                        "type": "text",
+                        "text": "Does the candidate match the reference under the rubric? "
+                        "Answer yes or no, then why.",
+                    },
+                ],
+            }
+        ],
+    }
     started = time.perf_counter()
     r = client.post("/v1/chat/completions", json=body)
     seconds = time.perf_counter() - started
     r.raise_for_status()
     fields = dict(kv.split("=") for kv in r.headers.get("x-vcache", "").split() if "=" in kv)
     answer = r.json()["choices"][0]["message"]["content"].strip().replace("\n", " ")
-    return Verdict(ref, answer, seconds, int(fields.get("hits", 0)),
-                   int(fields.get("misses", 0)), float(fields.get("encode_ms_saved", 0)))
+    return Verdict(
+        ref,
+        answer,
+        seconds,
+        int(fields.get("hits", 0)),
+        int(fields.get("misses", 0)),
+        float(fields.get("encode_ms_saved", 0)),
+    )
 
 
 def data_url(path: Path) -> str:
@@ -83,14 +103,20 @@ def report(verdicts: list[Verdict], rubric: str) -> None:
     for col in ("reference", "answer", "time", "cache"):
         table.add_column(col)
     for v in verdicts:
-        table.add_row(v.reference, v.answer[:60], f"{v.seconds:.2f} s",
-                      f"{v.hits} hit(s), {v.misses} miss(es)")
+        table.add_row(
+            v.reference,
+            v.answer[:60],
+            f"{v.seconds:.2f} s",
+            f"{v.hits} hit(s), {v.misses} miss(es)",
+        )
     console = Console()
     console.print(table)
     misses = sum(v.misses for v in verdicts)
     saved = sum(v.saved_ms for v in verdicts) / 1000
-    console.print(f"images encoded this run: {misses} (the candidate, if new); "
-                  f"encoder time saved by the cache: {saved:.1f} s")
+    console.print(
+        f"images encoded this run: {misses} (the candidate, if new); "
+        f"encoder time saved by the cache: {saved:.1f} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("references", type=Path, help="folder of reference images")
     p.add_argument("candidate", type=Path, help="the image to judge")
     p.add_argument("--rubric", required=True, help='criteria, e.g. "short fur, triangular ears"')
-    p.add_argument("--proxy", default=DEFAULT_PROXY,
-                   help="the running vcache proxy")
+    p.add_argument("--proxy", default=DEFAULT_PROXY, help="the running vcache proxy")
     p.add_argument("--model", default="", help="model name (router mode)")
     args = p.parse_args(argv)
     refs = warm_references(args.proxy, args.references, args.model)
     candidate = data_url(args.candidate)
     with httpx.Client(base_url=args.proxy, timeout=900) as client:
-        verdicts = [judge(client, args.model, ref, candidate, args.rubric)
-                    for ref in refs.values()]
+        verdicts = [judge(client, args.model, ref, candidate, args.rubric) for ref in refs.values()]
     report(verdicts, args.rubric)
     return 0
 

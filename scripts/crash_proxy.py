@@ -87,17 +87,43 @@ def image(n: int) -> bytes:
 
 def body(n: int) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(image(n)).decode()
-    return {"max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}]}]}
+    return {
+        "max_tokens": 1,
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+        ],
+    }
 
 
-async def one_seed(seed: int, store: Path, fake: FaultUpstream, writes: int, rehits: int,
-                   tally: Tally, log_dir: Path, stored: list[int]) -> None:
+async def one_seed(
+    seed: int,
+    store: Path,
+    fake: FaultUpstream,
+    writes: int,
+    rehits: int,
+    tally: Tally,
+    log_dir: Path,
+    stored: list[int],
+) -> None:
     rng = random.Random(seed)
     # a small disk budget: the store evicts throughout, and stays small enough to verify whole
-    proxy = ProxyProcess(["--upstream", fake.url, "--store", str(store), "--transport", "inline",
-                          "--disk-gb", "0.002", "--hot-mb", "16", "--log-level", "warning"],
-                         log_dir / f"proxy-{seed}.log")
+    proxy = ProxyProcess(
+        [
+            "--upstream",
+            fake.url,
+            "--store",
+            str(store),
+            "--transport",
+            "inline",
+            "--disk-gb",
+            "0.002",
+            "--hot-mb",
+            "16",
+            "--log-level",
+            "warning",
+        ],
+        log_dir / f"proxy-{seed}.log",
+    )
     await asyncio.to_thread(proxy.start)
     try:
         await _restart_then_writes(seed, rng, proxy, fake, writes, rehits, tally, stored)
@@ -105,12 +131,20 @@ async def one_seed(seed: int, store: Path, fake: FaultUpstream, writes: int, reh
         proxy.stop()  # already killed, unless something above failed
 
 
-async def _restart_then_writes(seed: int, rng: random.Random, proxy: ProxyProcess,
-                               fake: FaultUpstream, writes: int, rehits: int, tally: Tally,
-                               stored: list[int]) -> None:
+async def _restart_then_writes(
+    seed: int,
+    rng: random.Random,
+    proxy: ProxyProcess,
+    fake: FaultUpstream,
+    writes: int,
+    rehits: int,
+    tally: Tally,
+    stored: list[int],
+) -> None:
     connector = aiohttp.TCPConnector(limit=writes + rehits)
-    async with aiohttp.ClientSession(proxy.base_url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=120)) as client:
+    async with aiohttp.ClientSession(
+        proxy.base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+    ) as client:
         # the restart: images the store held after the last kill come back intact (hits)
         again = rng.sample(stored, min(rehits, len(stored)))
         await asyncio.gather(*(_send(client, n, tally, hit=True) for n in again))
@@ -213,8 +247,9 @@ def reclaim(store: Path, tally: Tally) -> None:
     tally.check_failures += not report.ok
 
 
-async def run(seeds: int, writes: int = 1000, rehits: int = 100,
-              workdir: Path | None = None) -> Tally:
+async def run(
+    seeds: int, writes: int = 1000, rehits: int = 100, workdir: Path | None = None
+) -> Tally:
     _raise_fd_limit()
     tally = Tally()
     started = time.monotonic()
@@ -225,8 +260,10 @@ async def run(seeds: int, writes: int = 1000, rehits: int = 100,
         stored: list[int] = []
         async with FaultUpstream(packages=True) as fake:
             for seed in range(seeds):
-                sent.update((hashlib.sha256(image(seed * 1_000_000 + i)).hexdigest(),
-                             seed * 1_000_000 + i) for i in range(writes))
+                sent.update(
+                    (hashlib.sha256(image(seed * 1_000_000 + i)).hexdigest(), seed * 1_000_000 + i)
+                    for i in range(writes)
+                )
                 await one_seed(seed, store, fake, writes, rehits, tally, root, stored)
                 stored = verify(store, tally, sent)
                 tally.seeds += 1
@@ -244,10 +281,12 @@ def _raise_fd_limit() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=200)
-    parser.add_argument("--writes", type=int, default=1000,
-                        help="concurrent requests with new images per seed")
-    parser.add_argument("--rehits", type=int, default=100,
-                        help="requests per seed for images earlier seeds stored")
+    parser.add_argument(
+        "--writes", type=int, default=1000, help="concurrent requests with new images per seed"
+    )
+    parser.add_argument(
+        "--rehits", type=int, default=100, help="requests per seed for images earlier seeds stored"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     tally = asyncio.run(run(args.seeds, args.writes, args.rehits))
@@ -255,9 +294,15 @@ def main() -> int:
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    bad = (tally.corrupt_entries or tally.rehit_errors or tally.corrupt_served
-           or tally.check_failures or tally.integrity_failures or tally.orphan_files_left
-           or tally.dead_bytes_after_gc > tally.padding_bound)
+    bad = (
+        tally.corrupt_entries
+        or tally.rehit_errors
+        or tally.corrupt_served
+        or tally.check_failures
+        or tally.integrity_failures
+        or tally.orphan_files_left
+        or tally.dead_bytes_after_gc > tally.padding_bound
+    )
     return 1 if bad else 0
 
 

@@ -73,17 +73,47 @@ def image_url() -> tuple[str, str]:
 
 
 def llama_server() -> Path:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_llama_server.py"),
-                          "--print-path", "patched"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "build_llama_server.py"),
+            "--print-path",
+            "patched",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
 @contextmanager
 def proxy(binary: Path, model: Path, mmproj: Path, store: Path) -> Iterator[str]:
     threads = str(os.cpu_count() or 2)
-    cmd = [sys.executable, "-m", "proxy", "serve", "--port", "0", "--store", str(store),
-           "--llama-server", str(binary), "--log-level", "warning", "--",
-           "-m", str(model), "--mmproj", str(mmproj), "-t", threads, "-c", "4096", "--no-warmup"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--port",
+        "0",
+        "--store",
+        str(store),
+        "--llama-server",
+        str(binary),
+        "--log-level",
+        "warning",
+        "--",
+        "-m",
+        str(model),
+        "--mmproj",
+        str(mmproj),
+        "-t",
+        threads,
+        "-c",
+        "4096",
+        "--no-warmup",
+    ]
     log = store.parent / "vcache.log"
     say(f"starting llama-server behind vcache (loading the model; log: {log})")
     with log.open("wb") as out:
@@ -111,10 +141,21 @@ def _wait_url(proc: subprocess.Popen[bytes], log: Path) -> str:
 
 
 def ask(base: str, url: str, question: str) -> Turn:
-    body = {"model": "demo", "stream": True, "temperature": 0, "max_tokens": 12,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": question},
-                {"type": "image_url", "image_url": {"url": url}}]}]}
+    body = {
+        "model": "demo",
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 12,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": question},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+    }
     started = time.perf_counter()
     first: float | None = None
     text = []
@@ -161,8 +202,10 @@ def report(turns: list[Turn], model_label: str, image_label: str) -> None:
     print()
     if misses and hits:
         speedup = statistics.median(misses) / statistics.median(hits)
-        print(f"  repeated image: time to first token {speedup:.0f}x faster "
-              f"({_ms(statistics.median(misses))} -> {_ms(statistics.median(hits))})")
+        print(
+            f"  repeated image: time to first token {speedup:.0f}x faster "
+            f"({_ms(statistics.median(misses))} -> {_ms(statistics.median(hits))})"
+        )
     else:
         print("  no miss/hit pair: is the upstream a patched llama-server?")
 
@@ -175,8 +218,10 @@ def main() -> int:
     model, mmproj, model_label = model_files()
     url, image_label = image_url()
     binary = llama_server()
-    with tempfile.TemporaryDirectory(prefix="vcache-demo-") as tmp, \
-            proxy(binary, model, mmproj, Path(tmp) / "store") as base:
+    with (
+        tempfile.TemporaryDirectory(prefix="vcache-demo-") as tmp,
+        proxy(binary, model, mmproj, Path(tmp) / "store") as base,
+    ):
         say(f"vcache is up at {base}; asking about the same image three times")
         turns = []
         for q in QUESTIONS:

@@ -81,8 +81,12 @@ def chat(text: str, image: str | None, stream: bool = False) -> dict[str, Any]:
     content: list[dict[str, Any]] = [{"type": "text", "text": text}]
     if image:
         content.append({"type": "image_url", "image_url": {"url": image}})
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "stream": stream}
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 class Load:
@@ -110,8 +114,11 @@ class Load:
             self.fresh += 1
             body = chat(text, await asyncio.to_thread(image_url, self.fresh))
         else:
-            body = chat(text, self.rng.choice(self.warmed) if kind != "text" else None,
-                        stream=kind == "stream")
+            body = chat(
+                text,
+                self.rng.choice(self.warmed) if kind != "text" else None,
+                stream=kind == "stream",
+            )
         try:
             async with session.post(CHAT, json=body) as r:
                 payload = await r.read()
@@ -125,8 +132,7 @@ class Load:
             return f"{type(e).__name__}: {e}"
         return None
 
-    async def sampler(self, session: aiohttp.ClientSession, deadline: float,
-                      every: float) -> None:
+    async def sampler(self, session: aiohttp.ClientSession, deadline: float, every: float) -> None:
         start = time.monotonic()
         while time.monotonic() < deadline:
             began = time.monotonic()
@@ -134,29 +140,39 @@ class Load:
                 async with session.get("/vcache/health") as r:
                     answer = await r.json()
                 process = answer["process"]
-                self.samples.append(Sample(began - start, process["tasks"],
-                                           process["open_fds"], process["rss_bytes"] / 2**20))
+                self.samples.append(
+                    Sample(
+                        began - start,
+                        process["tasks"],
+                        process["open_fds"],
+                        process["rss_bytes"] / 2**20,
+                    )
+                )
             except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as e:
                 # a proxy in trouble answers its health check badly too: that is an error
-                self.outcomes.append(Outcome("health", began, time.monotonic() - began,
-                                             f"{type(e).__name__}: {e}"))
+                self.outcomes.append(
+                    Outcome("health", began, time.monotonic() - began, f"{type(e).__name__}: {e}")
+                )
             await asyncio.sleep(every)
 
 
-async def run_load(base: str, minutes: float, clients: int, every: float,
-                   seed: int) -> tuple[Load, float]:
+async def run_load(
+    base: str, minutes: float, clients: int, every: float, seed: int
+) -> tuple[Load, float]:
     warmed = [image_url(n) for n in range(8)]
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(base, timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=clients + 2)) as s:
+    async with aiohttp.ClientSession(
+        base, timeout=timeout, connector=aiohttp.TCPConnector(limit=clients + 2)
+    ) as s:
         for url in warmed:  # encoded once, then every hit request is a hit
             async with s.post("/vcache/warm", json={"image": url}) as r:
                 r.raise_for_status()
         load = Load(base, warmed, seed)
         started = time.monotonic()
         deadline = started + minutes * 60
-        await asyncio.gather(load.sampler(s, deadline, every),
-                             *(load.client(s, deadline) for _ in range(clients)))
+        await asyncio.gather(
+            load.sampler(s, deadline, every), *(load.client(s, deadline) for _ in range(clients))
+        )
     return load, started
 
 
@@ -181,14 +197,17 @@ def summary(load: Load, started: float, minutes: float, warmup: float) -> dict[s
         if o.error:
             key = f"{o.kind}: {o.error[:80]}"
             errors[key] = errors.get(key, 0) + 1
-    kinds = {k: [o.seconds * 1000 for o in outcomes if o.kind == k and not o.error]
-             for k in KINDS}
+    kinds = {k: [o.seconds * 1000 for o in outcomes if o.kind == k and not o.error] for k in KINDS}
     return {
-        "minutes": minutes, "requests": len(outcomes),
+        "minutes": minutes,
+        "requests": len(outcomes),
         "throughput_rps": len(outcomes) / (minutes * 60),
-        "errors": sum(errors.values()), "error_kinds": errors,
-        "latency_ms": {k: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
-                       for k, v in kinds.items()},
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "latency_ms": {
+            k: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
+            for k, v in kinds.items()
+        },
         "all_p50_ms": percentile([o.seconds * 1000 for o in outcomes], 0.5),
         "all_p99_ms": percentile([o.seconds * 1000 for o in outcomes], 0.99),
         "after_warmup": {
@@ -197,7 +216,9 @@ def summary(load: Load, started: float, minutes: float, warmup: float) -> dict[s
             "open_fds": [min(s.open_fds for s in after), max(s.open_fds for s in after)],
             "open_fds_per_hour": slope_per_hour([(s.at, s.open_fds) for s in after]),
             "tasks": [min(s.tasks for s in after), max(s.tasks for s in after)],
-        } if after else {},
+        }
+        if after
+        else {},
         "load_average": os.getloadavg(),
     }
 
@@ -210,9 +231,11 @@ def plot(load: Load, minutes: float, out: Path, figures: dict[str, Any]) -> None
 
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     t = [s.at / 60 for s in load.samples]
-    series = [([s.rss_mib for s in load.samples], "proxy RSS (MiB)"),
-              ([s.open_fds for s in load.samples], "open file descriptors"),
-              ([s.tasks for s in load.samples], "asyncio tasks")]
+    series = [
+        ([s.rss_mib for s in load.samples], "proxy RSS (MiB)"),
+        ([s.open_fds for s in load.samples], "open file descriptors"),
+        ([s.tasks for s in load.samples], "asyncio tasks"),
+    ]
     for ax, (values, label) in zip(axes, series, strict=False):
         ax.plot(t, values)
         ax.set_ylabel(label)
@@ -225,17 +248,28 @@ def plot(load: Load, minutes: float, out: Path, figures: dict[str, Any]) -> None
     axes[3].bar([m + 0.5 for m in per_minute], [n / 60 for n in per_minute.values()], width=0.9)
     axes[3].set_ylabel("requests / s")
     axes[3].set_xlabel("minutes")
-    fig.suptitle(f"vcache soak: {minutes:g} min, {figures['requests']} requests, "
-                 f"{figures['errors']} errors, p50 {figures['all_p50_ms']:.0f} ms, "
-                 f"p99 {figures['all_p99_ms']:.0f} ms")
+    fig.suptitle(
+        f"vcache soak: {minutes:g} min, {figures['requests']} requests, "
+        f"{figures['errors']} errors, p50 {figures['all_p50_ms']:.0f} ms, "
+        f"p99 {figures['all_p99_ms']:.0f} ms"
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
 
 
 def llama_server_binary() -> Path:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_llama_server.py"),
-                          "--print-path", "patched"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "build_llama_server.py"),
+            "--print-path",
+            "patched",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -248,21 +282,49 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "plots" / "soak.png")
     parser.add_argument("--json", type=Path, help="write the summary here too")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="one more llama-server argument (repeat: --server-arg=--cache-ram "
-                             "--server-arg=0)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more llama-server argument (repeat: --server-arg=--cache-ram --server-arg=0)",
+    )
     args = parser.parse_args()
     models = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
     files = generate("gemma3", "tiny", 0, models)
     with tempfile.TemporaryDirectory(prefix="vcache-soak-") as tmp:
-        server_args = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2",
-                       "-c", "8192", "-np", "4", "--no-warmup", "--image-embedding",
-                       *args.server_arg]
-        with LlamaServer(llama_server_binary(), server_args, Path(tmp) / "llama.log") as server, \
-                ProxyProcess(["--upstream", server.base_url, "--store", f"{tmp}/store",
-                              "--log-level", "warning"], Path(tmp) / "proxy.log") as proxy:
-            load, started = asyncio.run(run_load(proxy.base_url, args.minutes, args.clients,
-                                                 args.sample_s, args.seed))
+        server_args = [
+            "-m",
+            str(files.model),
+            "--mmproj",
+            str(files.mmproj),
+            "-t",
+            "2",
+            "-c",
+            "8192",
+            "-np",
+            "4",
+            "--no-warmup",
+            "--image-embedding",
+            *args.server_arg,
+        ]
+        with (
+            LlamaServer(llama_server_binary(), server_args, Path(tmp) / "llama.log") as server,
+            ProxyProcess(
+                [
+                    "--upstream",
+                    server.base_url,
+                    "--store",
+                    f"{tmp}/store",
+                    "--log-level",
+                    "warning",
+                ],
+                Path(tmp) / "proxy.log",
+            ) as proxy,
+        ):
+            load, started = asyncio.run(
+                run_load(proxy.base_url, args.minutes, args.clients, args.sample_s, args.seed)
+            )
     figures = summary(load, started, args.minutes, args.warmup)
     plot(load, args.minutes, args.plot, figures)
     print(json.dumps(figures, indent=2))

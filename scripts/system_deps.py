@@ -31,8 +31,10 @@ def apt_prefix() -> list[str] | None:
         return None
     if os.geteuid() == 0:
         return []
-    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True,
-                                               check=False).returncode == 0:
+    if (
+        shutil.which("sudo")
+        and subprocess.run(["sudo", "-n", "true"], capture_output=True, check=False).returncode == 0
+    ):
         return ["sudo", "-n"]
     return None
 
@@ -49,8 +51,10 @@ def main(argv: Sequence[str]) -> int:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         if subprocess.run([*prefix, *cmd], env=env, check=False).returncode != 0:
-            print(f"error: '{' '.join(cmd)}' failed; install {' '.join(missing)} by hand",
-                  file=sys.stderr)
+            print(
+                f"error: '{' '.join(cmd)}' failed; install {' '.join(missing)} by hand",
+                file=sys.stderr,
+            )
             return 1
     return 0
 

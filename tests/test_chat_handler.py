@@ -33,31 +33,41 @@ def _llama(libs: LlamaLibs, files: ModelFiles, handler: Any) -> Any:
     import llama_cpp
 
     # logits_all: per-token logprobs, so replies compare token by token
-    return llama_cpp.Llama(str(files.model), chat_handler=handler, n_ctx=2048, n_threads=2,
-                           logits_all=True, verbose=False)
+    return llama_cpp.Llama(
+        str(files.model),
+        chat_handler=handler,
+        n_ctx=2048,
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+    )
 
 
 @pytest.fixture(scope="session")
-def stock_llama(llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles],
-                arch: str) -> Iterator[Any]:
+def stock_llama(
+    llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles], arch: str
+) -> Iterator[Any]:
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     files = tiny_model(arch)
-    llama = _llama(llama_libs, files, MTMDChatHandler(str(files.mmproj), verbose=False,
-                                                      use_gpu=False))
+    llama = _llama(
+        llama_libs, files, MTMDChatHandler(str(files.mmproj), verbose=False, use_gpu=False)
+    )
     yield llama
     llama.close()  # now: at interpreter exit the stock handler's cleanup writes to closed files
 
 
 @pytest.fixture(scope="session")
-def caching(llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles], arch: str,
-            tmp_path_factory: pytest.TempPathFactory,
-            ) -> Iterator[tuple[Any, CachingChatHandler, Store]]:
+def caching(
+    llama_libs: LlamaLibs,
+    tiny_model: Callable[[str], ModelFiles],
+    arch: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Any, CachingChatHandler, Store]]:
     from vision_cache.llama.chat_handler import CachingChatHandler
 
     files = tiny_model(arch)
-    with Store.open(tmp_path_factory.mktemp("handler-store"), hot_bytes=0,
-                    durable=False) as store:
+    with Store.open(tmp_path_factory.mktemp("handler-store"), hot_bytes=0, durable=False) as store:
         handler = CachingChatHandler(str(files.mmproj), store)
         llama = _llama(llama_libs, files, handler)
         yield llama, handler, store
@@ -66,16 +76,24 @@ def caching(llama_libs: LlamaLibs, tiny_model: Callable[[str], ModelFiles], arch
 
 
 def _ask(llama: Any, image: bytes, text: str = "Describe the image.") -> tuple[str, ...]:
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": text},
-        {"type": "image_url", "image_url": {"url": data_url(image)}}]}]
-    reply = llama.create_chat_completion(messages=messages, temperature=0, max_tokens=N_TOKENS,
-                                         logprobs=True, top_logprobs=1)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+            ],
+        }
+    ]
+    reply = llama.create_chat_completion(
+        messages=messages, temperature=0, max_tokens=N_TOKENS, logprobs=True, top_logprobs=1
+    )
     return tuple(t["token"] for t in reply["choices"][0]["logprobs"]["content"])
 
 
 def test_cached_packages_are_token_identical_to_the_stock_handler(
-        stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]) -> None:
+    stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]
+) -> None:
     llama, handler, _ = caching
     for name in ("shapes_640x480", "stripes_300x900"):
         image = png(name)
@@ -98,7 +116,8 @@ def test_cached_packages_are_token_identical_to_the_stock_handler(
 
 
 def test_hits_decode_the_stored_embeddings(
-        stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]) -> None:
+    stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]
+) -> None:
     """A stored package whose tokens are rotated must change the answer, without an encode."""
     llama, handler, store = caching
     image = png("checkers_1024x256")
@@ -119,7 +138,8 @@ def test_hits_decode_the_stored_embeddings(
 
 
 def test_a_package_of_another_layout_is_not_used(
-        stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]) -> None:
+    stock_llama: Any, caching: tuple[Any, CachingChatHandler, Store]
+) -> None:
     """Chunk metadata that is not this handler's own tokenization of the image is a miss."""
     llama, handler, store = caching
     image = png(OTHER_IMAGE)
@@ -137,8 +157,9 @@ def test_a_package_of_another_layout_is_not_used(
     assert handler.stats.misses == misses + 1
 
 
-def test_the_namespace_names_the_encoder(caching: tuple[Any, CachingChatHandler, Store],
-                                         llama_libs: LlamaLibs, lib_dir: Path) -> None:
+def test_the_namespace_names_the_encoder(
+    caching: tuple[Any, CachingChatHandler, Store], llama_libs: LlamaLibs, lib_dir: Path
+) -> None:
     """Like the stock handler, the encoder runs without flash attention when the Llama has it
     off, so its packages live apart from the server's (flash attention "auto")."""
     _, handler, store = caching

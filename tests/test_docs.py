@@ -46,8 +46,11 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
-    commands = [ln for ln in ci.splitlines() if ln.strip() and not ln.startswith(("#", "set "))
-                and not ln.startswith("cd ")]
+    commands = [
+        ln
+        for ln in ci.splitlines()
+        if ln.strip() and not ln.startswith(("#", "set ")) and not ln.startswith("cd ")
+    ]
     assert commands == ["make test"]
 
 
@@ -78,8 +81,12 @@ def test_every_vcache_command_in_the_readme_exists() -> None:
     commands = set(re.findall(r"vcache (\w+)", code)) - {"serve"}
     assert {"warm", "export", "import", "ls", "stats", "rm", "gc", "verify"} <= commands
     for command in commands | {"serve"}:
-        r = subprocess.run([sys.executable, "-m", "proxy", command, "--help"],
-                           capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", "proxy", command, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert r.returncode == 0, (command, r.stderr)
 
 
@@ -95,21 +102,38 @@ class Shell:
         if SERVER_LINE.search(line):
             self._start(line)
             return
-        r = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, timeout=900,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["bash", "-c", line],
+            cwd=self.cwd,
+            env=self.env,
+            timeout=900,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         if line.startswith("LLAMA_SERVER="):
             self.env["LLAMA_SERVER"] = subprocess.run(
-                ["bash", "-c", f"{line}; echo \"$LLAMA_SERVER\""], cwd=self.cwd, env=self.env,
-                capture_output=True, text=True, check=True).stdout.strip()
+                ["bash", "-c", f'{line}; echo "$LLAMA_SERVER"'],
+                cwd=self.cwd,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
 
     def _start(self, line: str) -> None:
         port = PORT.search(line)
         assert port, f"server line without --port: {line}"
         log = (self.cwd / f"server-{port.group(1)}.log").open("wb")
         self.logs.append(log)
-        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", f"exec {line}"],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.background.append(proc)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -135,19 +159,35 @@ class Shell:
 
 
 @pytest.fixture
-def shell(tmp_path: Path, tiny_model: Callable[[str], ModelFiles],
-          redis_server: RedisServer) -> Iterator[Shell]:
+def shell(
+    tmp_path: Path, tiny_model: Callable[[str], ModelFiles], redis_server: RedisServer
+) -> Iterator[Shell]:
     files = tiny_model("gemma3")
     refs = tmp_path / "refs"
     refs.mkdir()
     (refs / "cat.jpg").write_bytes(sample_image("shapes_640x480").encode("JPEG"))
     (refs / "dog.png").write_bytes(sample_image("noise_512x512").encode("PNG"))
-    env = {**os.environ, "HOME": str(tmp_path), "MODEL": str(files.model),
-           "MMPROJ": str(files.mmproj), "IMAGE_URL": sample_image("stripes_300x900").data_url(),
-           "REDIS_URL": redis_server.url,
-           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
-    for link in (".venv", "scripts", "Makefile", "pyproject.toml", "constraints.txt", "proxy",
-                 "vision_cache", "llama_patches", ".build", "README.md"):
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "MODEL": str(files.model),
+        "MMPROJ": str(files.mmproj),
+        "IMAGE_URL": sample_image("stripes_300x900").data_url(),
+        "REDIS_URL": redis_server.url,
+        "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+    }
+    for link in (
+        ".venv",
+        "scripts",
+        "Makefile",
+        "pyproject.toml",
+        "constraints.txt",
+        "proxy",
+        "vision_cache",
+        "llama_patches",
+        ".build",
+        "README.md",
+    ):
         (tmp_path / link).symlink_to(ROOT / link)
     sh = Shell(tmp_path, env)
     yield sh
@@ -159,8 +199,14 @@ def test_quick_start_commands_run(shell: Shell) -> None:
     """Every sh and python block after the first, in order, as written."""
     for lang, code in blocks()[1:]:
         if lang == "python":
-            r = subprocess.run([sys.executable, "-c", code], cwd=shell.cwd, env=shell.env,
-                               capture_output=True, text=True, timeout=300)
+            r = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=shell.cwd,
+                env=shell.env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert r.returncode == 0, f"{code}\n{r.stderr[-2000:]}"
             continue
         for line in _logical_lines(code):

@@ -38,7 +38,8 @@ pytestmark = pytest.mark.server
 
 
 def test_packages_are_byte_identical_to_the_servers(
-        patched_server: LlamaServer, local_encoder: LocalEncoder, runner: asyncio.Runner) -> None:
+    patched_server: LlamaServer, local_encoder: LocalEncoder, runner: asyncio.Runner
+) -> None:
     """Same mmproj, build and settings: same header and payload, byte for byte (1 worker
     thread against the server's 2), and therefore the same cache namespace."""
     base = patched_server.base_url
@@ -56,7 +57,8 @@ def test_packages_are_byte_identical_to_the_servers(
 
 
 def test_worker_packages_decode_like_the_raw_image(
-        patched_server: LlamaServer, local_encoder: LocalEncoder, runner: asyncio.Runner) -> None:
+    patched_server: LlamaServer, local_encoder: LocalEncoder, runner: asyncio.Runner
+) -> None:
     base = patched_server.base_url
     image = png("shapes_640x480")
     encoded = runner.run(local_encoder.encode(image))
@@ -76,7 +78,8 @@ def test_worker_packages_decode_like_the_raw_image(
 
 
 def test_non_images_are_rejected_and_the_worker_keeps_serving(
-        local_encoder: LocalEncoder, runner: asyncio.Runner) -> None:
+    local_encoder: LocalEncoder, runner: asyncio.Runner
+) -> None:
     with pytest.raises(LocalEncoderRejected, match="failed to load image"):
         runner.run(local_encoder.encode(b"definitely not an image"))
     with pytest.raises(LocalEncoderRejected):
@@ -105,14 +108,15 @@ def _exited(proc: psutil.Process) -> bool:
 
 
 def test_a_worker_that_dies_while_idle_is_replaced_unnoticed(
-        local_encoder: LocalEncoder, runner: asyncio.Runner) -> None:
+    local_encoder: LocalEncoder, runner: asyncio.Runner
+) -> None:
     _kill_workers(local_encoder)
     assert runner.run(local_encoder.encode(png("stripes_300x900"))).header.n_tokens > 0
 
 
 def test_a_worker_that_dies_mid_encode_is_replaced_and_the_encodes_retried(
-        local_encoder: LocalEncoder, runner: asyncio.Runner,
-        caplog: pytest.LogCaptureFixture) -> None:
+    local_encoder: LocalEncoder, runner: asyncio.Runner, caplog: pytest.LogCaptureFixture
+) -> None:
     """A crash inside libmtmd kills a worker process, never the proxy: the encodes it held
     run again on a fresh worker, and give the same packages."""
     names = IMAGES * 3
@@ -129,8 +133,9 @@ def test_a_worker_that_dies_mid_encode_is_replaced_and_the_encodes_retried(
     assert payloads == [expected[name] for name in names]
 
 
-def test_encoded_packages_are_f32_with_the_image_id(local_encoder: LocalEncoder,
-                                                    runner: asyncio.Runner) -> None:
+def test_encoded_packages_are_f32_with_the_image_id(
+    local_encoder: LocalEncoder, runner: asyncio.Runner
+) -> None:
     import hashlib
 
     image = png("checkers_1024x256")
@@ -143,11 +148,13 @@ def test_encoded_packages_are_f32_with_the_image_id(local_encoder: LocalEncoder,
 
 
 def test_an_encode_past_the_time_limit_ends_its_worker(
-        lib_dir: Path, tiny_model: Callable[[str], ModelFiles], runner: asyncio.Runner) -> None:
+    lib_dir: Path, tiny_model: Callable[[str], ModelFiles], runner: asyncio.Runner
+) -> None:
     """A native encode cannot be interrupted: past the limit its process is killed."""
     files = tiny_model("qwen2vl")
-    config = LocalEncoderConfig(mmproj=files.mmproj, text_model=files.model, lib_dir=lib_dir,
-                                timeout_s=0.05)  # loading alone takes longer
+    config = LocalEncoderConfig(
+        mmproj=files.mmproj, text_model=files.model, lib_dir=lib_dir, timeout_s=0.05
+    )  # loading alone takes longer
     encoder = LocalEncoder(config)
     with pytest.raises(LocalEncoderTimeout, match="ran past"):
         runner.run(encoder.start())

@@ -50,7 +50,7 @@ def events(raw: bytes) -> list[Any]:
     for block in raw.decode().split("\n\n"):
         if block.strip():
             assert block.startswith("data: "), block
-            payload = block[len("data: "):]
+            payload = block[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
@@ -66,19 +66,19 @@ async def stream_bytes(client: httpx.AsyncClient, url: str, body: dict[str, Any]
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("image", [None, png()])
-async def test_refused_connection_is_a_502(client: httpx.AsyncClient, tmp_path: Path,
-                                           stream: bool, image: str | None) -> None:
-    async with refused_port() as port, proxy_in_front(f"http://127.0.0.1:{port}",
-                                                      tmp_path) as url:
+async def test_refused_connection_is_a_502(
+    client: httpx.AsyncClient, tmp_path: Path, stream: bool, image: str | None
+) -> None:
+    async with refused_port() as port, proxy_in_front(f"http://127.0.0.1:{port}", tmp_path) as url:
         r = await client.post(f"{url}{CHAT}", json=chat(stream, image))
         assert_error_shape(r, 502)
         assert_error_shape(await client.get(f"{url}/health"), 502)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_reset_before_headers_is_a_502_sent_once(fake: FaultUpstream,
-                                                       client: httpx.AsyncClient,
-                                                       tmp_path: Path, stream: bool) -> None:
+async def test_reset_before_headers_is_a_502_sent_once(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, stream: bool
+) -> None:
     fake.set_fault(CHAT, Fault.RESET_BEFORE_HEADERS)
     async with proxy_in_front(fake.url, tmp_path) as url:
         assert_error_shape(await client.post(f"{url}{CHAT}", json=chat(stream)), 502)
@@ -86,8 +86,9 @@ async def test_reset_before_headers_is_a_502_sent_once(fake: FaultUpstream,
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_stall_before_headers_is_a_504(fake: FaultUpstream, client: httpx.AsyncClient,
-                                             tmp_path: Path, stream: bool) -> None:
+async def test_stall_before_headers_is_a_504(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, stream: bool
+) -> None:
     fake.set_fault(CHAT, Fault.STALL_BEFORE_HEADERS)
     async with proxy_in_front(fake.url, tmp_path) as url:
         started = asyncio.get_running_loop().time()
@@ -98,9 +99,9 @@ async def test_stall_before_headers_is_a_504(fake: FaultUpstream, client: httpx.
 
 
 @pytest.mark.parametrize("status", [500, 503])
-async def test_upstream_errors_pass_through_unchanged(fake: FaultUpstream,
-                                                      client: httpx.AsyncClient,
-                                                      tmp_path: Path, status: int) -> None:
+async def test_upstream_errors_pass_through_unchanged(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, status: int
+) -> None:
     fake.set_fault(CHAT, Fault.STATUS_500 if status == 500 else Fault.STATUS_503)
     async with proxy_in_front(fake.url, tmp_path) as url:
         assert_error_shape(await client.post(f"{url}{CHAT}", json=chat()), status)
@@ -111,7 +112,8 @@ async def test_upstream_errors_pass_through_unchanged(fake: FaultUpstream,
 
 
 async def test_reset_mid_stream_ends_with_a_parseable_error_event(
-        fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """The fake stops inside an event: that half event is dropped, the error stands alone."""
     fake.set_fault(CHAT, Fault.RESET_MID_BODY)
     async with proxy_in_front(fake.url, tmp_path) as url:
@@ -122,9 +124,9 @@ async def test_reset_mid_stream_ends_with_a_parseable_error_event(
     assert fake.count("POST", CHAT) == 1
 
 
-async def test_stall_mid_stream_ends_with_a_504_event(fake: FaultUpstream,
-                                                      client: httpx.AsyncClient,
-                                                      tmp_path: Path) -> None:
+async def test_stall_mid_stream_ends_with_a_504_event(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     fake.set_fault(CHAT, Fault.STALL_MID_STREAM)
     async with proxy_in_front(fake.url, tmp_path) as url:
         got = events(await stream_bytes(client, f"{url}{CHAT}", chat(stream=True)))
@@ -134,7 +136,8 @@ async def test_stall_mid_stream_ends_with_a_504_event(fake: FaultUpstream,
 
 @pytest.mark.parametrize("fault", [Fault.RESET_MID_BODY, Fault.STALL_MID_STREAM])
 async def test_a_broken_json_body_ends_short_never_complete(
-        fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, fault: Fault) -> None:
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, fault: Fault
+) -> None:
     """Regression: an error answer written after the headers were out became part of the
     body (or a second response on the connection); the client must see a short response."""
     fake.set_fault(CHAT, fault)
@@ -147,9 +150,9 @@ async def test_a_broken_json_body_ends_short_never_complete(
     assert fake.count("POST", CHAT) == 2
 
 
-async def test_malformed_sse_is_relayed_byte_for_byte(fake: FaultUpstream,
-                                                      client: httpx.AsyncClient,
-                                                      tmp_path: Path) -> None:
+async def test_malformed_sse_is_relayed_byte_for_byte(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """Not the proxy's to judge: what upstream streams, the client gets, and the stream ends."""
     fake.set_fault(CHAT, Fault.MALFORMED_SSE)
     async with proxy_in_front(fake.url, tmp_path) as url:
@@ -164,7 +167,8 @@ async def test_malformed_sse_is_relayed_byte_for_byte(fake: FaultUpstream,
 
 @pytest.mark.parametrize("path", ["/cors-proxy", "/v1/models"])
 async def test_a_204_with_a_body_never_poisons_the_next_response(
-        fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, path: str) -> None:
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, path: str
+) -> None:
     """A 204 whose 'body' is another response must never reach the next request on a pooled
     connection (response splitting). /cors-proxy is llama-server's own case; any other path
     the general one. The relay reads no body for a 204, and httpcore then closes the
@@ -181,12 +185,16 @@ async def test_a_204_with_a_body_never_poisons_the_next_response(
 
 
 async def test_random_keep_alive_closes_give_200_or_502_and_no_replay(
-        fake: FaultUpstream, tmp_path: Path) -> None:
+    fake: FaultUpstream, tmp_path: Path
+) -> None:
     fake.set_fault(CHAT, Fault.CLOSE_RANDOMLY)
-    async with proxy_in_front(fake.url, tmp_path) as url, httpx.AsyncClient(
-            timeout=CLIENT_S, limits=httpx.Limits(max_connections=8)) as client:
-        replies = await asyncio.gather(*(
-            client.post(f"{url}{CHAT}", json=chat(tag=str(i))) for i in range(200)))
+    async with (
+        proxy_in_front(fake.url, tmp_path) as url,
+        httpx.AsyncClient(timeout=CLIENT_S, limits=httpx.Limits(max_connections=8)) as client,
+    ):
+        replies = await asyncio.gather(
+            *(client.post(f"{url}{CHAT}", json=chat(tag=str(i))) for i in range(200))
+        )
     statuses = [r.status_code for r in replies]
     assert set(statuses) == {200, 502}, statuses
     for r in replies:
@@ -197,12 +205,15 @@ async def test_random_keep_alive_closes_give_200_or_502_and_no_replay(
 
 
 async def test_streams_back_to_back_never_meet_the_connection_upstream_closes(
-        fake: FaultUpstream, tmp_path: Path) -> None:
+    fake: FaultUpstream, tmp_path: Path
+) -> None:
     """llama-server closes the connection after each stream while announcing keep-alive: a
     request sent on it in the meantime would be a 502 nobody caused."""
     fake.set_fault(CHAT, Fault.CLOSE_AFTER_STREAM)
-    async with proxy_in_front(fake.url, tmp_path) as url, httpx.AsyncClient(
-            timeout=CLIENT_S) as client:
+    async with (
+        proxy_in_front(fake.url, tmp_path) as url,
+        httpx.AsyncClient(timeout=CLIENT_S) as client,
+    ):
         for i in range(5):
             r = await client.post(f"{url}{CHAT}", json=chat(True, tag=str(i)))
             assert r.status_code == 200, r.text
@@ -211,9 +222,9 @@ async def test_streams_back_to_back_never_meet_the_connection_upstream_closes(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_client_disconnect_closes_the_upstream_request(fake: FaultUpstream,
-                                                             tmp_path: Path,
-                                                             stream: bool) -> None:
+async def test_client_disconnect_closes_the_upstream_request(
+    fake: FaultUpstream, tmp_path: Path, stream: bool
+) -> None:
     fake.set_fault(CHAT, Fault.STALL_BEFORE_HEADERS if not stream else Fault.STALL_MID_STREAM)
     async with proxy_in_front(fake.url, tmp_path, upstream_idle_s=60) as url:
         async with httpx.AsyncClient(timeout=httpx.Timeout(0.5)) as client:
@@ -236,9 +247,9 @@ async def patched_fake() -> AsyncIterator[FaultUpstream]:
         yield upstream
 
 
-async def test_refused_packages_are_sent_again_as_images_once(patched_fake: FaultUpstream,
-                                                              client: httpx.AsyncClient,
-                                                              tmp_path: Path) -> None:
+async def test_refused_packages_are_sent_again_as_images_once(
+    patched_fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """The documented exception (THREAT_MODEL.md): a 400 that refuses the packages means the
     request was not processed, so it goes again, once, with the client's images."""
     patched_fake.set_fault(CHAT, Fault.REFUSE_PACKAGES)
@@ -250,11 +261,18 @@ async def test_refused_packages_are_sent_again_as_images_once(patched_fake: Faul
     assert r.json()["vcache_fake"] == {"intact": 0, "corrupt": 0, "images": 1}
 
 
-@pytest.mark.parametrize("fault", [Fault.STATUS_500, Fault.RESET_BEFORE_HEADERS,
-                                   Fault.STALL_BEFORE_HEADERS, Fault.RESET_MID_BODY])
-async def test_no_other_failure_sends_a_request_twice(patched_fake: FaultUpstream,
-                                                      client: httpx.AsyncClient,
-                                                      tmp_path: Path, fault: Fault) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.STATUS_500,
+        Fault.RESET_BEFORE_HEADERS,
+        Fault.STALL_BEFORE_HEADERS,
+        Fault.RESET_MID_BODY,
+    ],
+)
+async def test_no_other_failure_sends_a_request_twice(
+    patched_fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, fault: Fault
+) -> None:
     patched_fake.set_fault(CHAT, fault)
     async with proxy_in_front(patched_fake.url, tmp_path) as url:
         try:
@@ -267,12 +285,12 @@ async def test_no_other_failure_sends_a_request_twice(patched_fake: FaultUpstrea
     assert b'"image_embedding"' in patched_fake.requests(CHAT)[0].body  # the cache path ran
 
 
-@pytest.mark.parametrize("fault", [Fault.STATUS_500, Fault.RESET_BEFORE_HEADERS,
-                                   Fault.STALL_BEFORE_HEADERS])
-async def test_a_failing_encoder_means_the_image_is_forwarded(patched_fake: FaultUpstream,
-                                                              client: httpx.AsyncClient,
-                                                              tmp_path: Path,
-                                                              fault: Fault) -> None:
+@pytest.mark.parametrize(
+    "fault", [Fault.STATUS_500, Fault.RESET_BEFORE_HEADERS, Fault.STALL_BEFORE_HEADERS]
+)
+async def test_a_failing_encoder_means_the_image_is_forwarded(
+    patched_fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, fault: Fault
+) -> None:
     patched_fake.set_fault("/vision/embedding", fault)
     async with proxy_in_front(patched_fake.url, tmp_path) as url:
         r = await client.post(f"{url}{CHAT}", json=chat(image=png(2)))

@@ -31,8 +31,12 @@ from vision_cache.synthetic.models import ModelFiles
 pytestmark = pytest.mark.server
 
 PROMPT = "Describe the image."
-SHAPES, STRIPES, NOISE, CHECKERS = ("shapes_640x480", "stripes_300x900", "noise_512x512",
-                                    "checkers_1024x256")
+SHAPES, STRIPES, NOISE, CHECKERS = (
+    "shapes_640x480",
+    "stripes_300x900",
+    "noise_512x512",
+    "checkers_1024x256",
+)
 
 
 def url(name: str) -> str:
@@ -40,11 +44,15 @@ def url(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server_b(patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+def server_b(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
     log = tmp_path_factory.mktemp("logs") / "patched-gemma3-b.log"
-    with LlamaServer(patched_bin, server_args(tiny_model("gemma3"), "--image-embedding"),
-                     log) as server:
+    with LlamaServer(
+        patched_bin, server_args(tiny_model("gemma3"), "--image-embedding"), log
+    ) as server:
         yield server
 
 
@@ -59,9 +67,19 @@ class Fleet:
 
     def start(self, redis_url: str) -> None:
         for side, server in self.servers.items():
-            p = ProxyProcess(["--upstream", server.base_url, "--store", str(self.store(side)),
-                              "--shared-store", redis_url, "--shared-prefix", self.prefix],
-                             self.tmp / f"proxy-{side}.log")
+            p = ProxyProcess(
+                [
+                    "--upstream",
+                    server.base_url,
+                    "--store",
+                    str(self.store(side)),
+                    "--shared-store",
+                    redis_url,
+                    "--shared-prefix",
+                    self.prefix,
+                ],
+                self.tmp / f"proxy-{side}.log",
+            )
             p.start()
             self.proxies[side] = p
 
@@ -93,8 +111,11 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(patched_gemma: LlamaServer, server_b: LlamaServer, tmp_path: Path,
-          ) -> Iterator[Fleet]:
+def fleet(
+    patched_gemma: LlamaServer,
+    server_b: LlamaServer,
+    tmp_path: Path,
+) -> Iterator[Fleet]:
     f = Fleet(patched_gemma, server_b, tmp_path)
     yield f
     f.stop()
@@ -104,8 +125,9 @@ def cache(reply: Reply) -> dict[str, float]:
     return {k: float(v) for k, v in (i.split("=") for i in reply.headers["x-vcache"].split())}
 
 
-def test_warmed_on_a_hits_on_b_without_encoding_there(fleet: Fleet, redis_server: RedisServer,
-                                                       tmp_path: Path) -> None:
+def test_warmed_on_a_hits_on_b_without_encoding_there(
+    fleet: Fleet, redis_server: RedisServer, tmp_path: Path
+) -> None:
     fleet.start(redis_server.url)
     png = tmp_path / "cat.png"
     png.write_bytes(sample_image(SHAPES).encode("PNG"))
@@ -129,8 +151,9 @@ def test_warmed_on_a_hits_on_b_without_encoding_there(fleet: Fleet, redis_server
     assert len(pinned) == 1 and named == list(pinned)
 
 
-def test_two_proxies_missing_one_image_encode_it_once(fleet: Fleet,
-                                                     redis_server: RedisServer) -> None:
+def test_two_proxies_missing_one_image_encode_it_once(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
     fleet.start(redis_server.url)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         a, b = pool.map(lambda side: fleet.chat(side, url(STRIPES)), ("a", "b"))
@@ -141,8 +164,9 @@ def test_two_proxies_missing_one_image_encode_it_once(fleet: Fleet,
     assert a.tokens == b.tokens == fleet.direct("a", url(STRIPES)).tokens
 
 
-def test_corrupt_package_in_redis_is_a_miss_and_replaced(fleet: Fleet,
-                                                         redis_server: RedisServer) -> None:
+def test_corrupt_package_in_redis_is_a_miss_and_replaced(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
     fleet.start(redis_server.url)
     fleet.chat("a", url(CHECKERS))
     with redis_server.client() as raw:
@@ -162,16 +186,19 @@ def test_corrupt_package_in_redis_is_a_miss_and_replaced(fleet: Fleet,
     decode_value(replaced)  # B's encode, published in its place: checksums intact
 
 
-def test_redis_dies_and_comes_back_without_restarting_proxies(fleet: Fleet,
-                                                              tmp_path: Path) -> None:
+def test_redis_dies_and_comes_back_without_restarting_proxies(fleet: Fleet, tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
         fleet.start(server.url)
         fleet.chat("a", url(SHAPES))
         assert cache(fleet.chat("b", url(SHAPES)))["hits"] == 1
 
         server.kill()
-        for side, image, misses in (("a", STRIPES, 1), ("b", SHAPES, 0), ("b", NOISE, 1),
-                                    ("a", STRIPES, 0)):
+        for side, image, misses in (
+            ("a", STRIPES, 1),
+            ("b", SHAPES, 0),
+            ("b", NOISE, 1),
+            ("a", STRIPES, 0),
+        ):
             reply = fleet.chat(side, image=url(image))
             assert cache(reply)["misses"] == misses, (side, image)
         assert fleet.metric("a", "vcache_shared_breaker_open") == 1
@@ -179,8 +206,11 @@ def test_redis_dies_and_comes_back_without_restarting_proxies(fleet: Fleet,
         encodes_b = fleet.encodes("b")
 
         server.start()  # same port, empty: --save "" kept nothing
-        _until(lambda: all(fleet.metric(side, "vcache_shared_breaker_open") == 0
-                           for side in ("a", "b")))
+        _until(
+            lambda: all(
+                fleet.metric(side, "vcache_shared_breaker_open") == 0 for side in ("a", "b")
+            )
+        )
         assert cache(fleet.chat("a", url(CHECKERS)))["misses"] == 1
         reply = fleet.chat("b", url(CHECKERS))
         assert (cache(reply)["hits"], reply.timings["media_encoded_n"]) == (1, 0)

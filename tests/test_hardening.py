@@ -146,9 +146,15 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
         return tuple(ip_address(a) for a in answers[host])
 
     monkeypatch.setattr(media, "resolve_name", resolve)
-    answers.update({"metadata.test": ["169.254.169.254"], "intranet.test": ["10.1.2.3"],
-                    "loopback.test": ["127.0.0.1"], "v6.test": ["::1"],
-                    "mixed.test": ["93.184.216.34", "127.0.0.1"]})
+    answers.update(
+        {
+            "metadata.test": ["169.254.169.254"],
+            "intranet.test": ["10.1.2.3"],
+            "loopback.test": ["127.0.0.1"],
+            "v6.test": ["::1"],
+            "mixed.test": ["93.184.216.34", "127.0.0.1"],
+        }
+    )
     return answers
 
 
@@ -195,13 +201,18 @@ REFUSED_URLS = [
 
 
 def anthropic_url(url: str) -> tuple[str, dict[str, Any]]:
-    return "/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "url", "url": url}}]}]}
+    return "/v1/messages", {
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": url}}]}
+        ],
+    }
 
 
 def responses_url(url: str) -> tuple[str, dict[str, Any]]:
-    return "/v1/responses", {"input": [{"role": "user", "content": [
-        {"type": "input_image", "image_url": url}]}]}
+    return "/v1/responses", {
+        "input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}]
+    }
 
 
 def chat_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -215,12 +226,15 @@ def prompt_url(url: str) -> tuple[str, dict[str, Any]]:
 @pytest.mark.parametrize("packages", [False, True], ids=["stock", "patched"])
 @pytest.mark.usefixtures("fake_dns")
 async def test_ssrf_every_form_is_refused_and_never_forwarded(
-        canary: Canary, client: httpx.AsyncClient, tmp_path: Path, packages: bool) -> None:
+    canary: Canary, client: httpx.AsyncClient, tmp_path: Path, packages: bool
+) -> None:
     """Regression: in front of a stock server (or when /props failed) image URLs went to
     upstream unchecked, and llama-server fetches them itself (a real stock server connected to
     the canary). Now no client URL reaches upstream, whatever upstream can do."""
-    async with FaultUpstream(packages=packages) as fake, \
-            proxy_in_front(fake.url, tmp_path) as (url, _):
+    async with (
+        FaultUpstream(packages=packages) as fake,
+        proxy_in_front(fake.url, tmp_path) as (url, _),
+    ):
         for template in REFUSED_URLS:
             ref = template.format(port=canary.port)
             for shape in (chat_url, anthropic_url, responses_url, prompt_url):
@@ -234,28 +248,33 @@ async def test_ssrf_every_form_is_refused_and_never_forwarded(
 
 
 async def test_a_redirect_to_an_internal_address_is_refused(
-        canary: Canary, client: httpx.AsyncClient, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    canary: Canary, client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 'public' site (127.0.0.1 is declared public for this test only) redirecting to a
     loopback address it is not: refused before any connection to the target."""
     if len(canary.servers) < 3:
         pytest.skip("127.0.0.2 is not a loopback address here")
     real = ssrf.why_not_public
-    monkeypatch.setattr(ssrf, "why_not_public",
-                        lambda ip: None if ip == IPv4Address("127.0.0.1") else real(ip))
+    monkeypatch.setattr(
+        ssrf, "why_not_public", lambda ip: None if ip == IPv4Address("127.0.0.1") else real(ip)
+    )
 
     async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:{canary.port}/x.png\r\n"
-                     "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:{canary.port}/x.png\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
         await writer.drain()
         writer.close()
 
     site = await asyncio.start_server(redirect, "127.0.0.1", 0)
     site_url = f"http://127.0.0.1:{site.sockets[0].getsockname()[1]}/img.png"
     try:
-        async with FaultUpstream(packages=True) as fake, \
-                proxy_in_front(fake.url, tmp_path) as (url, _):
+        async with (
+            FaultUpstream(packages=True) as fake,
+            proxy_in_front(fake.url, tmp_path) as (url, _),
+        ):
             r = await client.post(f"{url}{CHAT}", json=chat(image=site_url))
     finally:
         site.close()
@@ -266,15 +285,20 @@ async def test_a_redirect_to_an_internal_address_is_refused(
 
 
 async def test_a_fetched_image_reaches_a_stock_upstream_as_bytes(
-        client: httpx.AsyncClient, stock: FaultUpstream, tmp_path: Path) -> None:
+    client: httpx.AsyncClient, stock: FaultUpstream, tmp_path: Path
+) -> None:
     """With private URLs allowed, the proxy fetches the image and inlines it: the stock
     upstream still never sees a URL."""
     image = png_bytes(7)
 
     async def serve_png(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: "
-                     + str(len(image)).encode() + b"\r\nConnection: close\r\n\r\n" + image)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: "
+            + str(len(image)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + image
+        )
         await writer.drain()
         writer.close()
 
@@ -300,11 +324,17 @@ ADMIN_GETS = ("/vcache/health", "/vcache/metrics", "/vcache/stats", "/vcache/nam
 
 
 async def test_with_a_key_every_vcache_endpoint_answers_401_without_it(
-        stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     async with proxy_in_front(stock.url, tmp_path, api_key=KEY) as (url, _):
         for path in ADMIN_GETS:
-            for headers in ({}, {"X-Vcache-Key": "wrong"}, {"X-Vcache-Key": KEY[:-1]},
-                            {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY}):
+            for headers in (
+                {},
+                {"X-Vcache-Key": "wrong"},
+                {"X-Vcache-Key": KEY[:-1]},
+                {"Authorization": f"Bearer {KEY}x"},
+                {"Authorization": KEY},
+            ):
                 assert_error_shape(await client.get(f"{url}{path}", headers=headers), 401)
             assert (await client.get(f"{url}{path}", headers={"X-Vcache-Key": KEY})).is_success
             bearer = {"Authorization": f"Bearer {KEY}"}
@@ -325,12 +355,24 @@ async def raw_get(url: str, target: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-@pytest.mark.parametrize("target", [
-    "/%76cache/stats", "/vcache%2Fstats", "/vcache//stats", "/vcache/./stats",
-    "/x/../vcache/stats", "/vcache/stats/", "/VCACHE/stats", "/vcache/stats?x=/",
-    "//vcache/stats", "/vcache/%2e/stats"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%76cache/stats",
+        "/vcache%2Fstats",
+        "/vcache//stats",
+        "/vcache/./stats",
+        "/x/../vcache/stats",
+        "/vcache/stats/",
+        "/VCACHE/stats",
+        "/vcache/stats?x=/",
+        "//vcache/stats",
+        "/vcache/%2e/stats",
+    ],
+)
 async def test_no_spelling_of_a_path_reaches_an_admin_endpoint_without_the_key(
-        stock: FaultUpstream, tmp_path: Path, target: str) -> None:
+    stock: FaultUpstream, tmp_path: Path, target: str
+) -> None:
     async with proxy_in_front(stock.url, tmp_path, api_key=KEY) as (url, _):
         status, body = await raw_get(url, target)
     # refused, or not an admin path at all (forwarded to upstream), never the store's stats
@@ -355,7 +397,8 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 async def test_defaults_bind_to_loopback_and_keep_the_key_from_upstream(
-        stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     assert ServeSettings.model_fields["host"].default == "127.0.0.1"
     config = ServeSettings(upstream=stock.url, store=tmp_path / "s", port=0)
     assert config.host == "127.0.0.1" and config.api_key is None
@@ -370,13 +413,15 @@ async def test_defaults_bind_to_loopback_and_keep_the_key_from_upstream(
 
 async def chunked(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), 65536):
-        yield data[i:i + 65536]
+        yield data[i : i + 65536]
 
 
-@pytest.mark.parametrize("path", ["/tokenize", CHAT, "/v1/messages", "/completion",
-                                  "/vcache/warm", "/vcache/lookup"])
+@pytest.mark.parametrize(
+    "path", ["/tokenize", CHAT, "/v1/messages", "/completion", "/vcache/warm", "/vcache/lookup"]
+)
 async def test_bodies_over_the_limit_get_413_with_a_length_or_chunked(
-        stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, path: str) -> None:
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path, path: str
+) -> None:
     """Regression (/vcache/warm, /vcache/lookup): the proxy's own endpoints read any body
     whole, with no limit at all."""
     big = b'{"content": "' + b"x" * (2 << 20) + b'"}'
@@ -425,14 +470,25 @@ async def test_the_body_budget_serves_in_order_and_gives_up_with_503() -> None:
 # --- keys and paths: nothing a client sends becomes a path -------------------------------
 
 
-BAD_REFERENCES = ["vcache://../../etc/passwd", "vcache:///etc/passwd", "vcache://a\x00b",
-                  "vcache://sha256:" + "0" * 63, "vcache://sha256:" + "G" * 64,
-                  "vcache://" + "a" * 300, "vcache://name/../x", "vcache://", "vcache://.",
-                  "vcache://..", "vcache://a b", "vcache://%2e%2e%2f"]
+BAD_REFERENCES = [
+    "vcache://../../etc/passwd",
+    "vcache:///etc/passwd",
+    "vcache://a\x00b",
+    "vcache://sha256:" + "0" * 63,
+    "vcache://sha256:" + "G" * 64,
+    "vcache://" + "a" * 300,
+    "vcache://name/../x",
+    "vcache://",
+    "vcache://.",
+    "vcache://..",
+    "vcache://a b",
+    "vcache://%2e%2e%2f",
+]
 
 
 async def test_bad_references_and_names_are_refused_and_touch_no_path(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     async with proxy_in_front(patched.url, tmp_path) as (url, _):
         for ref in BAD_REFERENCES:
             assert_error_shape(await client.post(f"{url}{CHAT}", json=chat(image=ref)), 400)
@@ -447,7 +503,8 @@ async def test_bad_references_and_names_are_refused_and_touch_no_path(
 
 
 async def test_file_urls_stay_below_the_media_root(
-        stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     root, outside = tmp_path / "media", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -455,8 +512,12 @@ async def test_file_urls_stay_below_the_media_root(
     (root / "ok.png").write_bytes(png_bytes(4))
     (root / "linked").symlink_to(outside, target_is_directory=True)
     async with proxy_in_front(stock.url, tmp_path, media_path=root) as (url, _):
-        for ref in ("file://linked/secret.png", f"file://{outside}/secret.png",
-                    "file://../outside/secret.png", "file://ok.png\x00.txt"):
+        for ref in (
+            "file://linked/secret.png",
+            f"file://{outside}/secret.png",
+            "file://../outside/secret.png",
+            "file://ok.png\x00.txt",
+        ):
             assert_error_shape(await client.post(f"{url}{CHAT}", json=chat(image=ref)), 400)
         assert (await client.post(f"{url}{CHAT}", json=chat(image="file://ok.png"))).is_success
     assert all(b"file://" not in s.body for s in stock.seen)
@@ -468,6 +529,7 @@ async def test_file_urls_stay_below_the_media_root(
 def _raise(code: int) -> Callable[..., Any]:
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise OSError(code, os.strerror(code))
+
     return fail
 
 
@@ -486,8 +548,12 @@ IO_FAULTS: dict[str, tuple[object, str, Callable[..., Any]]] = {
 
 @pytest.mark.parametrize("fault", list(IO_FAULTS))
 async def test_a_failing_disk_leaves_requests_working_uncached(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    patched: FaultUpstream,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+) -> None:
     target, name, failure = IO_FAULTS[fault]
     async with proxy_in_front(patched.url, tmp_path) as (url, _):
         monkeypatch.setattr(target, name, failure)
@@ -522,8 +588,12 @@ def _flip_payload(root: Path) -> None:
 
 @pytest.mark.parametrize("quarantine_fails", [False, True], ids=["quarantined", "rename-EIO"])
 async def test_a_flipped_payload_byte_is_a_miss_and_never_served(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, quarantine_fails: bool) -> None:
+    patched: FaultUpstream,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    quarantine_fails: bool,
+) -> None:
     """At rest: the proxy stopped, one bit of the payload flipped, the proxy started again.
     With the quarantine's rename failing too (EIO), it is still a miss, never a 500."""
     async with proxy_in_front(patched.url, tmp_path) as (url, _):
@@ -543,7 +613,8 @@ async def test_a_flipped_payload_byte_is_a_miss_and_never_served(
 
 
 async def test_a_payload_damaged_while_the_proxy_runs_is_never_served(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """The proxy has already checked this entry once (it wrote it, then served it): a bit
     flipped in the file under it afterwards must still not reach upstream as embeddings."""
     async with proxy_in_front(patched.url, tmp_path, hot_mb=0) as (url, _):
@@ -556,7 +627,8 @@ async def test_a_payload_damaged_while_the_proxy_runs_is_never_served(
 
 
 async def test_a_damaged_index_is_replaced_and_requests_go_on(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     async with proxy_in_front(patched.url, tmp_path) as (url, _):
         for seed in range(5):
             assert (await client.post(f"{url}{CHAT}", json=chat(image=png(40 + seed)))).is_success
@@ -577,16 +649,20 @@ async def test_a_damaged_index_is_replaced_and_requests_go_on(
 
 # --- parser differentials: what the proxy cannot read must not reach upstream ------------
 
+
 def differential_bodies(url: str) -> dict[str, bytes]:
     """A chat body carrying `url`, spelled so that orjson (which the proxy once used) could
     not read it and llama-server's nlohmann::json can."""
     raw = orjson.dumps(chat(image=url))
-    return {"utf-8 BOM": b"\xef\xbb\xbf" + raw,
-            "deep nesting": raw[:-1] + b', "junk": ' + b"[" * 1100 + b"]" * 1100 + b"}"}
+    return {
+        "utf-8 BOM": b"\xef\xbb\xbf" + raw,
+        "deep nesting": raw[:-1] + b', "junk": ' + b"[" * 1100 + b"]" * 1100 + b"}",
+    }
 
 
 async def test_bodies_the_proxy_cannot_read_are_refused_not_forwarded(
-        canary: Canary, client: httpx.AsyncClient, stock: FaultUpstream, tmp_path: Path) -> None:
+    canary: Canary, client: httpx.AsyncClient, stock: FaultUpstream, tmp_path: Path
+) -> None:
     """Regression: an unparseable body was forwarded unread ("upstream answers malformed JSON
     its own way"), and llama-server read these two and fetched the URL in them."""
     url_ = f"http://127.0.0.1:{canary.port}/x.png"
@@ -602,8 +678,9 @@ async def test_bodies_the_proxy_cannot_read_are_refused_not_forwarded(
 
 
 @pytest.mark.server
-def test_a_real_stock_server_never_sees_a_client_url(stock_server: LlamaServer,
-                                                     tmp_path: Path) -> None:
+def test_a_real_stock_server_never_sees_a_client_url(
+    stock_server: LlamaServer, tmp_path: Path
+) -> None:
     """The same, against llama-server itself, which does fetch what reaches it (the canary
     counts its connections when it is sent these bodies directly)."""
 
@@ -613,8 +690,10 @@ def test_a_real_stock_server_never_sees_a_client_url(stock_server: LlamaServer,
         target = f"http://127.0.0.1:{canary.port}/x.png"
         bodies = [orjson.dumps(chat(image=target)), *differential_bodies(target).values()]
         try:
-            async with proxy_in_front(stock_server.base_url, tmp_path) as (url, _), \
-                    httpx.AsyncClient(timeout=60) as client:
+            async with (
+                proxy_in_front(stock_server.base_url, tmp_path) as (url, _),
+                httpx.AsyncClient(timeout=60) as client,
+            ):
                 for raw in bodies:
                     assert_error_shape(await client.post(f"{url}{CHAT}", content=raw), 400)
                 through_proxy = canary.connections
@@ -641,8 +720,9 @@ def test_the_proxy_raises_its_open_file_limit(tmp_path: Path) -> None:
         upstream = f"http://127.0.0.1:{unused.getsockname()[1]}"
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the proxy
         try:
-            proxy = ProxyProcess(["--upstream", upstream, "--store", str(tmp_path / "s")],
-                                 tmp_path / "proxy.log")
+            proxy = ProxyProcess(
+                ["--upstream", upstream, "--store", str(tmp_path / "s")], tmp_path / "proxy.log"
+            )
             proxy.start()
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -656,7 +736,8 @@ def test_the_proxy_raises_its_open_file_limit(tmp_path: Path) -> None:
 
 
 async def test_numbers_orjson_cannot_write_survive_a_rewrite(
-        patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    patched: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """Regression (found by fuzz/fuzz_requests.py): a body with an integer past 64 bits and an
     image was parsed, rewritten, and then failed to serialise (orjson): a 500. NaN would have
     become null. Upstream must get both as the client wrote them."""
@@ -671,7 +752,8 @@ async def test_numbers_orjson_cannot_write_survive_a_rewrite(
 
 
 async def test_a_large_body_is_forwarded_whole_with_its_length(
-        stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     """Large bodies go out in slices (proxy.upstream.relay.build_request), still framed by their
     Content-Length, byte for byte as sent."""
     raw = json.dumps(chat(image=png(61), tag="x" * 300_000)).encode()

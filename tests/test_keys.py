@@ -30,18 +30,26 @@ BASE: dict[str, Any] = {
     "mmproj": "mmproj-gemma-3-4b-f16.gguf:9f2c",
     "build": "b6000-vcache1",
     "format_version": 1,
-    "encoder": {"image_min_tokens": 256, "image_max_tokens": 1024, "flash_attn": True,
-                "device": "cuda0"},
+    "encoder": {
+        "image_min_tokens": 256,
+        "image_max_tokens": 1024,
+        "flash_attn": True,
+        "device": "cuda0",
+    },
 }
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53), 2**53),
+    st.text(max_size=20),
     st.floats(allow_nan=False, allow_infinity=False),
 )
 components = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
@@ -101,8 +109,14 @@ def test_any_single_component_change_changes_the_key(
 ) -> None:
     base = Namespace.from_components(mapping)
     name = data.draw(st.sampled_from(sorted(mapping)))
-    new_value = data.draw(components.filter(lambda v: Namespace.from_components(
-        {"x": v}).text != Namespace.from_components({"x": mapping[name]}).text))
+    new_value = data.draw(
+        components.filter(
+            lambda v: (
+                Namespace.from_components({"x": v}).text
+                != Namespace.from_components({"x": mapping[name]}).text
+            )
+        )
+    )
     changed = Namespace.from_components(mapping | {name: new_value})
     assert changed.id != base.id
 
@@ -131,9 +145,18 @@ def test_parse_accepts_only_well_formed_keys(text: str) -> None:
     assert key.text == text
 
 
-@pytest.mark.parametrize("digest", [
-    "A" * 64, "a" * 63, "a" * 65, "g" * 64, "../" + "a" * 61, "a" * 64 + "\n", "",
-])
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "A" * 64,
+        "a" * 63,
+        "a" * 65,
+        "g" * 64,
+        "../" + "a" * 61,
+        "a" * 64 + "\n",
+        "",
+    ],
+)
 def test_malformed_digests_are_refused(digest: str) -> None:
     with pytest.raises(InvalidDigestError):
         CacheKey("a" * 64, digest)
@@ -150,8 +173,9 @@ def test_non_canonical_namespace_text_is_refused() -> None:
         Namespace.parse("not json")
 
 
-@pytest.mark.parametrize("bad", [{}, {"a": float("nan")}, {"a": b"bytes"}, {"a": {1: 2}},
-                                 {"a": object()}])
+@pytest.mark.parametrize(
+    "bad", [{}, {"a": float("nan")}, {"a": b"bytes"}, {"a": {1: 2}}, {"a": object()}]
+)
 def test_unusable_components_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidNamespaceError):
         Namespace.from_components(bad)
@@ -169,8 +193,9 @@ def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "-x", "a/b", "..", "a\\b", "x" * 129, "a b",
-                                  "é", "a\x00"])
+@pytest.mark.parametrize(
+    "name", ["", ".hidden", "-x", "a/b", "..", "a\\b", "x" * 129, "a b", "é", "a\x00"]
+)
 def test_invalid_names(name: str) -> None:
     with pytest.raises(InvalidNameError):
         validate_name(name)
@@ -193,12 +218,14 @@ def test_segment_names_come_from_integers_only(segment_id: int) -> None:
         segment_name(str(segment_id))  # type: ignore[arg-type]
 
 
-hostile = st.lists(st.sampled_from(["/", "..", "\\", "\x00", "~", "a", "é", " ", "%", "seg-1"]),
-                  max_size=12).map("".join)
+hostile = st.lists(
+    st.sampled_from(["/", "..", "\\", "\x00", "~", "a", "é", " ", "%", "seg-1"]), max_size=12
+).map("".join)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(model=hostile, name=hostile, image=st.binary(min_size=1, max_size=64))
 def test_no_client_string_reaches_a_path(
     tmp_path: Path, model: str, name: str, image: bytes
@@ -206,8 +233,9 @@ def test_no_client_string_reaches_a_path(
     """Hostile model names, reference names and images only ever land in the
     index: every file in the store matches the fixed layout."""
     root = tmp_path / "store"
-    namespace = Namespace.for_encoder(model=model, mmproj=name, build="b", format_version=1,
-                                      encoder={name: model})
+    namespace = Namespace.for_encoder(
+        model=model, mmproj=name, build="b", format_version=1, encoder={name: model}
+    )
     key = namespace.key_for_image(image)
     with Store.open(root, hot_bytes=0) as store:
         store.register_namespace(namespace)
@@ -217,6 +245,7 @@ def test_no_client_string_reaches_a_path(
         entry = store.get(key)
         assert entry is not None
         assert "/" not in entry.ref.segment and entry.ref.segment == segment_name(
-            parse_segment_name(entry.ref.segment) or 1)
+            parse_segment_name(entry.ref.segment) or 1
+        )
     for relative in store_files(root):
         assert ALLOWED_FILES.fullmatch(relative), relative

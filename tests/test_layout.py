@@ -62,7 +62,8 @@ def _nodes(tree: ast.Module, *, in_functions: bool) -> Iterator[ast.AST]:
         node = stack.pop()
         yield node
         if in_functions or not isinstance(
-                node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
+        ):
             stack.extend(ast.iter_child_nodes(node))
 
 
@@ -98,8 +99,12 @@ def uses(module: str, *, in_functions: bool = False) -> Iterator[Use]:
 def _attribute_uses(module: str, tree: ast.Module, aliases: dict[str, str]) -> Iterator[Use]:
     """`media._Private`: a private name reached through an imported module, anywhere."""
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases and node.attr.startswith("_")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+        ):
             yield Use(module, aliases[node.value.id], node.attr, node.lineno)
 
 
@@ -177,14 +182,24 @@ def test_no_private_name_is_used_from_outside_its_package() -> None:
 
 def test_vision_cache_never_imports_the_proxy() -> None:
     """The cache and its clients stand alone: the proxy depends on them, never the reverse."""
-    reverse = [f"{m} -> {t}" for m, targets in import_graph().items()
-               if m.startswith("vision_cache") for t in targets if t.split(".")[0] == "proxy"]
+    reverse = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        if m.startswith("vision_cache")
+        for t in targets
+        if t.split(".")[0] == "proxy"
+    ]
     assert reverse == []
 
 
-@pytest.mark.parametrize("package", sorted(
-    m for m in MODULES if MODULES[m].name == "__init__.py" and m.split(".")[0] in
-    ("proxy", "vision_cache")))
+@pytest.mark.parametrize(
+    "package",
+    sorted(
+        m
+        for m in MODULES
+        if MODULES[m].name == "__init__.py" and m.split(".")[0] in ("proxy", "vision_cache")
+    ),
+)
 def test_every_subpackage_says_what_it_holds(package: str) -> None:
     docstring = ast.get_docstring(ast.parse(MODULES[package].read_text()))
     assert docstring and len(docstring) > 80, f"{package}/__init__.py needs a docstring"
@@ -195,7 +210,11 @@ def test_nothing_edits_sys_path() -> None:
     edits = []
     for path in [*MODULES.values(), *sorted((ROOT / "fuzz").rglob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and node.attr == "path"
-                    and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            ):
                 edits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert edits == []

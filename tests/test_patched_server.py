@@ -101,9 +101,13 @@ def test_native_completion_takes_a_package(patched_server: LlamaServer) -> None:
     pkg = encode(base, "data:image/png;base64," + base64.b64encode(png).decode())["image_embedding"]
 
     def complete(item: Any) -> list[int]:
-        body = {"prompt": {"prompt_string": f"Image: {marker}\nIt shows",
-                           "multimodal_data": [item]},
-                "temperature": 0, "n_predict": 16, "cache_prompt": False, "return_tokens": True}
+        body = {
+            "prompt": {"prompt_string": f"Image: {marker}\nIt shows", "multimodal_data": [item]},
+            "temperature": 0,
+            "n_predict": 16,
+            "cache_prompt": False,
+            "return_tokens": True,
+        }
         r = httpx.post(f"{base}/completion", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return list(r.json()["tokens"])
@@ -119,16 +123,27 @@ def test_anthropic_messages_take_a_package(patched_server: LlamaServer) -> None:
     pkg = encode(base, "data:image/png;base64," + base64.b64encode(png).decode())["image_embedding"]
 
     def message(source: dict[str, Any]) -> str:
-        body = {"model": "m", "max_tokens": 16, "temperature": 0,
-                "messages": [{"role": "user", "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {"type": "image", "source": source}]}]}
+        body = {
+            "model": "m",
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image", "source": source},
+                    ],
+                }
+            ],
+        }
         r = httpx.post(f"{base}/v1/messages", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return str(r.json()["content"][0]["text"])
 
-    raw = message({"type": "base64", "media_type": "image/png",
-                   "data": base64.b64encode(png).decode()})
+    raw = message(
+        {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png).decode()}
+    )
     assert message({"type": "image_embedding", "image_embedding": pkg}) == raw
 
 
@@ -149,7 +164,9 @@ def _bad_packages(pkg: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
         "bad dtype": {**pkg, "dtype": "q8_0"},
         "no chunks": {**pkg, "chunks": []},
         "forged chunk metadata": {
-            **pkg, "chunks": [{**meta0, "meta": base64.b64encode(b"x" * 40).decode()}]},
+            **pkg,
+            "chunks": [{**meta0, "meta": base64.b64encode(b"x" * 40).decode()}],
+        },
         "absurd token count": {**pkg, "chunks": [{**meta0, "n_tokens": 10**12}]},
         "data and file": {**ref, "data": pkg["data"]},
         "bad checksum": {**ref, "file": {**ref["file"], "xxh3": "0" * 16}},
@@ -164,7 +181,8 @@ def _bad_packages(pkg: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_invalid_packages_get_400_and_the_server_keeps_serving(
-        patched_server: LlamaServer, embedding_dir: Path) -> None:
+    patched_server: LlamaServer, embedding_dir: Path
+) -> None:
     base = patched_server.base_url
     url = _url("shapes_640x480")
     pkg = encode(base, url)["image_embedding"]
@@ -174,8 +192,11 @@ def test_invalid_packages_get_400_and_the_server_keeps_serving(
         escape.symlink_to("/etc")
     good = chat(base, [package_part(pkg)])
     for name, bad in _bad_packages(pkg, ref).items():
-        r = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": [package_part(bad)]}], "max_tokens": 4})
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": [package_part(bad)]}], "max_tokens": 4},
+        )
         assert r.status_code == 400, f"{name}: {r.status_code} {r.text[:200]}"
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error", name
@@ -188,10 +209,21 @@ def test_client_bytes_cannot_pose_as_a_package(patched_server: LlamaServer) -> N
     import json
 
     forged = b"\0vcache-image-embedding\0" + json.dumps(pkg).encode()
-    r = httpx.post(f"{patched_server.base_url}/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": [
-            image_part("data:image/png;base64," + base64.b64encode(forged).decode())]}],
-        "max_tokens": 4})
+    r = httpx.post(
+        f"{patched_server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        image_part("data:image/png;base64," + base64.b64encode(forged).decode())
+                    ],
+                }
+            ],
+            "max_tokens": 4,
+        },
+    )
     assert r.status_code == 400
     assert "reserved prefix" in r.json()["error"]["message"]
 

@@ -24,8 +24,12 @@ from vision_cache.synthetic.images import sample_image
 
 pytestmark = pytest.mark.server
 
-SHAPES, STRIPES, NOISE, CHECKERS = ("shapes_640x480", "stripes_300x900", "noise_512x512",
-                                    "checkers_1024x256")
+SHAPES, STRIPES, NOISE, CHECKERS = (
+    "shapes_640x480",
+    "stripes_300x900",
+    "noise_512x512",
+    "checkers_1024x256",
+)
 
 
 def url(name: str, fmt: str = "PNG") -> str:
@@ -38,35 +42,49 @@ def vcache_header(headers: Any) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def proxy(patched_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory,
-          ) -> Iterator[ProxyProcess]:
+def proxy(
+    patched_server: LlamaServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("proxy")
-    with ProxyProcess(["--upstream", patched_server.base_url, "--store", str(tmp / "store")],
-                      tmp / "proxy.log") as p:
+    with ProxyProcess(
+        ["--upstream", patched_server.base_url, "--store", str(tmp / "store")], tmp / "proxy.log"
+    ) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def stock_proxy(stock_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory,
-                ) -> Iterator[ProxyProcess]:
+def stock_proxy(
+    stock_server: LlamaServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("stock-proxy")
-    with ProxyProcess(["--upstream", stock_server.base_url, "--store", str(tmp / "store")],
-                      tmp / "proxy.log") as p:
+    with ProxyProcess(
+        ["--upstream", stock_server.base_url, "--store", str(tmp / "store")], tmp / "proxy.log"
+    ) as p:
         yield p
 
 
 def sdk(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                         timeout=300)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def sdk_chat(client: openai.OpenAI, images: list[str], text: str,
-             ) -> tuple[list[str], list[float], dict[str, float] | None]:
+def sdk_chat(
+    client: openai.OpenAI,
+    images: list[str],
+    text: str,
+) -> tuple[list[str], list[float], dict[str, float] | None]:
     content: list[Any] = [{"type": "text", "text": text}]
     content += [{"type": "image_url", "image_url": {"url": u}} for u in images]
     raw = client.chat.completions.with_raw_response.create(
-        model="test", messages=[{"role": "user", "content": content}], temperature=0,
-        max_tokens=20, logprobs=True, top_logprobs=3, extra_body={"cache_prompt": False})
+        model="test",
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_tokens=20,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"cache_prompt": False},
+    )
     completion = raw.parse()
     lp = completion.choices[0].logprobs
     assert lp is not None and lp.content is not None
@@ -74,8 +92,9 @@ def sdk_chat(client: openai.OpenAI, images: list[str], text: str,
     return [t.token for t in lp.content], [t.logprob for t in lp.content], header
 
 
-def test_miss_then_hit_is_token_identical_to_direct(proxy: ProxyProcess,
-                                                    patched_server: LlamaServer) -> None:
+def test_miss_then_hit_is_token_identical_to_direct(
+    proxy: ProxyProcess, patched_server: LlamaServer
+) -> None:
     client, direct = sdk(proxy.base_url), sdk(patched_server.base_url)
     for i, text in enumerate(("Describe it.", "What colours are there?")):
         tokens, lps, header = sdk_chat(client, [url(SHAPES)], text)
@@ -105,11 +124,21 @@ def test_several_images_in_one_request(proxy: ProxyProcess, patched_server: Llam
 def test_streaming_matches_direct(proxy: ProxyProcess, patched_server: LlamaServer) -> None:
     def stream(base: str, text: str) -> str:
         chunks = sdk(base).chat.completions.create(
-            model="test", stream=True, temperature=0, max_tokens=20,
-            messages=[{"role": "user", "content": [
-                {"type": "text", "text": text}, {"type": "image_url",
-                                                 "image_url": {"url": url(CHECKERS)}}]}],
-            extra_body={"cache_prompt": False})
+            model="test",
+            stream=True,
+            temperature=0,
+            max_tokens=20,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": text},
+                        {"type": "image_url", "image_url": {"url": url(CHECKERS)}},
+                    ],
+                }
+            ],
+            extra_body={"cache_prompt": False},
+        )
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     for text in ("Stream a description.", "Stream something else."):
@@ -118,13 +147,17 @@ def test_streaming_matches_direct(proxy: ProxyProcess, patched_server: LlamaServ
 
 
 def _streamed_chat(text: str) -> dict[str, Any]:
-    return {"stream": True, "temperature": 0, "max_tokens": 4, "messages": [
-        {"role": "user", "content": [{"type": "text", "text": text},
-                                     image_part(url(CHECKERS))]}]}
+    return {
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": text}, image_part(url(CHECKERS))]}
+        ],
+    }
 
 
-def test_llama_server_closes_the_connection_after_a_stream(
-        patched_server: LlamaServer) -> None:
+def test_llama_server_closes_the_connection_after_a_stream(patched_server: LlamaServer) -> None:
     """While announcing keep-alive: what test_faults.py's CLOSE_AFTER_STREAM fault mimics."""
     with httpx.Client(base_url=patched_server.base_url, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=_streamed_chat("Once.")) as r:
@@ -156,9 +189,12 @@ def test_native_completion_hits(proxy: ProxyProcess, patched_server: LlamaServer
     data = base64.b64encode(sample_image(STRIPES).encode("PNG")).decode()
 
     def complete(base: str, lead: str) -> httpx.Response:
-        body = {"prompt": {"prompt_string": f"{lead} {marker}\nIt shows",
-                           "multimodal_data": [data]},
-                "temperature": 0, "n_predict": 16, "cache_prompt": False}
+        body = {
+            "prompt": {"prompt_string": f"{lead} {marker}\nIt shows", "multimodal_data": [data]},
+            "temperature": 0,
+            "n_predict": 16,
+            "cache_prompt": False,
+        }
         return httpx.post(f"{base}/completion", json=body, timeout=120)
 
     for lead in ("Picture:", "Another picture:"):
@@ -172,11 +208,23 @@ def test_anthropic_messages_hit(proxy: ProxyProcess, patched_server: LlamaServer
     data = base64.b64encode(sample_image(NOISE).encode("PNG")).decode()
 
     def message(base: str, text: str) -> httpx.Response:
-        body = {"model": "m", "max_tokens": 16, "temperature": 0, "messages": [
-            {"role": "user", "content": [
-                {"type": "text", "text": text},
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                             "data": data}}]}]}
+        body = {
+            "model": "m",
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": text},
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": data},
+                        },
+                    ],
+                }
+            ],
+        }
         return httpx.post(f"{base}/v1/messages", json=body, timeout=120)
 
     for text in ("What is it?", "Describe the texture."):
@@ -186,8 +234,9 @@ def test_anthropic_messages_hit(proxy: ProxyProcess, patched_server: LlamaServer
     assert vcache_header(via.headers)["hits"] == 1
 
 
-def test_stock_upstream_falls_back_and_matches(stock_proxy: ProxyProcess,
-                                               stock_server: LlamaServer) -> None:
+def test_stock_upstream_falls_back_and_matches(
+    stock_proxy: ProxyProcess, stock_server: LlamaServer
+) -> None:
     for text in ("Describe it.", "Again, differently."):
         via = chat(stock_proxy.base_url, [image_part(url(SHAPES))], text)
         direct = chat(stock_server.base_url, [image_part(url(SHAPES))], text)
@@ -206,11 +255,17 @@ PASSTHROUGH: list[tuple[str, str, dict[str, Any] | None, Callable[[Any], Any]]] 
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "view"), PASSTHROUGH,
-                         ids=[p[1] for p in PASSTHROUGH])
-def test_passthrough_endpoints(proxy: ProxyProcess, patched_server: LlamaServer, method: str,
-                               path: str, body: dict[str, Any] | None,
-                               view: Callable[[Any], Any]) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "view"), PASSTHROUGH, ids=[p[1] for p in PASSTHROUGH]
+)
+def test_passthrough_endpoints(
+    proxy: ProxyProcess,
+    patched_server: LlamaServer,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    view: Callable[[Any], Any],
+) -> None:
     via = httpx.request(method, f"{proxy.base_url}{path}", json=body, timeout=30)
     direct = httpx.request(method, f"{patched_server.base_url}{path}", json=body, timeout=30)
     assert via.status_code == direct.status_code
@@ -228,16 +283,31 @@ def test_metrics_passthrough_and_own_metrics(proxy: ProxyProcess) -> None:
 
 
 def test_client_packages_are_refused(proxy: ProxyProcess) -> None:
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "image_embedding", "image_embedding": {"version": 1}}]}], "max_tokens": 4}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_embedding", "image_embedding": {"version": 1}}],
+            }
+        ],
+        "max_tokens": 4,
+    }
     r = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_body_limit_and_image_limit(patched_server: LlamaServer, tmp_path: Path) -> None:
-    args = ["--upstream", patched_server.base_url, "--store", str(tmp_path / "s"),
-            "--max-body-mb", "1", "--max-images", "2"]
+    args = [
+        "--upstream",
+        patched_server.base_url,
+        "--store",
+        str(tmp_path / "s"),
+        "--max-body-mb",
+        "1",
+        "--max-images",
+        "2",
+    ]
     with ProxyProcess(args, tmp_path / "p.log") as p:
         big = {"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}
         r = httpx.post(f"{p.base_url}/v1/chat/completions", json=big, timeout=30)
@@ -253,7 +323,10 @@ def test_body_limit_and_image_limit(patched_server: LlamaServer, tmp_path: Path)
         r = httpx.post(f"{p.base_url}/v1/chat/completions", content=chunks(), timeout=30)
         assert r.status_code == 413
         three = [image_part(url(SHAPES))] * 3
-        r = httpx.post(f"{p.base_url}/v1/chat/completions", timeout=30,
-                       json={"messages": [{"role": "user", "content": three}]})
+        r = httpx.post(
+            f"{p.base_url}/v1/chat/completions",
+            timeout=30,
+            json={"messages": [{"role": "user", "content": three}]},
+        )
         assert r.status_code == 400
         assert "limit is 2" in r.json()["error"]["message"]

@@ -24,21 +24,53 @@ DISCONNECT_CYCLES = int(os.environ.get("VCACHE_DISCONNECT_CYCLES", "200"))
 
 
 def long_stream_body(text: str = "Tell me a very long story.") -> dict[str, Any]:
-    return {"stream": True, "temperature": 0, "max_tokens": 4000, "cache_prompt": False,
-            "ignore_eos": True, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": text},
-                {"type": "image_url", "image_url": {"url": sample_image("shapes_640x480")
-                                                   .data_url()}}]}]}
+    return {
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 4000,
+        "cache_prompt": False,
+        "ignore_eos": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": sample_image("shapes_640x480").data_url()},
+                    },
+                ],
+            }
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
-def managed(patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def managed(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("managed")
     files = tiny_model("gemma3")
-    args = ["--store", str(tmp / "store"), "--llama-server", str(patched_bin), "--",
-            "-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2", "-c", "8192",
-            "-np", "1", "--no-warmup"]
+    args = [
+        "--store",
+        str(tmp / "store"),
+        "--llama-server",
+        str(patched_bin),
+        "--",
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        "2",
+        "-c",
+        "8192",
+        "-np",
+        "1",
+        "--no-warmup",
+    ]
     with ProxyProcess(args, tmp / "proxy.log") as proxy:
         yield proxy
 
@@ -55,8 +87,12 @@ def upstream_busy(proxy: ProxyProcess) -> bool:
 
 def stream_then_drop(proxy: ProxyProcess) -> None:
     """Open a long stream through the proxy, read a little, then drop the connection."""
-    with httpx.Client(timeout=60) as client, client.stream(
-            "POST", f"{proxy.base_url}/v1/chat/completions", json=long_stream_body()) as r:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", f"{proxy.base_url}/v1/chat/completions", json=long_stream_body()
+        ) as r,
+    ):
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -89,10 +125,12 @@ def test_disconnect_cycles_leave_no_leak(managed: ProxyProcess) -> None:
     after = health(managed)["process"]
     worst = max(cancels)
     cancels.sort()
-    print(f"disconnects: {DISCONNECT_CYCLES} cycles, upstream idle after "
-          f"p50 {cancels[len(cancels) // 2] * 1000:.0f} ms, "
-          f"p99 {cancels[int(len(cancels) * 0.99)] * 1000:.0f} ms, worst {worst * 1000:.0f} ms; "
-          f"before {before}, after {after}")
+    print(
+        f"disconnects: {DISCONNECT_CYCLES} cycles, upstream idle after "
+        f"p50 {cancels[len(cancels) // 2] * 1000:.0f} ms, "
+        f"p99 {cancels[int(len(cancels) * 0.99)] * 1000:.0f} ms, worst {worst * 1000:.0f} ms; "
+        f"before {before}, after {after}"
+    )
     assert worst < 1.0, f"slowest cancellation {worst:.2f} s"
     assert after["tasks"] <= before["tasks"] + 2, (before, after)
     assert after["open_fds"] <= before["open_fds"] + 4, (before, after)
@@ -100,16 +138,23 @@ def test_disconnect_cycles_leave_no_leak(managed: ProxyProcess) -> None:
 
 def test_managed_server_dies_and_comes_back(managed: ProxyProcess) -> None:
     pid = health(managed)["managed"]["pid"]
-    with httpx.Client(timeout=60) as client, client.stream(
-            "POST", f"{managed.base_url}/v1/chat/completions", json=long_stream_body()) as r:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", f"{managed.base_url}/v1/chat/completions", json=long_stream_body()
+        ) as r,
+    ):
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: {"))
         os.kill(pid, signal.SIGKILL)
         rest = list(lines)  # the stream must end, not hang
     assert any("error" in line for line in rest), rest[-3:]
 
-    during = httpx.post(f"{managed.base_url}/v1/chat/completions", timeout=60,
-                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    during = httpx.post(
+        f"{managed.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert during.status_code in (200, 502, 503, 504)
     if during.status_code != 200:
         assert during.json()["error"]["message"]
@@ -120,9 +165,17 @@ def test_managed_server_dies_and_comes_back(managed: ProxyProcess) -> None:
         time.sleep(0.2)
     assert h["managed"]["restarts"] >= 1
     url = sample_image("noise_512x512").data_url()
-    after = httpx.post(f"{managed.base_url}/v1/chat/completions", timeout=120, json={
-        "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}]}]})
+    after = httpx.post(
+        f"{managed.base_url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+            ],
+        },
+    )
     assert after.status_code == 200, after.text
     assert after.headers["x-vcache"].startswith(("hits=1", "hits=0 misses=1"))
 

@@ -19,12 +19,26 @@ pytestmark = pytest.mark.server
 
 
 def test_local_encoder_serves_misses_without_upstream_encoding(
-        patched_gemma: LlamaServer, patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
-        tmp_path: Path) -> None:
+    patched_gemma: LlamaServer,
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path: Path,
+) -> None:
     files = tiny_model("gemma3")
-    args = ["--upstream", patched_gemma.base_url, "--store", str(tmp_path / "s"),
-            "--encoder", "local", "--model", str(files.model), "--mmproj", str(files.mmproj),
-            "--llama-lib-dir", str(patched_bin.parent)]
+    args = [
+        "--upstream",
+        patched_gemma.base_url,
+        "--store",
+        str(tmp_path / "s"),
+        "--encoder",
+        "local",
+        "--model",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "--llama-lib-dir",
+        str(patched_bin.parent),
+    ]
     url = sample_image("checkers_1024x256").data_url()
     direct = chat(patched_gemma.base_url, [image_part(url)], "Local encoder, please.")
     with ProxyProcess(args, tmp_path / "p.log") as proxy:
@@ -36,34 +50,59 @@ def test_local_encoder_serves_misses_without_upstream_encoding(
     assert miss.timings["media_encoded_n"] == 0
     assert miss.timings["media_embedding_n"] > 0
     assert miss.tokens == direct.tokens
-    other = chat(patched_gemma.base_url, [image_part(sample_image("noise_512x512").data_url())],
-                 "Local encoder, please.")
+    other = chat(
+        patched_gemma.base_url,
+        [image_part(sample_image("noise_512x512").data_url())],
+        "Local encoder, please.",
+    )
     assert other.tokens != direct.tokens
 
 
 def test_llama_cpp_python_backend_through_the_command(
-        tiny_model: Callable[[str], ModelFiles], patched_bin: Path, tmp_path: Path) -> None:
+    tiny_model: Callable[[str], ModelFiles], patched_bin: Path, tmp_path: Path
+) -> None:
     files = tiny_model("gemma3")
-    args = ["--backend", "llama-cpp-python", "--model", str(files.model),
-            "--mmproj", str(files.mmproj), "--store", str(tmp_path / "s"),
-            "--llama-lib-dir", str(patched_bin.parent)]
+    args = [
+        "--backend",
+        "llama-cpp-python",
+        "--model",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "--store",
+        str(tmp_path / "s"),
+        "--llama-lib-dir",
+        str(patched_bin.parent),
+    ]
     url = sample_image("shapes_640x480").data_url()
     with ProxyProcess(args, tmp_path / "p.log", health_path="/health") as proxy:
-        body = {"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "What is it?"}, image_part(url)]}],
-            "temperature": 0, "max_tokens": 12}
+        body = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "What is it?"}, image_part(url)],
+                }
+            ],
+            "temperature": 0,
+            "max_tokens": 12,
+        }
         first = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=body, timeout=120)
         second = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=body, timeout=120)
     assert first.status_code == 200, first.text
     assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--backend", "llama-cpp-python"], "needs --model and --mmproj"),
-    (["--upstream", "http://127.0.0.1:1", "--encoder", "local"], "--encoder local needs"),
-    (["--backend", "llama-cpp-python", "--model", "m", "--mmproj", "p", "--upstream", "u"],
-     "runs the model itself"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "llama-cpp-python"], "needs --model and --mmproj"),
+        (["--upstream", "http://127.0.0.1:1", "--encoder", "local"], "--encoder local needs"),
+        (
+            ["--backend", "llama-cpp-python", "--model", "m", "--mmproj", "p", "--upstream", "u"],
+            "runs the model itself",
+        ),
+    ],
+)
 def test_inconsistent_modes_are_refused(args: list[str], message: str) -> None:
     from proxy.cli.config import load_settings
     from proxy.cli.main import settings_error
@@ -75,8 +114,11 @@ def test_inconsistent_modes_are_refused(args: list[str], message: str) -> None:
 
 
 def test_managed_mode_takes_encoder_files_from_llama_args() -> None:
-    s = ServeSettings(llama_server=Path("/bin/true"), encoder="local",
-                      llama_args=["-m", "model.gguf", "--mmproj=mmproj.gguf", "-t", "2"])
+    s = ServeSettings(
+        llama_server=Path("/bin/true"),
+        encoder="local",
+        llama_args=["-m", "model.gguf", "--mmproj=mmproj.gguf", "-t", "2"],
+    )
     assert s.encoder_model == Path("model.gguf")
     assert s.encoder_mmproj == Path("mmproj.gguf")
     assert s.lib_dir == Path("/bin")

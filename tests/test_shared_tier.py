@@ -25,8 +25,9 @@ from vision_cache.keys import CacheKey, Namespace
 from vision_cache.shared.tier import NullSharedTier, RedisTier, SharedTierConfig, shared_tier
 from vision_cache.shared.value import HEADER_SIZE, decode_value, encode_value
 
-NS = Namespace.for_encoder(model="m", mmproj="xxh3-128:" + "0" * 32 + ":1", build="b",
-                           format_version=1, encoder={})
+NS = Namespace.for_encoder(
+    model="m", mmproj="xxh3-128:" + "0" * 32 + ":1", build="b", format_version=1, encoder={}
+)
 META = b'{"package":"header"}'
 KIB = 1024
 
@@ -125,8 +126,9 @@ async def test_null_tier_has_nothing_and_holds_nothing() -> None:
 # -- packages -----------------------------------------------------------------------------
 
 
-async def test_round_trip_over_many_windows(make_tier: TierFactory, raw: redis.Redis,
-                                            prefix: str) -> None:
+async def test_round_trip_over_many_windows(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     tier = make_tier(piece_bytes=64 * KIB, window=2)
     payload = os.urandom(1000 * KIB)  # 16 pieces: 8 round trips
     assert await tier.get(key(1)) is None
@@ -139,8 +141,9 @@ async def test_round_trip_over_many_windows(make_tier: TierFactory, raw: redis.R
     assert (stats.hits, stats.misses, stats.publishes, stats.errors) == (1, 1, 1, 0)
 
 
-async def test_ttl_per_entry_and_none_when_pinned(make_tier: TierFactory, raw: redis.Redis,
-                                                  prefix: str) -> None:
+async def test_ttl_per_entry_and_none_when_pinned(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     tier = make_tier(ttl_s=3600)
     await tier.put(key(1), META, b"a" * 100)
     await tier.put(key(2), META, b"b" * 100, ttl=30)
@@ -160,8 +163,9 @@ async def test_expired_entry_is_a_miss(make_tier: TierFactory) -> None:
     assert await tier.get(key(1)) is None
 
 
-async def test_first_put_wins_and_a_pinned_put_pins(make_tier: TierFactory, raw: redis.Redis,
-                                                     prefix: str) -> None:
+async def test_first_put_wins_and_a_pinned_put_pins(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     tier = make_tier()
     assert await tier.put(key(1), META, b"first")
     assert await tier.put(key(1), META, b"second", pin=True)
@@ -172,8 +176,9 @@ async def test_first_put_wins_and_a_pinned_put_pins(make_tier: TierFactory, raw:
     assert tier.stats().publishes == 1
 
 
-async def test_corrupt_payload_is_a_miss_then_replaced(make_tier: TierFactory,
-                                                       raw: redis.Redis, prefix: str) -> None:
+async def test_corrupt_payload_is_a_miss_then_replaced(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     tier = make_tier(piece_bytes=64 * KIB)
     payload = os.urandom(300 * KIB)
     await tier.put(key(1), META, payload)
@@ -188,8 +193,9 @@ async def test_corrupt_payload_is_a_miss_then_replaced(make_tier: TierFactory,
     assert found is not None and bytes(found.payload) == payload
 
 
-async def test_truncated_value_is_a_miss(make_tier: TierFactory, raw: redis.Redis,
-                                         prefix: str) -> None:
+async def test_truncated_value_is_a_miss(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     """What a half-evicted entry would look like if Redis evicted part of a value."""
     tier = make_tier()
     await tier.put(key(1), META, os.urandom(10 * KIB))
@@ -204,7 +210,8 @@ async def test_truncated_value_is_a_miss(make_tier: TierFactory, raw: redis.Redi
 
 
 async def test_value_gone_between_round_trips_is_a_plain_miss(
-        make_tier: TierFactory, raw: redis.Redis, prefix: str, redis_server: RedisServer) -> None:
+    make_tier: TierFactory, raw: redis.Redis, prefix: str, redis_server: RedisServer
+) -> None:
     class Vanishing(RedisTier):
         async def _first_window(self, name: str) -> tuple[int, int, bytes]:
             first = await super()._first_window(name)
@@ -213,8 +220,9 @@ async def test_value_gone_between_round_trips_is_a_plain_miss(
 
     tier = make_tier(piece_bytes=16 * KIB, window=1)
     await tier.put(key(1), META, os.urandom(100 * KIB))
-    vanishing = Vanishing(SharedTierConfig(redis_server.url, prefix=prefix,
-                                           piece_bytes=16 * KIB, window=1))
+    vanishing = Vanishing(
+        SharedTierConfig(redis_server.url, prefix=prefix, piece_bytes=16 * KIB, window=1)
+    )
     try:
         assert await vanishing.get(key(1)) is None
         stats = vanishing.stats()
@@ -224,10 +232,12 @@ async def test_value_gone_between_round_trips_is_a_plain_miss(
 
 
 async def test_eviction_under_maxmemory_is_a_miss_never_an_error(
-        tmp_path: Path, prefix: str) -> None:
+    tmp_path: Path, prefix: str
+) -> None:
     """volatile-lru, the documented policy: pinned entries (no TTL) stay, the rest may go."""
-    with RedisServer(tmp_path, extra=("--maxmemory", "8mb",
-                                      "--maxmemory-policy", "volatile-lru")) as server:
+    with RedisServer(
+        tmp_path, extra=("--maxmemory", "8mb", "--maxmemory-policy", "volatile-lru")
+    ) as server:
         tier = RedisTier(SharedTierConfig(server.url, prefix=prefix))
         try:
             payloads = {i: os.urandom(1024 * KIB) for i in range(14)}
@@ -245,12 +255,14 @@ async def test_eviction_under_maxmemory_is_a_miss_never_an_error(
 
 async def test_out_of_memory_fails_the_put_softly(tmp_path: Path, prefix: str) -> None:
     """Pinned entries filling maxmemory: puts fail (counted), Redis stays in use."""
-    with RedisServer(tmp_path, extra=("--maxmemory", "4mb",
-                                      "--maxmemory-policy", "volatile-lru")) as server:
+    with RedisServer(
+        tmp_path, extra=("--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru")
+    ) as server:
         tier = RedisTier(SharedTierConfig(server.url, prefix=prefix, failures=1))
         try:
-            results = [await tier.put(key(i), META, os.urandom(1024 * KIB), pin=True)
-                       for i in range(8)]
+            results = [
+                await tier.put(key(i), META, os.urandom(1024 * KIB), pin=True) for i in range(8)
+            ]
             assert results[0] and not all(results)
             assert tier.stats().errors >= 1
             assert not tier.stats().breaker_open  # Redis answered: it is up
@@ -283,8 +295,9 @@ async def test_names(make_tier: TierFactory, raw: redis.Redis, prefix: str) -> N
 # -- fleet single-flight ------------------------------------------------------------------
 
 
-async def test_lock_is_exclusive_and_released(make_tier: TierFactory, raw: redis.Redis,
-                                              prefix: str) -> None:
+async def test_lock_is_exclusive_and_released(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     a, b = make_tier(), make_tier()
     async with a.claim(key(1)) as mine:
         assert not mine.elsewhere
@@ -297,8 +310,9 @@ async def test_lock_is_exclusive_and_released(make_tier: TierFactory, raw: redis
         assert not now_free.elsewhere
 
 
-async def test_lock_is_renewed_while_held(make_tier: TierFactory, raw: redis.Redis,
-                                          prefix: str) -> None:
+async def test_lock_is_renewed_while_held(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     a, b = make_tier(lock_ttl_s=0.5), make_tier()
     async with a.claim(key(1)):
         await asyncio.sleep(1.2)  # more than two TTLs
@@ -327,8 +341,9 @@ async def test_waiter_gets_the_holders_package(make_tier: TierFactory) -> None:
     assert b.stats().lock_waits == 1
 
 
-async def test_waiter_stops_when_the_lock_lapses(make_tier: TierFactory, raw: redis.Redis,
-                                                 prefix: str) -> None:
+async def test_waiter_stops_when_the_lock_lapses(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     """A holder that died: its lock lapses and the waiter encodes itself."""
     tier = make_tier(wait_s=10)
     raw.set(f"{prefix}lock:{key(1).text}", "dead-proxy", px=300)
@@ -339,8 +354,9 @@ async def test_waiter_stops_when_the_lock_lapses(make_tier: TierFactory, raw: re
     assert time.monotonic() - started < 2
 
 
-async def test_waiter_gives_up_after_its_bound(make_tier: TierFactory, raw: redis.Redis,
-                                               prefix: str) -> None:
+async def test_waiter_gives_up_after_its_bound(
+    make_tier: TierFactory, raw: redis.Redis, prefix: str
+) -> None:
     tier = make_tier(wait_s=0.3)
     raw.set(f"{prefix}lock:{key(1).text}", "slow-proxy", px=60_000)
     started = time.monotonic()
@@ -359,7 +375,8 @@ async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:
 
 
 async def test_breaker_opens_on_a_dead_redis_and_closes_when_it_is_back(
-        tmp_path: Path, prefix: str) -> None:
+    tmp_path: Path, prefix: str
+) -> None:
     server = RedisServer(tmp_path, port=free_port())
     tier = RedisTier(SharedTierConfig(server.url, prefix=prefix, failures=2, cooldown_s=0.3))
     try:
@@ -393,8 +410,7 @@ async def test_breaker_opens_on_a_dead_redis_and_closes_when_it_is_back(
 
 async def test_one_timeout_opens_the_breaker(tmp_path: Path, prefix: str) -> None:
     with RedisServer(tmp_path) as server:
-        tier = RedisTier(SharedTierConfig(server.url, prefix=prefix, timeout_s=0.2,
-                                          cooldown_s=0.3))
+        tier = RedisTier(SharedTierConfig(server.url, prefix=prefix, timeout_s=0.2, cooldown_s=0.3))
         try:
             assert await tier.put(key(1), META, b"x")
             server.freeze()
@@ -414,14 +430,17 @@ async def test_one_timeout_opens_the_breaker(tmp_path: Path, prefix: str) -> Non
 
 
 async def test_credentials_from_the_url_or_the_config(
-        make_tier: TierFactory, raw: redis.Redis, redis_server: RedisServer) -> None:
-    raw.acl_setuser("vc-test", enabled=True, passwords=["+s3cret"], keys=["*"],
-                    commands=["+@all"], reset=True)
+    make_tier: TierFactory, raw: redis.Redis, redis_server: RedisServer
+) -> None:
+    raw.acl_setuser(
+        "vc-test", enabled=True, passwords=["+s3cret"], keys=["*"], commands=["+@all"], reset=True
+    )
     try:
         port = redis_server.port
         from_url = make_tier(f"redis://vc-test:s3cret@127.0.0.1:{port}/0")
-        from_config = make_tier(f"redis://127.0.0.1:{port}/0", username="vc-test",
-                                password="s3cret")
+        from_config = make_tier(
+            f"redis://127.0.0.1:{port}/0", username="vc-test", password="s3cret"
+        )
         wrong = make_tier(f"redis://127.0.0.1:{port}/0", username="vc-test", password="nope")
         assert await from_url.put(key(1), META, b"x")
         assert await from_config.get(key(1)) is not None
@@ -434,8 +453,14 @@ async def test_credentials_from_the_url_or_the_config(
 async def test_redis_cluster(tmp_path: Path, prefix: str) -> None:
     """One key per package: every command lands on the node of its key's slot."""
     with RedisClusterNodes(tmp_path) as cluster:
-        a, b = (RedisTier(SharedTierConfig(cluster.url, prefix=prefix, cluster=True,
-                                           piece_bytes=64 * KIB, window=2)) for _ in "ab")
+        a, b = (
+            RedisTier(
+                SharedTierConfig(
+                    cluster.url, prefix=prefix, cluster=True, piece_bytes=64 * KIB, window=2
+                )
+            )
+            for _ in "ab"
+        )
         try:
             payloads = {i: os.urandom(300 * KIB) for i in range(6)}
             for i, payload in payloads.items():

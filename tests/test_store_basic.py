@@ -213,7 +213,8 @@ def test_iter_entries_by_namespace(store: Store) -> None:
         put(store, i)
     store.put(key(1, other), b"{}", b"payload")
     assert {info.key for info in store.iter_entries()} == {key(i) for i in range(5)} | {
-        key(1, other)}
+        key(1, other)
+    }
     assert [info.key for info in store.iter_entries(other)] == [key(1, other)]
     info = next(iter(store.iter_entries(NAMESPACE)))
     assert info.meta_bytes == len(meta_for(info.key))
@@ -258,8 +259,11 @@ def test_migrations_list_is_complete_and_applied(root: Path) -> None:
 def test_an_index_from_a_newer_version_is_refused(root: Path) -> None:
     with Store.open(root):
         pass
-    sql(root, "INSERT INTO _sqlite_migrations (migration_set, name, applied_at)"
-              " VALUES ('vision_cache', '9999_future', 'now')")
+    sql(
+        root,
+        "INSERT INTO _sqlite_migrations (migration_set, name, applied_at)"
+        " VALUES ('vision_cache', '9999_future', 'now')",
+    )
     with pytest.raises(SchemaVersionError):
         Store.open(root)
 
@@ -273,8 +277,9 @@ def test_check_is_clean_on_a_healthy_store(store: Store) -> None:
     assert report.bytes_verified == sum(len(payload_for(key(i))) for i in range(20) if i != 3)
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(payloads=st.lists(st.binary(min_size=1, max_size=9000), min_size=1, max_size=8))
 def test_any_payloads_round_trip(tmp_path: Path, payloads: list[bytes]) -> None:
     with Store.open(tmp_path / "prop", hot_bytes=0, durable=False) as store:

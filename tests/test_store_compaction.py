@@ -58,8 +58,7 @@ def test_deleting_every_entry_of_a_sealed_segment_unlinks_it(store: Store, root:
     fill(store, 40)
     first = store.get(key(0))
     assert first is not None
-    victims = [i for i in range(40)
-               if store.get(key(i)).ref.segment == first.ref.segment]  # type: ignore[union-attr]
+    victims = [i for i in range(40) if store.get(key(i)).ref.segment == first.ref.segment]  # type: ignore[union-attr]
     for i in victims:
         store.delete(key(i))
     assert first.ref.segment not in segment_files(root)
@@ -144,8 +143,10 @@ def test_an_abandoned_active_segment_is_sealed_and_reclaimed(store: Store, root:
 
 
 def test_a_live_writers_segment_is_left_alone(root: Path) -> None:
-    with Store.open(root, hot_bytes=0, durable=False) as writer, \
-            Store.open(root, hot_bytes=0, durable=False) as collector:
+    with (
+        Store.open(root, hot_bytes=0, durable=False) as writer,
+        Store.open(root, hot_bytes=0, durable=False) as collector,
+    ):
         fill(writer, 5)
         for i in range(4):
             writer.delete(key(i))

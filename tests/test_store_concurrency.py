@@ -45,8 +45,9 @@ async def test_different_keys_compute_separately() -> None:
         await asyncio.sleep(0.001)
         return value
 
-    results = await asyncio.gather(flight.run("a", lambda: compute("a")),
-                                   flight.run("b", lambda: compute("b")))
+    results = await asyncio.gather(
+        flight.run("a", lambda: compute("a")), flight.run("b", lambda: compute("b"))
+    )
     assert list(results) == ["a", "b"]
 
 
@@ -60,8 +61,9 @@ async def test_an_error_reaches_every_waiter_and_is_not_remembered() -> None:
         await asyncio.sleep(0.01)
         raise RuntimeError("encode failed")
 
-    results = await asyncio.gather(*(flight.run("k", fail) for _ in range(5)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(flight.run("k", fail) for _ in range(5)), return_exceptions=True
+    )
     assert all(isinstance(r, RuntimeError) for r in results) and calls == 1
 
     async def succeed() -> int:
@@ -135,8 +137,9 @@ def test_threads_sharing_a_store(tmp_path: Path) -> None:
         with lock:
             counts.update(local)
 
-    with Store.open(tmp_path / "s", hot_bytes=64 * 1024, disk_bytes=256 * 1024,
-                    segment_bytes=128 * 1024) as store:
+    with Store.open(
+        tmp_path / "s", hot_bytes=64 * 1024, disk_bytes=256 * 1024, segment_bytes=128 * 1024
+    ) as store:
         threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
         for thread in threads:
             thread.start()
@@ -162,11 +165,24 @@ def test_four_processes_hammering_one_store(tmp_path: Path) -> None:
     with Store.open(root, disk_bytes=1_500_000):
         pass
     started = time.monotonic()
-    workers = [subprocess.Popen(
-        [*WORKER, "stress", str(root), str(seed), str(total // processes),
-         str(threads), str(keys)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=WORKER_ROOT)
-        for seed in range(processes)]
+    workers = [
+        subprocess.Popen(
+            [
+                *WORKER,
+                "stress",
+                str(root),
+                str(seed),
+                str(total // processes),
+                str(threads),
+                str(keys),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=WORKER_ROOT,
+        )
+        for seed in range(processes)
+    ]
     counts: Counter[str] = Counter()
     for worker in workers:
         out, err = worker.communicate(timeout=300 + total // 1000)

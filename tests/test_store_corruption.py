@@ -86,10 +86,12 @@ def test_a_flipped_payload_byte_is_a_miss_and_quarantined(root: Path) -> None:
 
 
 def test_verified_locations_are_bounded_and_forgetting_means_checking_again(
-        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A long-lived process does not remember every location it verified; one it forgot is
     checked again on its next read, so a payload damaged since is still caught."""
     from vision_cache.store import store as store_module
+
     monkeypatch.setattr(store_module, "MAX_VERIFIED", 8)
     with Store.open(root, hot_bytes=0) as store:
         assert assert_exact_or_missing(store, range(COUNT)) == COUNT  # each read verified
@@ -137,18 +139,24 @@ def test_check_finds_a_flipped_byte_before_anyone_reads_it(root: Path) -> None:
 # -- damaged index ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE entries SET meta = X'00' || meta",
-    "UPDATE entries SET byte_offset = byte_offset + 4096",
-    "UPDATE entries SET byte_length = byte_length - 1",
-    "UPDATE entries SET checksum = '0000000000000000'",
-    "UPDATE entries SET segment = segment + 1",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE entries SET meta = X'00' || meta",
+        "UPDATE entries SET byte_offset = byte_offset + 4096",
+        "UPDATE entries SET byte_length = byte_length - 1",
+        "UPDATE entries SET checksum = '0000000000000000'",
+        "UPDATE entries SET segment = segment + 1",
+    ],
+)
 def test_a_damaged_index_row_is_a_miss_and_quarantined(root: Path, statement: str) -> None:
     """Row contents are not checksummed by SQLite; our row check is."""
     ref = ref_of(root, 7)
-    sql(root, statement + " WHERE byte_offset = ? AND segment = ?",
-        (ref.offset, int(ref.segment[4:12])))
+    sql(
+        root,
+        statement + " WHERE byte_offset = ? AND segment = ?",
+        (ref.offset, int(ref.segment[4:12])),
+    )
     with Store.open(root) as store:
         assert store.get(key(7)) is None
         assert quarantined(root, ".json")
@@ -178,9 +186,7 @@ def test_a_destroyed_index_header_is_replaced_on_open(root: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_index_corruption_never_raises_or_serves_wrong_bytes(
-    root: Path, seed: int
-) -> None:
+def test_random_index_corruption_never_raises_or_serves_wrong_bytes(root: Path, seed: int) -> None:
     rng = random.Random(seed)
     index = root / "index.sqlite"
     size = index.stat().st_size

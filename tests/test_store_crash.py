@@ -21,8 +21,15 @@ from vision_cache import Store
 SEEDS = 60
 # Calls the writer may kill itself at (see store_worker.KILL_POINTS), with
 # how many calls in the kill may come (rarer calls get a smaller range).
-KILL_POINTS = {"pwrite": 60, "fdatasync": 60, "unlink": 6, "transaction": 60, "flock": 20,
-               "move": 40, "fsync": 8}
+KILL_POINTS = {
+    "pwrite": 60,
+    "fdatasync": 60,
+    "unlink": 6,
+    "transaction": 60,
+    "flock": 20,
+    "move": 40,
+    "fsync": 8,
+}
 
 
 def run_writer(root: Path, seed: int, rng: random.Random) -> str:
@@ -32,8 +39,9 @@ def run_writer(root: Path, seed: int, rng: random.Random) -> str:
     if injected:
         point = sorted(KILL_POINTS)[(seed // 2) % len(KILL_POINTS)]
         args += [point, str(rng.randint(1, KILL_POINTS[point]))]
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=WORKER_ROOT) as writer:
+    with subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=WORKER_ROOT
+    ) as writer:
         assert writer.stdout is not None
         ready = writer.stdout.readline().strip() == "ready"
         if ready:
@@ -83,9 +91,11 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
     # Compaction relocates live entries, which can add a little padding of
     # its own, so "after" is bounded by the padding allowance, not by "before".
     assert after.reclaimable_bytes <= (stats.entries + stats.segment_files) * 4096
-    print(f"crash: {SEEDS} kills, {served} entries served intact, "
-          f"{before.reclaimable_bytes} reclaimable bytes before gc, "
-          f"{after.reclaimable_bytes} after")
+    print(
+        f"crash: {SEEDS} kills, {served} entries served intact, "
+        f"{before.reclaimable_bytes} reclaimable bytes before gc, "
+        f"{after.reclaimable_bytes} after"
+    )
 
 
 def test_a_writer_killed_mid_put_leaves_no_row(tmp_path: Path) -> None:
@@ -95,8 +105,7 @@ def test_a_writer_killed_mid_put_leaves_no_row(tmp_path: Path) -> None:
     with Store.open(root):
         pass
     args = [*WORKER, "crash", str(root), "1", "fdatasync", "3"]
-    completed = subprocess.run(args, capture_output=True, text=True, timeout=60,
-                               cwd=WORKER_ROOT)
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=WORKER_ROOT)
     assert completed.returncode == -signal.SIGKILL
     with Store.open(root, hot_bytes=0) as store:
         report = store.check()

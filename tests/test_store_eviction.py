@@ -24,8 +24,9 @@ def clock() -> FakeClock:
 @pytest.fixture
 def store(tmp_path: Path, clock: FakeClock) -> Iterator[Store]:
     # Room for 10 payloads on disk, 3 in the hot tier.
-    with Store.open(tmp_path / "store", hot_bytes=3 * SIZE, disk_bytes=10 * SIZE,
-                    clock=clock, durable=False) as opened:
+    with Store.open(
+        tmp_path / "store", hot_bytes=3 * SIZE, disk_bytes=10 * SIZE, clock=clock, durable=False
+    ) as opened:
         yield opened
 
 
@@ -41,8 +42,16 @@ def present(store: Store, count: int) -> set[int]:
 
 
 def fake_entry(i: int, size: int) -> Entry:
-    return Entry(key(i), b"", memoryview(bytes(size)), SegmentRef("seg-00000001.vseg", 4096, size,
-                                                              "0" * 16), False, 0.0, None, i)
+    return Entry(
+        key(i),
+        b"",
+        memoryview(bytes(size)),
+        SegmentRef("seg-00000001.vseg", 4096, size, "0" * 16),
+        False,
+        0.0,
+        None,
+        i,
+    )
 
 
 def test_hot_tier_evicts_least_recently_used_by_bytes() -> None:

@@ -65,16 +65,24 @@ def make_binary(tmp_path: Path) -> BinaryFactory:
 
     def make(*, patched: bool = False) -> Path:
         env = "export FAKE_WITH_EMBEDDING_DIR=1\n" if patched else ""
-        return write_script(tmp_path / ("llama-server-patched" if patched else "llama-server"),
-                            f'{env}exec {FAKE_COMMAND} "$@"')
+        return write_script(
+            tmp_path / ("llama-server-patched" if patched else "llama-server"),
+            f'{env}exec {FAKE_COMMAND} "$@"',
+        )
 
     return make
 
 
 def fast_config(binary: Path, *args: str, **changes: Any) -> ManagedServerConfig:
     """Limits scaled for tests: every wait here is well under a second or two."""
-    config = ManagedServerConfig(binary=binary, args=args, start_timeout_s=10.0,
-                                 backoff_initial_s=0.1, backoff_max_s=0.4, stop_grace_s=2.0)
+    config = ManagedServerConfig(
+        binary=binary,
+        args=args,
+        start_timeout_s=10.0,
+        backoff_initial_s=0.1,
+        backoff_max_s=0.4,
+        stop_grace_s=2.0,
+    )
     return dataclasses.replace(config, **changes)
 
 
@@ -184,22 +192,26 @@ async def test_log_path_is_appended_to(make_binary: BinaryFactory, tmp_path: Pat
 
 
 async def test_bind_race_is_retried_on_a_new_port(
-    make_binary: BinaryFactory, monkeypatch: pytest.MonkeyPatch,
+    make_binary: BinaryFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The port we picked is taken before llama-server binds it: try another one."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         busy = taken.getsockname()[1]
         picks = iter([busy])
         real_pick = supervisor.pick_free_port
-        monkeypatch.setattr(supervisor, "pick_free_port",
-                            lambda host: next(picks, None) or real_pick(host))
+        monkeypatch.setattr(
+            supervisor, "pick_free_port", lambda host: next(picks, None) or real_pick(host)
+        )
         async with ManagedServer(fast_config(make_binary())) as server:
             assert server.healthy
             assert not server.base_url.endswith(f":{busy}")
 
 
 async def test_unwritable_log_path_falls_back_to_our_logger(
-    make_binary: BinaryFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    make_binary: BinaryFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = fast_config(make_binary(), log_path=tmp_path / "no-such-dir" / "llama.log")
     with caplog.at_level(logging.INFO, logger="proxy.upstream.supervisor"):
@@ -207,17 +219,25 @@ async def test_unwritable_log_path_falls_back_to_our_logger(
             assert server.healthy
     messages = [(r.name, r.getMessage()) for r in caplog.records]
     assert any("cannot append llama-server's output" in m for _, m in messages)
-    assert ("proxy.upstream.supervisor.llama_server",
-            f"main: server is listening on {server.base_url}") in messages
+    assert (
+        "proxy.upstream.supervisor.llama_server",
+        f"main: server is listening on {server.base_url}",
+    ) in messages
 
 
 # --- arguments ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ("--host", "0.0.0.0"), ("--port", "8080"), ("--host=0.0.0.0",), ("--port=8080",),
-    ("-m", "model.gguf", "--image-embedding-dir", "/elsewhere"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--host", "0.0.0.0"),
+        ("--port", "8080"),
+        ("--host=0.0.0.0",),
+        ("--port=8080",),
+        ("-m", "model.gguf", "--image-embedding-dir", "/elsewhere"),
+    ],
+)
 def test_reserved_arguments_are_refused(args: tuple[str, ...]) -> None:
     with pytest.raises(ReservedArgumentError, match="managed mode sets it") as caught:
         ManagedServerConfig(binary=Path("llama-server"), args=args)
@@ -237,7 +257,8 @@ def test_non_loopback_host_is_refused() -> None:
 
 
 async def test_embedding_dir_is_passed_to_a_patched_build(
-    make_binary: BinaryFactory, tmp_path: Path,
+    make_binary: BinaryFactory,
+    tmp_path: Path,
 ) -> None:
     store = tmp_path / "store"
     store.mkdir()
@@ -249,7 +270,9 @@ async def test_embedding_dir_is_passed_to_a_patched_build(
 
 
 async def test_embedding_dir_is_left_out_for_a_stock_build(
-    make_binary: BinaryFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    make_binary: BinaryFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The stock fake refuses the flag, so a wrongly passed flag would also fail the start.
     config = fast_config(make_binary(), embedding_dir=tmp_path)
@@ -266,7 +289,8 @@ async def test_embedding_dir_is_left_out_for_a_stock_build(
 
 
 async def test_crash_is_restarted_and_listeners_are_called(
-    make_binary: BinaryFactory, tmp_path: Path,
+    make_binary: BinaryFactory,
+    tmp_path: Path,
 ) -> None:
     restarted = asyncio.Event()
 
@@ -293,9 +317,10 @@ async def test_failed_restarts_are_retried(tmp_path: Path) -> None:
     """While the marker file exists, every start of the binary fails; then it works again."""
     marker = tmp_path / "broken"
     broken_now = f"[ -e {shlex.quote(str(marker))} ]"
-    binary = write_script(tmp_path / "llama-server",
-                          f'if {broken_now}; then set -- "$@" --fail-start; fi\n'
-                          f'exec {FAKE_COMMAND} "$@"')
+    binary = write_script(
+        tmp_path / "llama-server",
+        f'if {broken_now}; then set -- "$@" --fail-start; fi\nexec {FAKE_COMMAND} "$@"',
+    )
     restarted = asyncio.Event()
 
     async def listener() -> None:
@@ -313,8 +338,14 @@ async def test_failed_restarts_are_retried(tmp_path: Path) -> None:
 
 
 async def test_requests_can_wait_out_a_restart(make_binary: BinaryFactory, tmp_path: Path) -> None:
-    config = fast_config(make_binary(), "--crash-after", "0.1",
-                         "--crash-marker", str(tmp_path / "crashed"), backoff_initial_s=0.3)
+    config = fast_config(
+        make_binary(),
+        "--crash-after",
+        "0.1",
+        "--crash-marker",
+        str(tmp_path / "crashed"),
+        backoff_initial_s=0.3,
+    )
     async with ManagedServer(config) as server:
         await eventually(lambda: not server.healthy)
         assert not await server.wait_healthy(0.05)  # still in the backoff
@@ -323,16 +354,18 @@ async def test_requests_can_wait_out_a_restart(make_binary: BinaryFactory, tmp_p
 
 
 async def test_stop_during_the_backoff_leaves_nothing(make_binary: BinaryFactory) -> None:
-    config = fast_config(make_binary(), "--crash-after", "0.1", backoff_initial_s=30.0,
-                         backoff_max_s=30.0)
+    config = fast_config(
+        make_binary(), "--crash-after", "0.1", backoff_initial_s=30.0, backoff_max_s=30.0
+    )
     async with ManagedServer(config) as server:
         await eventually(lambda: not server.healthy)
     assert server.restarts == 0
 
 
 def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:
-    config = ManagedServerConfig(binary=Path("llama-server"), backoff_initial_s=1.0,
-                                 backoff_max_s=30.0, stable_after_s=60.0)
+    config = ManagedServerConfig(
+        binary=Path("llama-server"), backoff_initial_s=1.0, backoff_max_s=30.0, stable_after_s=60.0
+    )
     backoff = supervisor.Backoff(config)
     delays = [backoff.next_delay(uptime_s=5.0) for _ in range(7)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
@@ -340,9 +373,13 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:
     assert backoff.next_delay(uptime_s=0.0) == 2.0
 
 
-@pytest.mark.parametrize(("returncode", "text"), [
-    (1, "exited with code 1"), (-signal.SIGKILL, "was killed by SIGKILL"),
-])
+@pytest.mark.parametrize(
+    ("returncode", "text"),
+    [
+        (1, "exited with code 1"),
+        (-signal.SIGKILL, "was killed by SIGKILL"),
+    ],
+)
 def test_exits_are_described_with_code_or_signal(returncode: int, text: str) -> None:
     assert supervisor.describe_exit(returncode) == text
 
@@ -399,8 +436,12 @@ def parent_process(make_binary: BinaryFactory, tmp_path: Path) -> Iterator[subpr
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), str(make_binary())],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(make_binary())],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         yield proc
     finally:
@@ -430,4 +471,3 @@ def test_child_dies_when_its_parent_is_sigkilled(parent_process: subprocess.Pope
     finally:
         if not is_gone(child):
             os.kill(child, signal.SIGKILL)
-

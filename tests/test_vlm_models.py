@@ -45,8 +45,14 @@ def chat(client: httpx.Client, image_url: str | None, max_tokens: int = 24) -> R
     if image_url is not None:
         content.append({"type": "image_url", "image_url": {"url": image_url}})
     content.append({"type": "text", "text": PROMPT})
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "logprobs": True, "top_logprobs": 5, "cache_prompt": False}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "cache_prompt": False,
+    }
     response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     data = response.json()
@@ -55,8 +61,7 @@ def chat(client: httpx.Client, image_url: str | None, max_tokens: int = 24) -> R
     return Reply(
         content=choice["message"]["content"],
         tokens=[step["token"] for step in steps],
-        top_logprobs=[[(t["token"], t["logprob"]) for t in step["top_logprobs"]]
-                      for step in steps],
+        top_logprobs=[[(t["token"], t["logprob"]) for t in step["top_logprobs"]] for step in steps],
         prompt_tokens=data["usage"]["prompt_tokens"],
         completion_tokens=data["usage"]["completion_tokens"],
         finish_reason=choice["finish_reason"],
@@ -105,8 +110,7 @@ def test_test_images_are_distinct_and_stable() -> None:
 
 @pytest.mark.server
 @pytest.mark.parametrize("fmt", test_images.FORMATS)
-def test_image_request_generates_whole_words(client: httpx.Client,
-                                             fmt: test_images.Format) -> None:
+def test_image_request_generates_whole_words(client: httpx.Client, fmt: test_images.Format) -> None:
     reply = chat(client, SAMPLES[0].data_url(fmt))
     assert reply.completion_tokens >= MIN_TOKENS
     assert reply.finish_reason == "length"  # no early EOS
@@ -140,7 +144,6 @@ def test_image_token_count_matches_preprocessing(client: httpx.Client, arch: str
         with_image = chat(client, sample.data_url(), max_tokens=1).prompt_tokens
         counts[sample.name] = with_image - text_only - 2  # minus image begin/end tokens
         width, height = sample.size
-        expected = models.expected_image_tokens(
-            arch, "tiny", width, height)
+        expected = models.expected_image_tokens(arch, "tiny", width, height)
         assert counts[sample.name] == expected, sample.name
     assert (len(set(counts.values())) == 1) == (arch == "gemma3"), counts

@@ -46,17 +46,34 @@ def distinct_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 @pytest.fixture
-def managed_proxy(patched_bin: Path, tiny_model: Callable[[str], ModelFiles], tmp_path: Path,
-                  ) -> Iterator[Callable[..., ProxyProcess]]:
+def managed_proxy(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path: Path,
+) -> Iterator[Callable[..., ProxyProcess]]:
     """managed_proxy(*extra args) -> a started proxy managing a patched gemma3 server."""
     started: list[ProxyProcess] = []
 
     def start(*extra: str, store: Path | None = None) -> ProxyProcess:
         files = tiny_model("gemma3")
         store = store or tmp_path / f"store-{len(started)}"
-        args = ["--store", str(store), *extra, "--llama-server", str(patched_bin), "--",
-                "-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2", "-c", "4096",
-                "--no-warmup"]
+        args = [
+            "--store",
+            str(store),
+            *extra,
+            "--llama-server",
+            str(patched_bin),
+            "--",
+            "-m",
+            str(files.model),
+            "--mmproj",
+            str(files.mmproj),
+            "-t",
+            "2",
+            "-c",
+            "4096",
+            "--no-warmup",
+        ]
         p = ProxyProcess(args, tmp_path / f"proxy-{len(started)}.log")
         p.start()
         started.append(p)
@@ -68,13 +85,19 @@ def managed_proxy(patched_bin: Path, tiny_model: Callable[[str], ModelFiles], tm
 
 
 def _warm_cli(proxy: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", "warm", "--proxy", proxy, *args],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "120"})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "warm", "--proxy", proxy, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "120"},
+    )
 
 
-def test_warm_100_images_then_skip_them(managed_proxy: Callable[..., ProxyProcess],
-                                        tmp_path: Path) -> None:
+def test_warm_100_images_then_skip_them(
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     proxy = managed_proxy()
     distinct_images(tmp_path / "refs", 100)
     first = _warm_cli(proxy.base_url, str(tmp_path / "refs"))
@@ -94,16 +117,31 @@ def test_warm_100_images_then_skip_them(managed_proxy: Callable[..., ProxyProces
 
 
 def test_interrupted_warm_resumes_without_reencoding(
-        managed_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     proxy = managed_proxy()
     # Enough images that the interrupt always lands mid-run: a tiny-model encode takes a few
     # milliseconds, and 40 once finished between seeing 5 done and the signal arriving.
     total = 200
     distinct_images(tmp_path / "refs", total, seed=1)
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "warm", "--proxy", proxy.base_url,
-                             "--jobs", "1", str(tmp_path / "refs")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "warm",
+            "--proxy",
+            proxy.base_url,
+            "--jobs",
+            "1",
+            str(tmp_path / "refs"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     deadline = time.monotonic() + 60
     while _misses(proxy) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -144,7 +182,8 @@ def _misses(proxy: ProxyProcess) -> int:
 
 
 def test_named_reference_is_token_identical_to_the_bytes(
-        managed_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     proxy = managed_proxy()
     # the managed llama-server itself, for the direct answer
     upstream = httpx.get(f"{proxy.base_url}/vcache/health", timeout=10).json()["upstream"]
@@ -153,20 +192,26 @@ def test_named_reference_is_token_identical_to_the_bytes(
     report = vision_cache.warm([], proxy=proxy.base_url, names={"cat": png})
     assert report.refs == {"cat": "vcache://cat"}
     via_name = chat(proxy.base_url, [image_part("vcache://cat")], "Describe the cat.")
-    direct = chat(upstream, [image_part(sample_image("shapes_640x480").data_url("PNG"))],
-                  "Describe the cat.")
+    direct = chat(
+        upstream, [image_part(sample_image("shapes_640x480").data_url("PNG"))], "Describe the cat."
+    )
     assert via_name.tokens == direct.tokens
-    other = chat(proxy.base_url, [image_part(sample_image("noise_512x512").data_url())],
-                 "Describe the cat.")
+    other = chat(
+        proxy.base_url, [image_part(sample_image("noise_512x512").data_url())], "Describe the cat."
+    )
     assert other.tokens != direct.tokens
-    r = httpx.post(f"{proxy.base_url}/v1/chat/completions", timeout=30, json={
-        "messages": [{"role": "user", "content": [image_part("vcache://dog")]}]})
+    r = httpx.post(
+        f"{proxy.base_url}/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": [image_part("vcache://dog")]}]},
+    )
     assert r.status_code == 400
     assert "vcache://dog" in r.json()["error"]["message"]
 
 
-def test_pinned_references_survive_a_flood(managed_proxy: Callable[..., ProxyProcess],
-                                           tmp_path: Path) -> None:
+def test_pinned_references_survive_a_flood(
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     # tiny gemma3 packages are 32 KiB: a 1 MiB disk tier holds 32 of them
     proxy = managed_proxy("--disk-gb", str(1 / 1024), "--hot-mb", "0")
     refs = distinct_images(tmp_path / "refs", 5, seed=2)
@@ -182,20 +227,36 @@ def test_pinned_references_survive_a_flood(managed_proxy: Callable[..., ProxyPro
     assert len(entries) < 60
 
 
-def test_export_import_then_requests_hit(managed_proxy: Callable[..., ProxyProcess],
-                                         tmp_path: Path) -> None:
+def test_export_import_then_requests_hit(
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     a = managed_proxy()
     refs = distinct_images(tmp_path / "refs", 3, seed=4)
     vision_cache.warm([], proxy=a.base_url, names={"first": refs[0]})
     vision_cache.warm(refs[1:], proxy=a.base_url)
     pack = tmp_path / "refs.vcpack"
-    out = subprocess.run([sys.executable, "-m", "proxy", "export", str(pack),
-                          "--store", str(tmp_path / "store-0")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "export", str(pack), "--store", str(tmp_path / "store-0")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     b = managed_proxy(store=tmp_path / "store-b")
-    imp = subprocess.run([sys.executable, "-m", "proxy", "import", str(pack), "--proxy",
-                          b.base_url, "--store", str(tmp_path / "store-b")],
-                         capture_output=True, text=True)
+    imp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "import",
+            str(pack),
+            "--proxy",
+            b.base_url,
+            "--store",
+            str(tmp_path / "store-b"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert imp.returncode == 0, imp.stdout + imp.stderr
     assert "imported 3 entries" in imp.stdout
     url = "data:image/png;base64," + base64.b64encode(refs[1].read_bytes()).decode()
@@ -205,22 +266,35 @@ def test_export_import_then_requests_hit(managed_proxy: Callable[..., ProxyProce
     assert "hits=1" in named.headers["x-vcache"]
 
 
-def test_import_refuses_a_foreign_namespace(managed_proxy: Callable[..., ProxyProcess],
-                                            tmp_path: Path) -> None:
+def test_import_refuses_a_foreign_namespace(
+    managed_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     proxy = managed_proxy()
     store_dir = tmp_path / "other"
     from vision_cache.client.pack import export_pack
     from vision_cache.keys import Namespace
 
-    ns = Namespace.for_encoder(model="", mmproj="xxh3-128:" + "1" * 32 + ":1", build="b",
-                               format_version=1, encoder={})
+    ns = Namespace.for_encoder(
+        model="", mmproj="xxh3-128:" + "1" * 32 + ":1", build="b", format_version=1, encoder={}
+    )
     with Store.open(store_dir) as store:
         store.register_namespace(ns)
         store.put(ns.key("a" * 64), b"{}", b"\0" * 64, pin=True)
         export_pack(store, tmp_path / "foreign.vcpack")
-    imp = subprocess.run([sys.executable, "-m", "proxy", "import", str(tmp_path / "foreign.vcpack"),
-                          "--proxy", proxy.base_url, "--store", str(tmp_path / "store-0")],
-                         capture_output=True, text=True)
+    imp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "import",
+            str(tmp_path / "foreign.vcpack"),
+            "--proxy",
+            proxy.base_url,
+            "--store",
+            str(tmp_path / "store-0"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert imp.returncode == 1
     assert "do not match" in imp.stdout
-

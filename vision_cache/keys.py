@@ -165,8 +165,9 @@ class Namespace:
 def _canonical(document: object) -> str:
     # ensure_ascii makes the text (and so the id) independent of any output
     # encoding; allow_nan=False because NaN has no JSON spelling.
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def _plain(value: object) -> Component:

@@ -130,7 +130,6 @@ class PackageHeader:
         return {**self.to_wire(), "file": ref.to_wire()}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StoredPackage:
     """What the store's meta column holds: the header, and what producing it cost."""

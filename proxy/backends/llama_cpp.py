@@ -43,9 +43,25 @@ log = logging.getLogger("vcache.llama_cpp")
 MIB = 1024 * 1024
 # what the chat completion endpoint takes from a request; anything else is ignored, as
 # llama-server ignores fields it does not know
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "max_tokens", "stop", "seed",
-             "presence_penalty", "frequency_penalty", "repeat_penalty", "logprobs",
-             "top_logprobs", "response_format", "logit_bias", "tools", "tool_choice")
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "logit_bias",
+    "tools",
+    "tool_choice",
+)
 _END = object()
 
 
@@ -94,7 +110,8 @@ class LlamaCppBackend:
         kwargs = await self._arguments(body)
         loop = asyncio.get_running_loop()
         result: dict[str, Any] = await loop.run_in_executor(
-            self._thread, lambda: self._llama.create_chat_completion(**kwargs))
+            self._thread, lambda: self._llama.create_chat_completion(**kwargs)
+        )
         return {**result, "model": self.name}
 
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
@@ -125,8 +142,13 @@ class LlamaCppBackend:
 
     async def _inline_images(self, messages: list[Any]) -> list[Any]:
         """Every image_url part as a data URI, fetched under the fetch policy."""
-        parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"]
+        parts = [
+            p
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for p in m["content"]
+            if isinstance(p, dict) and p.get("type") == "image_url"
+        ]
         if len(parts) > self._max_images:
             raise TooManyImages(f"at most {self._max_images} images per request")
         for part in parts:
@@ -140,9 +162,15 @@ class LlamaCppBackend:
         return messages
 
 
-def _pump(llama: Any, kwargs: dict[str, Any], queue: asyncio.Queue[Any],
-          loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+def _pump(
+    llama: Any,
+    kwargs: dict[str, Any],
+    queue: asyncio.Queue[Any],
+    loop: asyncio.AbstractEventLoop,
+    stop: threading.Event,
+) -> None:
     """Generate on the worker thread, handing each chunk to the event loop."""
+
     def put(item: Any) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -164,7 +192,6 @@ def _pump(llama: Any, kwargs: dict[str, Any], queue: asyncio.Queue[Any],
 # --- HTTP ------------------------------------------------------------------------------------
 
 BACKEND = web.AppKey("backend", LlamaCppBackend)
-
 
 
 def create_app(backend: LlamaCppBackend, *, max_body_mb: int = 100) -> web.Application:
@@ -209,12 +236,14 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     return await _sse(request, backend.stream(body))
 
 
-async def _sse(request: web.Request,
-               chunks: AsyncGenerator[dict[str, Any], None]) -> web.StreamResponse:
+async def _sse(
+    request: web.Request, chunks: AsyncGenerator[dict[str, Any], None]
+) -> web.StreamResponse:
     # the first chunk before the headers: a request refused up front still gets a 400
     first = await anext(chunks, None)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     await response.prepare(request)
     try:
         if first is not None:
@@ -233,8 +262,12 @@ def _event(chunk: dict[str, Any]) -> bytes:
 
 async def _models(request: web.Request) -> web.Response:
     name = request.app[BACKEND].name
-    return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": 0, "owned_by": "vcache"}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "vcache"}],
+        }
+    )
 
 
 async def _health(_request: web.Request) -> web.Response:
@@ -247,8 +280,11 @@ async def _health(_request: web.Request) -> web.Response:
 @contextlib.asynccontextmanager
 async def running_backend(settings: LlamaCppSettings) -> AsyncIterator[tuple[str, Any]]:
     """Load the model, start the server; yields its URL and the chat handler."""
-    store = Store.open(settings.store, hot_bytes=settings.hot_mb * MIB,
-                       disk_bytes=int(settings.disk_gb * 1024 * MIB))
+    store = Store.open(
+        settings.store,
+        hot_bytes=settings.hot_mb * MIB,
+        disk_bytes=int(settings.disk_gb * 1024 * MIB),
+    )
     try:
         llama, handler = await asyncio.to_thread(_load_model, settings, store)
         async with MediaLoader(settings.fetch) as media:
@@ -273,9 +309,15 @@ def _load_model(settings: LlamaCppSettings, store: Store) -> tuple[Any, Any]:
 
     handler = CachingChatHandler(str(settings.mmproj), store, use_gpu=settings.mmproj_use_gpu)
     t0 = time.perf_counter()
-    llama = llama_cpp.Llama(str(settings.model), chat_handler=handler, n_ctx=settings.n_ctx,
-                            n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
-                            logits_all=settings.logits_all, verbose=False)
+    llama = llama_cpp.Llama(
+        str(settings.model),
+        chat_handler=handler,
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_gpu_layers=settings.n_gpu_layers,
+        logits_all=settings.logits_all,
+        verbose=False,
+    )
     log.info("loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
     return llama, handler
 
@@ -299,7 +341,6 @@ async def serve_llama_cpp(settings: LlamaCppSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with running_backend(settings) as (url, _):
-        print(f"vcache: serving on {url} ({settings.model.name} with llama-cpp-python)",
-              flush=True)
+        print(f"vcache: serving on {url} ({settings.model.name} with llama-cpp-python)", flush=True)
         await stop.wait()
         log.info("shutting down")

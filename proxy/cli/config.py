@@ -30,7 +30,8 @@ from vision_cache.shared.tier import SharedTierConfig
 
 DEFAULT_STORE = Path("~/.cache/vcache/store")
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
-    "vcache_toml", default=None)
+    "vcache_toml", default=None
+)
 
 
 class ServeSettings(BaseSettings):
@@ -40,74 +41,126 @@ class ServeSettings(BaseSettings):
 
     upstream: str | None = Field(None, description="URL of a running llama-server to front")
     llama_server: Path | None = Field(
-        None, description="llama-server binary to start and manage (managed mode); its "
-        "arguments follow `--`")
-    llama_args: list[str] = Field(default_factory=list, description="arguments for the managed "
-                                  "llama-server (on the command line: everything after `--`)")
+        None,
+        description="llama-server binary to start and manage (managed mode); its "
+        "arguments follow `--`",
+    )
+    llama_args: list[str] = Field(
+        default_factory=list,
+        description="arguments for the managed "
+        "llama-server (on the command line: everything after `--`)",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0: any free port)")
     store: Path = Field(DEFAULT_STORE, description="cache directory")
     hot_mb: int = Field(512, ge=0, description="in-memory tier budget in MiB (0 disables it)")
     disk_gb: float = Field(20.0, gt=0, description="disk tier budget in GiB")
     transport: Literal["auto", "file", "inline"] = Field(
-        "auto", description="how packages reach upstream: by file reference (upstream reads "
-        "the cache directory), inline in the JSON, or auto (file in managed mode)")
-    api_key: SecretStr | None = Field(None, description="key for the proxy's own /vcache/ "
-                                      "endpoints (X-Vcache-Key or Authorization: Bearer)")
+        "auto",
+        description="how packages reach upstream: by file reference (upstream reads "
+        "the cache directory), inline in the JSON, or auto (file in managed mode)",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="key for the proxy's own /vcache/ "
+        "endpoints (X-Vcache-Key or Authorization: Bearer)",
+    )
     max_body_mb: int = Field(100, gt=0, description="largest request body in MiB (413 above)")
     max_images: int = Field(32, gt=0, description="most images in one request")
-    upstream_idle_s: float = Field(600.0, gt=0, description="longest wait for upstream's "
-                                   "next byte (its headers, or the next chunk of a "
-                                   "stream) before the request fails (504)")
-    media_path: Path | None = Field(None, description="directory file:// image URLs may read "
-                                    "from (off by default, as in llama-server)")
-    allow_private_urls: bool = Field(False, description="let image URLs reach loopback and "
-                                     "private addresses (off: public addresses only)")
+    upstream_idle_s: float = Field(
+        600.0,
+        gt=0,
+        description="longest wait for upstream's "
+        "next byte (its headers, or the next chunk of a "
+        "stream) before the request fails (504)",
+    )
+    media_path: Path | None = Field(
+        None,
+        description="directory file:// image URLs may read "
+        "from (off by default, as in llama-server)",
+    )
+    allow_private_urls: bool = Field(
+        False,
+        description="let image URLs reach loopback and "
+        "private addresses (off: public addresses only)",
+    )
     url_max_mb: int = Field(20, gt=0, description="largest image fetched from a URL, in MiB")
     url_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
-    accept_client_packages: bool = Field(False, description="accept image_embedding inputs "
-                                         "from clients (off: a forged package could poison "
-                                         "upstream's prompt cache)")
+    accept_client_packages: bool = Field(
+        False,
+        description="accept image_embedding inputs "
+        "from clients (off: a forged package could poison "
+        "upstream's prompt cache)",
+    )
     shared_store: SecretStr | None = Field(
-        None, description="Redis URL of a tier shared by a fleet of proxies (redis://host:6379/0, "
-        "rediss:// for TLS); off when unset")
-    shared_cluster: bool = Field(False, description="the shared store URL names one node of "
-                                 "a Redis Cluster")
-    shared_prefix: str = Field("vcache:", description="key prefix in Redis, so that several "
-                               "deployments can share one")
-    shared_timeout_ms: int = Field(500, gt=0, description="time limit for one round trip to "
-                                   "Redis; a timeout makes the proxy skip Redis for a while")
-    shared_ttl_h: float = Field(168.0, gt=0, description="lifetime in Redis of unpinned "
-                                "entries, in hours (pinned entries never expire)")
+        None,
+        description="Redis URL of a tier shared by a fleet of proxies (redis://host:6379/0, "
+        "rediss:// for TLS); off when unset",
+    )
+    shared_cluster: bool = Field(
+        False, description="the shared store URL names one node of a Redis Cluster"
+    )
+    shared_prefix: str = Field(
+        "vcache:", description="key prefix in Redis, so that several deployments can share one"
+    )
+    shared_timeout_ms: int = Field(
+        500,
+        gt=0,
+        description="time limit for one round trip to "
+        "Redis; a timeout makes the proxy skip Redis for a while",
+    )
+    shared_ttl_h: float = Field(
+        168.0,
+        gt=0,
+        description="lifetime in Redis of unpinned entries, in hours (pinned entries never expire)",
+    )
     shared_username: str | None = Field(None, description="Redis user, when the URL names none")
-    shared_password: SecretStr | None = Field(None, description="Redis password, when the URL "
-                                              "has none (best set as VCACHE_SHARED_PASSWORD)")
+    shared_password: SecretStr | None = Field(
+        None,
+        description="Redis password, when the URL has none (best set as VCACHE_SHARED_PASSWORD)",
+    )
     encoder: Literal["upstream", "local"] = Field(
-        "upstream", description="who encodes on a miss: upstream's POST /vision/embedding, or "
-        "local encoder worker processes (text requests then never wait behind an encode)")
+        "upstream",
+        description="who encodes on a miss: upstream's POST /vision/embedding, or "
+        "local encoder worker processes (text requests then never wait behind an encode)",
+    )
     encoder_workers: int = Field(1, ge=1, description="local encoder worker processes")
     encoder_threads: int = Field(2, ge=1, description="threads per local encoder worker")
-    encoder_gpu: bool = Field(False, description="run the local encoder on a GPU (a build "
-                              "with GPU support)")
+    encoder_gpu: bool = Field(
+        False, description="run the local encoder on a GPU (a build with GPU support)"
+    )
     encoder_timeout_s: float = Field(600.0, gt=0, description="time limit for one local encode")
     backend: Literal["llama-server", "llama-cpp-python"] = Field(
-        "llama-server", description="what generates: a llama-server (--upstream or "
-        "--llama-server), or llama-cpp-python in this process (--model, --mmproj)")
-    model: Path | None = Field(None, description="text model GGUF for the llama-cpp-python "
-                               "backend and the local encoder (managed mode: taken from -m)")
-    mmproj: Path | None = Field(None, description="mmproj GGUF for the llama-cpp-python "
-                                "backend and the local encoder (managed mode: from --mmproj)")
+        "llama-server",
+        description="what generates: a llama-server (--upstream or "
+        "--llama-server), or llama-cpp-python in this process (--model, --mmproj)",
+    )
+    model: Path | None = Field(
+        None,
+        description="text model GGUF for the llama-cpp-python "
+        "backend and the local encoder (managed mode: taken from -m)",
+    )
+    mmproj: Path | None = Field(
+        None,
+        description="mmproj GGUF for the llama-cpp-python "
+        "backend and the local encoder (managed mode: from --mmproj)",
+    )
     n_ctx: int = Field(4096, ge=256, description="context size of the llama-cpp-python backend")
-    llama_lib_dir: Path | None = Field(None, description="llama.cpp shared libraries for "
-                                       "llama-cpp-python (default: beside --llama-server, else "
-                                       "$LLAMA_CPP_LIB_PATH)")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info",
-                                                                     description="log level")
+    llama_lib_dir: Path | None = Field(
+        None,
+        description="llama.cpp shared libraries for "
+        "llama-cpp-python (default: beside --llama-server, else "
+        "$LLAMA_CPP_LIB_PATH)",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @classmethod
     def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = _toml_path.get()
@@ -125,16 +178,20 @@ class ServeSettings(BaseSettings):
     def _one_upstream(self) -> ServeSettings:
         if self.backend == "llama-cpp-python":
             if self.upstream or self.llama_server or self.encoder == "local":
-                raise ValueError("--backend llama-cpp-python runs the model itself: no "
-                                 "--upstream, --llama-server or --encoder local")
+                raise ValueError(
+                    "--backend llama-cpp-python runs the model itself: no "
+                    "--upstream, --llama-server or --encoder local"
+                )
             if self.model is None or self.mmproj is None:
                 raise ValueError("--backend llama-cpp-python needs --model and --mmproj")
             return self
         if (self.upstream is None) == (self.llama_server is None):
             raise ValueError("give exactly one of --upstream URL and --llama-server PATH")
         if self.encoder == "local" and (self.encoder_model is None or self.encoder_mmproj is None):
-            raise ValueError("--encoder local needs --model and --mmproj (in managed mode, "
-                             "-m and --mmproj among the llama-server arguments do)")
+            raise ValueError(
+                "--encoder local needs --model and --mmproj (in managed mode, "
+                "-m and --mmproj among the llama-server arguments do)"
+            )
         if self.llama_args and self.llama_server is None:
             raise ValueError("arguments after `--` are for --llama-server (managed mode)")
         return self
@@ -150,10 +207,14 @@ class ServeSettings(BaseSettings):
             return None
         password = self.shared_password.get_secret_value() if self.shared_password else None
         return SharedTierConfig(
-            self.shared_store.get_secret_value(), prefix=self.shared_prefix,
+            self.shared_store.get_secret_value(),
+            prefix=self.shared_prefix,
             cluster=self.shared_cluster,
-            username=self.shared_username, password=password,
-            timeout_s=self.shared_timeout_ms / 1000, ttl_s=self.shared_ttl_h * 3600)
+            username=self.shared_username,
+            password=password,
+            timeout_s=self.shared_timeout_ms / 1000,
+            ttl_s=self.shared_ttl_h * 3600,
+        )
 
     @property
     def encoder_model(self) -> Path | None:
@@ -217,8 +278,12 @@ def load_settings(flags: dict[str, Any], toml: Path | None = None) -> ServeSetti
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field; unset options stay out of the namespace (env/TOML apply)."""
-    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                        help="TOML file with a [serve] table (env: VCACHE_CONFIG)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="TOML file with a [serve] table (env: VCACHE_CONFIG)",
+    )
     for name, field in ServeSettings.model_fields.items():
         if name == "llama_args":
             continue
@@ -227,8 +292,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "unset" if default is None else default
         help_text = f"{field.description} (default: {shown}; env: VCACHE_{name.upper()})"
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text,
-                                metavar=name.upper())
+            parser.add_argument(
+                flag, default=argparse.SUPPRESS, help=help_text, metavar=name.upper()
+            )

@@ -18,7 +18,8 @@ from proxy.cli.warm_command import add_warm_command
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vcache", description="A caching proxy for llama-server that encodes each image once.")
+        prog="vcache", description="A caching proxy for llama-server that encodes each image once."
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(subparsers)
     add_warm_command(subparsers)
@@ -29,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(subparsers: Subparsers) -> None:
     serve = subparsers.add_parser(
-        "serve", help="run the proxy",
+        "serve",
+        help="run the proxy",
         description="Run the proxy in front of a llama-server: either one already running "
         "(--upstream URL) or one it starts and manages (--llama-server PATH -- ARGS...).",
         epilog="Example: vcache serve --llama-server ./llama-server -- -m model.gguf "
-        "--mmproj mmproj.gguf")
+        "--mmproj mmproj.gguf",
+    )
     add_arguments(serve)
     serve.set_defaults(handler=_serve)
 
@@ -45,8 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as e:
         print(f"vcache serve: {settings_error(e)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from proxy.serve import serve  # heavy imports only for the command that needs them
 
     asyncio.run(serve(settings))
@@ -55,8 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def settings_error(e: Exception) -> str:
     if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                         for err in e.errors())
+        return "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
     return str(e)
 
 
@@ -64,7 +69,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """`vcache serve ... -- llama-server args`: what follows `--` goes to llama-server."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 

@@ -46,10 +46,18 @@ def add_store_commands(subparsers: Subparsers) -> None:
     rm = _command(subparsers, "rm", "delete entries by key", _rm)
     rm.add_argument("keys", nargs="+", metavar="KEY", help="vc1:<namespace id>:<digest>")
     gc = _command(subparsers, "gc", "expire, evict to budget, reclaim space", _gc)
-    gc.add_argument("--min-dead-ratio", type=float, default=0.5,
-                    help="compact segments at least this dead (default 0.5)")
-    gc.add_argument("--abandoned-after", type=float, default=60.0,
-                    help="seconds before an unlocked writer's segment counts as abandoned")
+    gc.add_argument(
+        "--min-dead-ratio",
+        type=float,
+        default=0.5,
+        help="compact segments at least this dead (default 0.5)",
+    )
+    gc.add_argument(
+        "--abandoned-after",
+        type=float,
+        default=60.0,
+        help="seconds before an unlocked writer's segment counts as abandoned",
+    )
     verify = _command(subparsers, "verify", "check index and payloads", _verify)
     verify.add_argument("--fix", action="store_true", help="quarantine and remove bad entries")
     verify.add_argument("--quick", action="store_true", help="skip reading payload bytes")
@@ -57,8 +65,12 @@ def add_store_commands(subparsers: Subparsers) -> None:
 
 def _command(subparsers: Subparsers, name: str, help_: str, handler: Handler) -> Any:
     parser = subparsers.add_parser(name, help=help_, description=help_)
-    parser.add_argument("--store", default=None, metavar="DIR",
-                        help=f"store directory (default: $VCACHE_STORE or {DEFAULT_STORE})")
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help=f"store directory (default: $VCACHE_STORE or {DEFAULT_STORE})",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=lambda args: _run(args, handler))
     return parser
@@ -84,9 +96,15 @@ def _ls(args: argparse.Namespace, store: Store) -> int:
         return _print_json(rows)
     table = Table("key", "bytes", "meta", "pinned", "created", "last access", "expires")
     for row in rows:
-        table.add_row(_short_key(row["key"]), f"{row['length']:,}", str(row["meta_bytes"]),
-                      "yes" if row["pinned"] else "", _when(row["created_at"]),
-                      _when(row["last_access"]), _when(row["expires_at"]))
+        table.add_row(
+            _short_key(row["key"]),
+            f"{row['length']:,}",
+            str(row["meta_bytes"]),
+            "yes" if row["pinned"] else "",
+            _when(row["created_at"]),
+            _when(row["last_access"]),
+            _when(row["expires_at"]),
+        )
     Console().print(table)
     return 0
 
@@ -154,9 +172,15 @@ def _print_report(args: argparse.Namespace, document: dict[str, Any]) -> int:
 
 
 def _entry_dict(info: EntryInfo) -> dict[str, Any]:
-    return {"key": info.key.text, **dataclasses.asdict(info.ref), "meta_bytes": info.meta_bytes,
-            "pinned": info.pinned, "created_at": info.created_at,
-            "last_access": info.last_access, "expires_at": info.expires_at}
+    return {
+        "key": info.key.text,
+        **dataclasses.asdict(info.ref),
+        "meta_bytes": info.meta_bytes,
+        "pinned": info.pinned,
+        "created_at": info.created_at,
+        "last_access": info.last_access,
+        "expires_at": info.expires_at,
+    }
 
 
 def _print_json(document: object) -> int:

@@ -29,25 +29,42 @@ if TYPE_CHECKING:
 
 def add_warm_command(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
-        "warm", help="encode, pin and name reference images ahead of time",
+        "warm",
+        help="encode, pin and name reference images ahead of time",
         description="Encode images through a running proxy so the first real request hits. "
         "Already-cached images are skipped without being uploaded; after Ctrl-C, run it again "
-        "to finish.")
-    p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="image files, folders, globs, URLs, or .txt files listing them")
-    p.add_argument("--proxy", default=os.environ.get("VCACHE_PROXY", DEFAULT_PROXY),
-                   help=f"the running vcache proxy (default: $VCACHE_PROXY or {DEFAULT_PROXY})")
+        "to finish.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="image files, folders, globs, URLs, or .txt files listing them",
+    )
+    p.add_argument(
+        "--proxy",
+        default=os.environ.get("VCACHE_PROXY", DEFAULT_PROXY),
+        help=f"the running vcache proxy (default: $VCACHE_PROXY or {DEFAULT_PROXY})",
+    )
     p.add_argument("--recursive", "-r", action="store_true", help="descend into folders")
     p.add_argument("--name", help="name for the single image given (use as vcache://NAME)")
-    p.add_argument("--manifest", type=Path, help="TOML/JSON file: name = path or "
-                   "{path = ..., ttl = seconds}")
-    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                   help="pin warmed images so budgets never evict them (default: on)")
+    p.add_argument(
+        "--manifest", type=Path, help="TOML/JSON file: name = path or {path = ..., ttl = seconds}"
+    )
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pin warmed images so budgets never evict them (default: on)",
+    )
     p.add_argument("--ttl", type=float, help="expire unpinned images after this many seconds")
     p.add_argument("--model", default="", help="model name (router mode)")
     p.add_argument("--jobs", "-j", type=int, default=2, help="images in flight at once")
-    p.add_argument("--api-key", default=os.environ.get("VCACHE_API_KEY"),
-                   help="the proxy key, if the proxy has one (default: $VCACHE_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("VCACHE_API_KEY"),
+        help="the proxy key, if the proxy has one (default: $VCACHE_API_KEY)",
+    )
     p.set_defaults(handler=run_warm)
 
 
@@ -75,8 +92,13 @@ def run_warm(args: argparse.Namespace) -> int:
     except (VisionCacheError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
+    columns = (
+        TextColumn("warming"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeRemainingColumn(),
+    )
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("warm", total=len(sources), rate=0.0)
@@ -87,8 +109,15 @@ def run_warm(args: argparse.Namespace) -> int:
                 elapsed = progress.tasks[task].elapsed or 1e-9
                 progress.update(task, rate=done / elapsed)
 
-            report = warm(sources, proxy=args.proxy, pin=args.pin, model=args.model,
-                          jobs=args.jobs, api_key=args.api_key, on_item=advance)
+            report = warm(
+                sources,
+                proxy=args.proxy,
+                pin=args.pin,
+                model=args.model,
+                jobs=args.jobs,
+                api_key=args.api_key,
+                on_item=advance,
+            )
     except KeyboardInterrupt:
         console.print("interrupted: what finished is cached; run the same command to resume")
         return 130
@@ -103,10 +132,13 @@ def _summary(console: Console, report: WarmReport) -> None:
     table = Table(title="warm-up")
     for col in ("encoded", "already cached", "failed", "encoder time", "wall time"):
         table.add_column(col, justify="right")
-    table.add_row(str(report.count("encoded")),
-                  str(report.count("cached") + report.count("skipped")),
-                  str(report.count("failed")), f"{report.encode_ms / 1000:.1f} s",
-                  f"{report.elapsed_s:.1f} s")
+    table.add_row(
+        str(report.count("encoded")),
+        str(report.count("cached") + report.count("skipped")),
+        str(report.count("failed")),
+        f"{report.encode_ms / 1000:.1f} s",
+        f"{report.elapsed_s:.1f} s",
+    )
     console.print(table)
     named = report.refs
     if named:

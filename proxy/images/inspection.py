@@ -43,8 +43,9 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaTooLarge(f"image refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
-        raise MediaError("not an image in a supported format "
-                         "(JPEG, PNG, BMP, GIF, PPM, TGA, PSD or WebP)") from e
+        raise MediaError(
+            "not an image in a supported format (JPEG, PNG, BMP, GIF, PPM, TGA, PSD or WebP)"
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"image header is unreadable: {e}") from e
     return _checked(info, max_pixels)
@@ -56,6 +57,7 @@ def _checked(info: ImageInfo, max_pixels: int) -> ImageInfo:
     if info.width <= 0 or info.height <= 0:
         raise MediaError(f"image has no pixels ({info.width}x{info.height})")
     if info.width * info.height > max_pixels:
-        raise MediaTooLarge(f"image of {info.width}x{info.height} pixels is over the "
-                            f"{max_pixels:,}-pixel limit")
+        raise MediaTooLarge(
+            f"image of {info.width}x{info.height} pixels is over the {max_pixels:,}-pixel limit"
+        )
     return info

@@ -234,7 +234,7 @@ def _load_data_uri(ref: str, max_bytes: int) -> Media:
         raise MediaError(f"{shown}: media type {mime!r} is not an image")
     # sized before it is sliced out: a copy of 100 MB of base64 only to refuse it is a waste
     _check_base64_size(len(ref) - comma - 1, max_bytes)
-    return Media(_decode_base64(ref[comma + 1:], max_bytes), mime, "data-uri")
+    return Media(_decode_base64(ref[comma + 1 :], max_bytes), mime, "data-uri")
 
 
 def _decode_base64(text: str, max_bytes: int) -> bytes:

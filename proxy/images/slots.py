@@ -23,18 +23,34 @@ from proxy.errors import ClientPackageRefused, TooManyImages
 
 Package = dict[str, Any]
 
-CHAT_PATHS = frozenset({
-    "/v1/chat/completions", "/chat/completions",
-    "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens",
-})
-PROMPT_PATHS = frozenset({
-    "/completion", "/completions", "/v1/completions", "/infill",
-    "/embedding", "/embeddings", "/v1/embeddings",
-})
+CHAT_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/chat/completions/input_tokens",
+        "/chat/completions/input_tokens",
+    }
+)
+PROMPT_PATHS = frozenset(
+    {
+        "/completion",
+        "/completions",
+        "/v1/completions",
+        "/infill",
+        "/embedding",
+        "/embeddings",
+        "/v1/embeddings",
+    }
+)
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-RESPONSES_PATHS = frozenset({
-    "/v1/responses", "/responses", "/v1/responses/input_tokens", "/responses/input_tokens",
-})
+RESPONSES_PATHS = frozenset(
+    {
+        "/v1/responses",
+        "/responses",
+        "/v1/responses/input_tokens",
+        "/responses/input_tokens",
+    }
+)
 IMAGE_PATHS = CHAT_PATHS | PROMPT_PATHS | ANTHROPIC_PATHS | RESPONSES_PATHS
 
 
@@ -53,15 +69,17 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def find_images(path: str, body: Any, *, max_images: int,
-                allow_client_packages: bool = False) -> list[ImageSlot]:
+def find_images(
+    path: str, body: Any, *, max_images: int, allow_client_packages: bool = False
+) -> list[ImageSlot]:
     """Every image in `body`, in request order; raises on a refused or oversized request."""
     if not isinstance(body, dict) or path not in IMAGE_PATHS:
         return []
     found = list(_slots(path, body))
     if not allow_client_packages and any(s is None for s in found):
         raise ClientPackageRefused(
-            "image_embedding inputs are not accepted from clients; send the image itself")
+            "image_embedding inputs are not accepted from clients; send the image itself"
+        )
     slots = [s for s in found if s is not None]
     if len(slots) > max_images:
         raise TooManyImages(f"{len(slots)} images in one request, the limit is {max_images}")
@@ -104,6 +122,7 @@ def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         part.clear()
         part.update({"type": "image_embedding", "image_embedding": pkg})
+
     return put
 
 
@@ -113,6 +132,7 @@ def _chat_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
             part["image_url"]["url"] = data_uri(data, mime)
         else:
             part["image_url"] = data_uri(data, mime)
+
     return put
 
 
@@ -134,12 +154,14 @@ def _prompt_slots(prompt: Any) -> Iterator[Found]:
 def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         items[i] = {"image_embedding": pkg}
+
     return put
 
 
 def _list_image(items: list[Any], i: int) -> Callable[[bytes, str], None]:
     def put(data: bytes, mime: str) -> None:
         items[i] = base64.b64encode(data).decode()  # multimodal_data holds bare base64
+
     return put
 
 
@@ -164,8 +186,12 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
         yield None
     elif kind == "base64" and isinstance(source.get("data"), str):
         mime = source.get("media_type")
-        yield ImageSlot(source["data"], mime if isinstance(mime, str) else None,
-                        _source_replacer(block), _source_image(block))
+        yield ImageSlot(
+            source["data"],
+            mime if isinstance(mime, str) else None,
+            _source_replacer(block),
+            _source_image(block),
+        )
     elif kind == "url" and isinstance(source.get("url"), str):
         yield ImageSlot(source["url"], None, _source_replacer(block), _source_image(block))
 
@@ -173,13 +199,18 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
 def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         block["source"] = {"type": "image_embedding", "image_embedding": pkg}
+
     return put
 
 
 def _source_image(block: dict[str, Any]) -> Callable[[bytes, str], None]:
     def put(data: bytes, mime: str) -> None:
-        block["source"] = {"type": "base64", "media_type": mime,
-                           "data": base64.b64encode(data).decode()}
+        block["source"] = {
+            "type": "base64",
+            "media_type": mime,
+            "data": base64.b64encode(data).decode(),
+        }
+
     return put
 
 
@@ -202,6 +233,7 @@ def _responses_slots(items: Any) -> Iterator[Found]:
 def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
     def put(data: bytes, mime: str) -> None:
         part["image_url"] = data_uri(data, mime)
+
     return put
 
 
@@ -211,4 +243,3 @@ def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
 def _dicts(value: Any) -> Iterator[dict[str, Any]]:
     if isinstance(value, list):
         yield from (v for v in value if isinstance(v, dict))
-

@@ -122,8 +122,12 @@ class LocalEncoder:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -140,8 +144,13 @@ class LocalEncoder:
         if self._identity is None:
             raise RuntimeError("LocalEncoder.start() has not run")
         ident = self._identity
-        return {"model": self._config.model, "mmproj": ident["mmproj"], "build": ident["build"],
-                "format_version": FORMAT_VERSION, "encoder": ident["encoder"]}
+        return {
+            "model": self._config.model,
+            "mmproj": ident["mmproj"],
+            "build": ident["build"],
+            "format_version": FORMAT_VERSION,
+            "encoder": ident["encoder"],
+        }
 
     def namespace(self) -> Namespace:
         return Namespace.from_components(self.namespace_components())
@@ -166,8 +175,9 @@ class LocalEncoder:
                 return await self._call_once(fn, args)
             except _WorkerDied as e:
                 if attempt == 2:
-                    raise LocalEncoderError("encoder workers died twice on this request "
-                                            "(see the log above)") from e
+                    raise LocalEncoderError(
+                        "encoder workers died twice on this request (see the log above)"
+                    ) from e
                 log.warning("an encoder worker died (%s): retrying on a fresh one", e)
         raise AssertionError("unreachable")
 
@@ -184,14 +194,16 @@ class LocalEncoder:
         except TimeoutError as e:
             worker.kill()  # a native encode cannot be interrupted: only its process ended
             raise LocalEncoderTimeout(
-                f"local encode ran past {self._config.timeout_s:.0f} s") from e
+                f"local encode ran past {self._config.timeout_s:.0f} s"
+            ) from e
         except ImageRejected as e:
             raise LocalEncoderRejected(f"local encoder: {e}") from e
         except (VisionCacheError, OSError) as e:
             raise LocalEncoderError(f"local encoder: {e}") from e
 
-    def _release(self, idle: asyncio.Queue[_Worker], worker: _Worker,
-                 done: asyncio.Future[Any]) -> None:
+    def _release(
+        self, idle: asyncio.Queue[_Worker], worker: _Worker, done: asyncio.Future[Any]
+    ) -> None:
         if not done.cancelled():
             done.exception()  # retrieved here: the caller may have stopped waiting
         if self._idle is not idle:
@@ -218,8 +230,9 @@ class _Worker:
 
     def __init__(self, mp: SpawnContext, config: LocalEncoderConfig) -> None:
         self._conn, child = mp.Pipe()
-        self.process: SpawnProcess = mp.Process(target=_serve, args=(child, config),
-                                                name="vcache-encoder", daemon=True)
+        self.process: SpawnProcess = mp.Process(
+            target=_serve, args=(child, config), name="vcache-encoder", daemon=True
+        )
         self.process.start()
         child.close()  # only the worker holds its end: its death is EOF here
 
@@ -303,8 +316,11 @@ def _worker_encoder() -> VisionEncoder:
 
 def _describe() -> dict[str, Any]:
     encoder = _worker_encoder()
-    return {"mmproj": encoder.mmproj_id, "build": encoder.build_id,
-            "encoder": encoder.namespace_settings()}
+    return {
+        "mmproj": encoder.mmproj_id,
+        "build": encoder.build_id,
+        "encoder": encoder.namespace_settings(),
+    }
 
 
 def _encode(image: bytes) -> tuple[PackageHeader, bytes, float]:

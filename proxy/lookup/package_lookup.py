@@ -74,8 +74,10 @@ class RequestTally:
     encode_ms_saved: float = 0.0
 
     def header(self) -> str:
-        return (f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
-                f"encode_ms_saved={self.encode_ms_saved:.0f}")
+        return (
+            f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
+            f"encode_ms_saved={self.encode_ms_saved:.0f}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +91,18 @@ class _Filled:
 
 
 class PackageLookup:
-    def __init__(self, store: Store, upstream: Upstream, media: MediaLoader, metrics: Metrics,
-                 *, transport: Transport, pin_new: bool = False,
-                 shared: SharedTier | None = None, encoder: LocalEncoder | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        media: MediaLoader,
+        metrics: Metrics,
+        *,
+        transport: Transport,
+        pin_new: bool = False,
+        shared: SharedTier | None = None,
+        encoder: LocalEncoder | None = None,
+    ) -> None:
         self._store = store
         self._encoder = encoder
         self._shared = shared or NullSharedTier()
@@ -122,8 +133,9 @@ class PackageLookup:
         caps = await self._upstream.capabilities(model)
         return await self._upstream.encode(caps, image, mime, model)
 
-    async def resolve(self, slot: ImageSlot, caps: Capabilities, model: str,
-                      tally: RequestTally) -> Package | None:
+    async def resolve(
+        self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
+    ) -> Package | None:
         namespace = caps.namespace
         if namespace is None:
             return None
@@ -145,14 +157,22 @@ class PackageLookup:
         key = namespace.key_for_image(media.data)
         return await self._by_key(key, namespace, media.data, media.mime or slot.mime, model, tally)
 
-    async def _by_key(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
-                      model: str, tally: RequestTally) -> Package | None:
+    async def _by_key(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        tally: RequestTally,
+    ) -> Package | None:
         try:
             entry = await self._run(self._store.get, key)
             if entry is not None:
                 return self._hit(entry, tally)
             filled = await self._flight.run(
-                key.text, lambda: self._fill(key, namespace, image, mime, model))
+                key.text, lambda: self._fill(key, namespace, image, mime, model)
+            )
             entry = await self._run(self._store.get, key)
             if filled.from_fleet:
                 return self._fleet_hit(filled, entry, tally)
@@ -166,9 +186,17 @@ class PackageLookup:
             log.warning("cache path failed, forwarding the image: %s", e)
             return self._fallback(tally)
 
-    async def _encode_and_store(self, key: CacheKey, namespace: Namespace, image: bytes,
-                                mime: str | None, model: str, *, pin: bool = False,
-                                ttl: float | None = None) -> Encoded:
+    async def _encode_and_store(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> Encoded:
         with self._metrics.encode_seconds.time():
             encoded = await self._encode(image, mime, model)
         self._metrics.encode_ms.inc(encoded.encode_ms)
@@ -181,8 +209,17 @@ class PackageLookup:
         await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
         return encoded
 
-    async def _fill(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
-                    model: str, *, pin: bool = False, ttl: float | None = None) -> _Filled:
+    async def _fill(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> _Filled:
         """A key missing here: the fleet's copy if there is one (or once the proxy holding the
         key's fleet lock has published it), else upstream's encode. Stored here either way."""
         found = await self._fetch(key, namespace, pin=pin, ttl=ttl)
@@ -190,30 +227,40 @@ class PackageLookup:
             return found
         async with self._shared.claim(key) as claim:
             if claim.elsewhere:
-                found = await self._from_fleet(key, namespace, await self._shared.wait_for(key),
-                                               pin=pin, ttl=ttl)
+                found = await self._from_fleet(
+                    key, namespace, await self._shared.wait_for(key), pin=pin, ttl=ttl
+                )
                 if found is not None:
                     return found
             # the lock is best effort: past the wait's bound, or without Redis, encode anyway
-            encoded = await self._encode_and_store(key, namespace, image, mime, model, pin=pin,
-                                                   ttl=ttl)
+            encoded = await self._encode_and_store(
+                key, namespace, image, mime, model, pin=pin, ttl=ttl
+            )
         return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
 
-    async def _fetch(self, key: CacheKey, namespace: Namespace, *, pin: bool = False,
-                     ttl: float | None = None) -> _Filled | None:
-        return await self._from_fleet(key, namespace, await self._shared.get(key), pin=pin,
-                                      ttl=ttl)
+    async def _fetch(
+        self, key: CacheKey, namespace: Namespace, *, pin: bool = False, ttl: float | None = None
+    ) -> _Filled | None:
+        return await self._from_fleet(key, namespace, await self._shared.get(key), pin=pin, ttl=ttl)
 
-    async def _from_fleet(self, key: CacheKey, namespace: Namespace, found: SharedEntry | None,
-                          *, pin: bool, ttl: float | None) -> _Filled | None:
+    async def _from_fleet(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        found: SharedEntry | None,
+        *,
+        pin: bool,
+        ttl: float | None,
+    ) -> _Filled | None:
         """Write a shared-tier hit through to the local store, pinned if the fleet pinned it."""
         if found is None:
             return None
         try:
             stored = _fleet_package(key, found)
         except PackageError as e:
-            log.warning("shared tier holds an unusable package for %s, replacing it: %s",
-                        key.text, e)
+            log.warning(
+                "shared tier holds an unusable package for %s, replacing it: %s", key.text, e
+            )
             await self._shared.discard(key)
             return None
         await self._register(namespace)
@@ -222,20 +269,31 @@ class PackageLookup:
             log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
         return _Filled(stored.header, found.payload, stored.encode_ms, from_fleet=True)
 
-    async def warm(self, image: bytes, mime: str | None, model: str, *, pin: bool,
-                   name: str | None, ttl: float | None) -> WarmResult:
+    async def warm(
+        self,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool,
+        name: str | None,
+        ttl: float | None,
+    ) -> WarmResult:
         """Make sure one image is cached (encoding it if needed), pinned and named as asked."""
         namespace = (await self.capabilities(model)).namespace
         if namespace is None:
-            raise ClientError("upstream takes no packages: nothing to warm "
-                              "(a patched llama-server started with --image-embedding?)")
+            raise ClientError(
+                "upstream takes no packages: nothing to warm "
+                "(a patched llama-server started with --image-embedding?)"
+            )
         key = namespace.key_for_image(image)
         entry = await self._run(self._store.get, key)
         encode_ms = 0.0
         status_: Literal["cached", "encoded"] = "cached"
         if entry is None:
-            filled = await self._flight.run(key.text, lambda: self._fill(
-                key, namespace, image, mime, model, pin=pin, ttl=ttl))
+            filled = await self._flight.run(
+                key.text, lambda: self._fill(key, namespace, image, mime, model, pin=pin, ttl=ttl)
+            )
             if not filled.from_fleet:
                 encode_ms, status_ = filled.encode_ms, "encoded"
             entry = await self._run(self._store.get, key)
@@ -248,8 +306,9 @@ class PackageLookup:
         await self._publish(entry, pin=pin, ttl=ttl, name=name)
         return WarmResult(key, namespace, status_, encode_ms, entry.nbytes)
 
-    async def _publish(self, entry: Entry, *, pin: bool, ttl: float | None,
-                       name: str | None) -> None:
+    async def _publish(
+        self, entry: Entry, *, pin: bool, ttl: float | None, name: str | None
+    ) -> None:
         """Make a warmed entry the fleet's too: it may predate the shared tier, or Redis may
         have lost it. Where the fleet has it already, this only pins it (if asked)."""
         await self._shared.put(entry.key, entry.meta, entry.payload, pin=pin, ttl=ttl)
@@ -263,6 +322,7 @@ class PackageLookup:
 
     async def present(self, namespace: Namespace, digests: list[str]) -> dict[str, bool]:
         """Cached, readable, unexpired `digests` of `namespace`, each with its pinned flag."""
+
         def check() -> dict[str, bool]:
             found = {}
             for d in digests:
@@ -270,11 +330,12 @@ class PackageLookup:
                 if entry is not None:
                     found[d] = entry.pinned
             return found
+
         result: dict[str, bool] = await self._run(check)
         return result
 
     async def _named(self, ref: str, namespace: Namespace, tally: RequestTally) -> Package:
-        target = ref[len(REFERENCE_PREFIX):]
+        target = ref[len(REFERENCE_PREFIX) :]
         m = _DIGEST_REF.fullmatch(target)
         try:
             key = namespace.key(m.group(1)) if m else await self._resolve_name(namespace, target)
@@ -298,17 +359,19 @@ class PackageLookup:
                 await self._run(self._store.set_name, key, name)
         return key
 
-    async def _named_from_fleet(self, key: CacheKey, namespace: Namespace,
-                                tally: RequestTally) -> Package | None:
+    async def _named_from_fleet(
+        self, key: CacheKey, namespace: Namespace, tally: RequestTally
+    ) -> Package | None:
         filled = await self._fetches.run(key.text, lambda: self._fetch(key, namespace))
         if filled is None:
             return None
         return self._fleet_hit(filled, await self._run(self._store.get, key), tally)
 
     def _unknown(self, ref: str, namespace: Namespace) -> Package:
-            raise UnknownReference(
-                f"{ref} is not in the cache for namespace {namespace.id[:16]} "
-                "(never warmed for this model and settings, or evicted)")
+        raise UnknownReference(
+            f"{ref} is not in the cache for namespace {namespace.id[:16]} "
+            "(never warmed for this model and settings, or evicted)"
+        )
 
     def _hit(self, entry: Entry, tally: RequestTally) -> Package:
         stored = StoredPackage.from_meta(entry.meta)
@@ -337,7 +400,8 @@ class PackageLookup:
         if self._transport == "file":
             ref = entry.ref
             return header.by_reference(
-                EmbeddingFileRef(ref.segment, ref.offset, ref.length, ref.checksum))
+                EmbeddingFileRef(ref.segment, ref.offset, ref.length, ref.checksum)
+            )
         # The store checks a payload once per process; bytes changed under its mapping since
         # (a disk error, a stray write) must not become embeddings. A file reference upstream
         # checks itself; inline ones are ours to check (cheap beside the base64 encoding).
@@ -369,8 +433,9 @@ def _fleet_package(key: CacheKey, found: SharedEntry) -> StoredPackage:
     if stored.header.image_id != key.digest:
         raise PackageError(f"package of image {stored.header.image_id[:16]} under another key")
     if stored.header.payload_size != found.payload.nbytes:
-        raise PackageError(f"payload of {found.payload.nbytes} bytes, its header says "
-                           f"{stored.header.payload_size}")
+        raise PackageError(
+            f"payload of {found.payload.nbytes} bytes, its header says {stored.header.payload_size}"
+        )
     return stored
 
 

@@ -72,8 +72,9 @@ class Encoded:
 class Upstream:
     """A llama-server (patched or stock) at `base_url`."""
 
-    def __init__(self, base_url: str, *, connect_timeout_s: float = 5.0,
-                 encode_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout_s: float = 5.0, encode_timeout_s: float = 600.0
+    ) -> None:
         self._base_url = base_url.rstrip("/")
         # generation can stream for minutes: no read timeout on forwarded requests
         self.client = httpx.AsyncClient(
@@ -82,8 +83,9 @@ class Upstream:
             # idle connections go well before llama-server's own 5 s keep-alive timeout: at
             # the same 5 s (httpx's default) a request could go out on a connection the server
             # was closing, a 502 nobody caused (a few a minute in scripts/soak.py)
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
-                                keepalive_expiry=KEEPALIVE_S),
+            limits=httpx.Limits(
+                max_connections=256, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S
+            ),
             follow_redirects=False,
         )
         self._encode_timeout = httpx.Timeout(encode_timeout_s, connect=connect_timeout_s)
@@ -135,8 +137,9 @@ class Upstream:
             return {}
         return props if isinstance(props, dict) else {}
 
-    async def encode(self, caps: Capabilities, image: bytes, mime: str | None,
-                     model: str = "") -> Encoded:
+    async def encode(
+        self, caps: Capabilities, image: bytes, mime: str | None, model: str = ""
+    ) -> Encoded:
         """Ask upstream's encode endpoint for the package of one image."""
         uri = f"data:{mime or 'image/png'};base64,{base64.b64encode(image).decode()}"
         body: dict[str, Any] = {"image_url": {"url": uri}}

@@ -28,10 +28,20 @@ from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("vcache.forwarding")
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # recomputed by whoever frames the body next
 FRAMING = frozenset({"content-length", "host"})
 # the proxy's own key stays with the proxy: upstream is not the proxy's to authenticate to
@@ -39,7 +49,8 @@ PROXY_ONLY = frozenset({"x-vcache-key"})
 CHUNK = 64 * 1024
 # the response whose headers the handler has sent, for the middleware in proxy.web.app
 RESPONSE_STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey(
-    "vcache_response_started", web.StreamResponse)
+    "vcache_response_started", web.StreamResponse
+)
 # an event held back this long without its end is passed on as it is
 MAX_HELD_EVENT = 1024 * 1024
 
@@ -64,13 +75,21 @@ def response_headers(upstream: httpx.Headers) -> CIMultiDict[str]:
 
 
 def error_response(err: ProxyError, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=err.status, body=orjson.dumps(err.body()),
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(err.body()),
+        content_type="application/json",
+        headers=headers,
+    )
 
 
-def build_request(client: httpx.AsyncClient, request: web.Request, content: Any,
-                  extra_headers: Mapping[str, str] | None = None,
-                  idle_s: float | None = None) -> httpx.Request:
+def build_request(
+    client: httpx.AsyncClient,
+    request: web.Request,
+    content: Any,
+    extra_headers: Mapping[str, str] | None = None,
+    idle_s: float | None = None,
+) -> httpx.Request:
     """The request for upstream; `idle_s` bounds each wait for upstream (None: no bound).
 
     httpx applies the read timeout to every read, so `idle_s` is the longest silence before
@@ -86,14 +105,15 @@ def build_request(client: httpx.AsyncClient, request: web.Request, content: Any,
         content = _slices(content)
     timeout = httpx.Timeout(idle_s, connect=client.timeout.connect)
     # raw_path: the query string and its encoding exactly as the client wrote them
-    return client.build_request(request.method, request.raw_path, headers=headers,
-                                content=content, timeout=timeout)
+    return client.build_request(
+        request.method, request.raw_path, headers=headers, content=content, timeout=timeout
+    )
 
 
 async def _slices(data: bytes) -> AsyncIterator[bytes]:
     view = memoryview(data)
     for start in range(0, len(view), CHUNK):
-        yield bytes(view[start:start + CHUNK])
+        yield bytes(view[start : start + CHUNK])
 
 
 async def open_upstream(client: httpx.AsyncClient, req: httpx.Request) -> httpx.Response:
@@ -106,8 +126,9 @@ async def open_upstream(client: httpx.AsyncClient, req: httpx.Request) -> httpx.
         raise UpstreamError(f"upstream is unreachable: {type(e).__name__}: {e}") from e
 
 
-async def relay(request: web.Request, upstream: httpx.Response,
-                extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+async def relay(
+    request: web.Request, upstream: httpx.Response, extra_headers: Mapping[str, str] | None = None
+) -> web.StreamResponse:
     """Copy upstream's response to the client as it arrives; closes `upstream`."""
     try:
         resp = web.StreamResponse(status=upstream.status_code, reason=upstream.reason_phrase)
@@ -226,6 +247,9 @@ class _EventFramer:
 
 def _last_boundary(data: bytes) -> int:
     """Where the last complete event ends (0: none), for any of SSE's line endings."""
-    ends = (data.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\r", b"\r\n\r\n")
-            if data.rfind(sep) >= 0)
+    ends = (
+        data.rfind(sep) + len(sep)
+        for sep in (b"\n\n", b"\r\r", b"\r\n\r\n")
+        if data.rfind(sep) >= 0
+    )
     return max(ends, default=0)

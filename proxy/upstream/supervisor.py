@@ -89,10 +89,10 @@ class ReservedArgumentError(ProxyError, ValueError):
 class ManagedServerConfig:
     """How to run llama-server in managed mode.
 
-        ManagedServerConfig(binary=Path("/opt/llama/llama-server"),
-                            args=("-m", "qwen2-vl.gguf", "--mmproj", "mmproj.gguf"),
-                            embedding_dir=Path("~/.cache/vcache/store").expanduser(),
-                            log_path=Path("llama-server.log"))
+    ManagedServerConfig(binary=Path("/opt/llama/llama-server"),
+                        args=("-m", "qwen2-vl.gguf", "--mmproj", "mmproj.gguf"),
+                        embedding_dir=Path("~/.cache/vcache/store").expanduser(),
+                        log_path=Path("llama-server.log"))
     """
 
     binary: Path
@@ -124,7 +124,8 @@ def _refuse_reserved_args(args: Sequence[str]) -> None:
         if flag in _RESERVED_FLAGS:
             raise ReservedArgumentError(
                 f"remove {flag} from the llama-server arguments: managed mode sets it "
-                "(llama-server listens on a private loopback port and reads the cache's directory)")
+                "(llama-server listens on a private loopback port and reads the cache's directory)"
+            )
 
 
 def _refuse_reserved_env(environ: Mapping[str, str]) -> None:
@@ -132,7 +133,8 @@ def _refuse_reserved_env(environ: Mapping[str, str]) -> None:
     for name in _RESERVED_ENV:
         if name in environ:
             raise ReservedArgumentError(
-                f"unset {name}: managed mode chooses llama-server's host and port itself")
+                f"unset {name}: managed mode chooses llama-server's host and port itself"
+            )
 
 
 def _require_loopback(host: str) -> None:
@@ -209,7 +211,9 @@ class ManagedServer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
@@ -221,8 +225,12 @@ class ManagedServer:
         self._started = True
         self._supports_embedding_dir = await _has_embedding_dir_flag(self._config.binary)
         if self._config.embedding_dir is not None and not self._supports_embedding_dir:
-            log.warning("%s has no %s (a stock build): the proxy will forward images to it "
-                        "instead of cached embeddings", self._config.binary, EMBEDDING_DIR_FLAG)
+            log.warning(
+                "%s has no %s (a stock build): the proxy will forward images to it "
+                "instead of cached embeddings",
+                self._config.binary,
+                EMBEDDING_DIR_FLAG,
+            )
         await self._launch()
         if self._stopping:  # stop() ran while we were starting, maybe before this process existed
             await self._stop_process(self._proc, self._pump)
@@ -240,8 +248,14 @@ class ManagedServer:
         await self._stop_process(self._proc, self._pump)
 
     def _command(self) -> list[str]:
-        argv = [str(self._config.binary), *self._config.args,
-                "--host", self._config.host, "--port", str(self._port)]
+        argv = [
+            str(self._config.binary),
+            *self._config.args,
+            "--host",
+            self._config.host,
+            "--port",
+            str(self._port),
+        ]
         if self._config.embedding_dir is not None and self._supports_embedding_dir:
             argv += [EMBEDDING_DIR_FLAG, str(self._config.embedding_dir.resolve())]
         return argv
@@ -257,8 +271,10 @@ class ManagedServer:
             except _EarlyExit as exc:
                 if not (exc.bind_failed and self._config.port == 0 and attempt < _BIND_ATTEMPTS):
                     raise UpstreamError(str(exc)) from None
-                log.warning("port %d was taken before llama-server could bind it; "
-                            "trying another", self._port)
+                log.warning(
+                    "port %d was taken before llama-server could bind it; trying another",
+                    self._port,
+                )
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _spawn_and_wait(self) -> None:
@@ -276,15 +292,20 @@ class ManagedServer:
         log.info("llama-server (pid %d) is healthy", proc.pid)
 
     async def _wait_until_healthy(
-        self, proc: asyncio.subprocess.Process, pump: _OutputPump,
+        self,
+        proc: asyncio.subprocess.Process,
+        pump: _OutputPump,
     ) -> None:
         # Race the health polls against the exit: a poll can hang for its whole timeout (say,
         # on a port someone else took), and an exit must fail the start at once.
         polling = asyncio.create_task(_poll_health(self.base_url + "/health"))
         exiting = asyncio.create_task(proc.wait())
         try:
-            await asyncio.wait([polling, exiting], timeout=self._config.start_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [polling, exiting],
+                timeout=self._config.start_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             polling.cancel()
             exiting.cancel()
@@ -296,11 +317,14 @@ class ManagedServer:
         if polling.cancelled():  # by us, at the time limit
             raise UpstreamError(
                 f"llama-server did not become healthy within {self._config.start_timeout_s:g} s; "
-                f"its last output:\n{pump.tail()}")
+                f"its last output:\n{pump.tail()}"
+            )
         polling.result()  # re-raises a bug in the polling, if any
 
     async def _stop_process(
-        self, proc: asyncio.subprocess.Process | None, pump: _OutputPump | None,
+        self,
+        proc: asyncio.subprocess.Process | None,
+        pump: _OutputPump | None,
     ) -> None:
         if proc is not None:
             await _terminate(proc, self._config.stop_grace_s)
@@ -324,8 +348,13 @@ class ManagedServer:
         self._healthy.clear()
         uptime = 0.0 if self._healthy_since is None else time.monotonic() - self._healthy_since
         self._healthy_since = None
-        log.error("llama-server (pid %d) %s after %.1f s healthy; its last output:\n%s",
-                  proc.pid, describe_exit(returncode), uptime, pump.tail())
+        log.error(
+            "llama-server (pid %d) %s after %.1f s healthy; its last output:\n%s",
+            proc.pid,
+            describe_exit(returncode),
+            uptime,
+            pump.tail(),
+        )
         return uptime
 
     async def _restart_after(self, delay_s: float) -> bool:
@@ -355,8 +384,10 @@ class _EarlyExit(Exception):
     """llama-server exited before it became healthy."""
 
     def __init__(self, returncode: int, tail: str) -> None:
-        super().__init__(f"llama-server {describe_exit(returncode)} before it became "
-                         f"healthy; its last output:\n{tail}")
+        super().__init__(
+            f"llama-server {describe_exit(returncode)} before it became "
+            f"healthy; its last output:\n{tail}"
+        )
         self.bind_failed = _BIND_FAILURE.search(tail) is not None
 
 
@@ -443,8 +474,11 @@ class _OutputPump:
             sink.write(chunk)
             sink.flush()
         except OSError as exc:
-            log.error("cannot append llama-server's output to %s (%s); logging it here instead",
-                      self._log_path, exc)
+            log.error(
+                "cannot append llama-server's output to %s (%s); logging it here instead",
+                self._log_path,
+                exc,
+            )
             with contextlib.suppress(OSError):
                 sink.close()
             self._to_logger = True
@@ -458,8 +492,11 @@ class _OutputPump:
             sink = self._log_path.open("ab")
         except OSError as exc:
             # Logging is best effort: an unwritable log file must not take llama-server down.
-            log.error("cannot append llama-server's output to %s (%s); logging it here instead",
-                      self._log_path, exc)
+            log.error(
+                "cannot append llama-server's output to %s (%s); logging it here instead",
+                self._log_path,
+                exc,
+            )
             return None
         self._to_logger = False
         return sink
@@ -506,8 +543,12 @@ async def _has_embedding_dir_flag(binary: Path) -> bool:
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), _HELP_TIMEOUT_S)
     except TimeoutError:
-        log.warning("`%s --help` did not finish in %g s; assuming no %s",
-                    binary, _HELP_TIMEOUT_S, EMBEDDING_DIR_FLAG)
+        log.warning(
+            "`%s --help` did not finish in %g s; assuming no %s",
+            binary,
+            _HELP_TIMEOUT_S,
+            EMBEDDING_DIR_FLAG,
+        )
         return False
     finally:
         await _terminate(proc, grace_s=1.0)
@@ -518,11 +559,15 @@ async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
     """Start `argv` with its stdout+stderr on one pipe, set to die with us."""
     try:
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent_hook(),
             # Its own process group: a Ctrl-C in the terminal reaches only the proxy, which
             # then stops llama-server itself, instead of racing the monitor to restart it.
-            process_group=0)
+            process_group=0,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise UpstreamError(f"cannot run llama-server ({argv[0]}): {exc}") from exc
 
@@ -551,8 +596,7 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
 @functools.cache
 def _prctl() -> Any:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                      ctypes.c_ulong]
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
     return prctl
 
@@ -566,8 +610,9 @@ async def _terminate(proc: asyncio.subprocess.Process, grace_s: float) -> None:
             try:
                 await asyncio.wait_for(proc.wait(), grace_s)
             except TimeoutError:
-                log.warning("llama-server (pid %d) ignored SIGTERM for %g s; killing it",
-                            proc.pid, grace_s)
+                log.warning(
+                    "llama-server (pid %d) ignored SIGTERM for %g s; killing it", proc.pid, grace_s
+                )
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         await proc.wait()

@@ -54,6 +54,7 @@ def add_routes(app: web.Application) -> None:
     def bind(fn: Any) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
             return await fn(request, request.app[PROXY_KEY])  # type: ignore[no-any-return]
+
         return handler
 
     app.router.add_get("/vcache/health", bind(health))
@@ -65,8 +66,9 @@ def add_routes(app: web.Application) -> None:
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body, default=str), status=status,
-                        content_type="application/json")
+    return web.Response(
+        body=orjson.dumps(body, default=str), status=status, content_type="application/json"
+    )
 
 
 async def _model(request: web.Request, proxy: Proxy, cls: type[BaseModel]) -> Any:
@@ -81,8 +83,12 @@ async def _model(request: web.Request, proxy: Proxy, cls: type[BaseModel]) -> An
 
 async def health(request: web.Request, proxy: Proxy) -> web.Response:
     caps = await proxy.upstream.capabilities()
-    body: dict[str, Any] = {"status": "ok", "upstream": proxy.upstream.base_url,
-                            "packages": caps.packages, "process": _process_stats()}
+    body: dict[str, Any] = {
+        "status": "ok",
+        "upstream": proxy.upstream.base_url,
+        "packages": caps.packages,
+        "process": _process_stats(),
+    }
     if proxy.health_extra:
         body.update(proxy.health_extra())
     return _json(body)
@@ -111,8 +117,9 @@ async def stats(request: web.Request, proxy: Proxy) -> web.Response:
 async def namespace(request: web.Request, proxy: Proxy) -> web.Response:
     caps = await proxy.lookup.capabilities(request.query.get("model", ""))
     ns = caps.namespace
-    return _json({"packages": caps.packages, "id": ns.id if ns else None,
-                  "text": ns.text if ns else None})
+    return _json(
+        {"packages": caps.packages, "id": ns.id if ns else None, "text": ns.text if ns else None}
+    )
 
 
 async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
@@ -123,16 +130,30 @@ async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
     if ns is None:
         raise ClientError("upstream takes no packages")
     present = await proxy.lookup.present(ns, req.digests)
-    return _json({"namespace": ns.id, "present": sorted(present),
-                  "pinned": sorted(d for d, pinned in present.items() if pinned)})
+    return _json(
+        {
+            "namespace": ns.id,
+            "present": sorted(present),
+            "pinned": sorted(d for d, pinned in present.items() if pinned),
+        }
+    )
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:
     req: WarmRequest = await _model(request, proxy, WarmRequest)
     image, mime = await proxy.lookup.load_media(req.image)
-    result = await proxy.lookup.warm(image, mime, req.model, pin=req.pin, name=req.name,
-                                       ttl=req.ttl)
+    result = await proxy.lookup.warm(
+        image, mime, req.model, pin=req.pin, name=req.name, ttl=req.ttl
+    )
     ref = f"vcache://{req.name}" if req.name else f"vcache://sha256:{result.key.digest}"
-    return _json({"key": result.key.text, "digest": result.key.digest,
-                  "namespace": result.namespace.id, "status": result.status,
-                  "encode_ms": result.encode_ms, "bytes": result.nbytes, "ref": ref})
+    return _json(
+        {
+            "key": result.key.text,
+            "digest": result.key.digest,
+            "namespace": result.namespace.id,
+            "status": result.status,
+            "encode_ms": result.encode_ms,
+            "bytes": result.nbytes,
+            "ref": ref,
+        }
+    )

@@ -85,8 +85,15 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
         resp.headers["X-Request-Id"] = rid
     elapsed = (time.perf_counter() - started) * 1000
     proxy.metrics.requests.labels(_endpoint_label(request.path), f"{resp.status // 100}xx").inc()
-    log.info("rid=%s %s %s %d %.1fms %s", rid, request.method, request.path, resp.status,
-             elapsed, resp.headers.get("X-Vcache", ""))
+    log.info(
+        "rid=%s %s %s %d %.1fms %s",
+        rid,
+        request.method,
+        request.path,
+        resp.status,
+        elapsed,
+        resp.headers.get("X-Vcache", ""),
+    )
     return resp
 
 
@@ -96,8 +103,9 @@ def _failed(request: web.Request, rid: str, e: Exception) -> web.StreamResponse:
         # Headers (and maybe part of the body) are out: no error answer can follow them, and
         # a second response written into the stream would desynchronise the connection.
         # Cutting it is the one signal left: the client sees a response that ends short.
-        log.warning("rid=%s %s %s broken off after the headers: %s", rid, request.method,
-                    request.path, e)
+        log.warning(
+            "rid=%s %s %s broken off after the headers: %s", rid, request.method, request.path, e
+        )
         if request.transport is not None:
             request.transport.close()
         return started
@@ -138,14 +146,17 @@ async def _forward(request: web.Request) -> web.StreamResponse:
     return await _send(request, proxy, _upstream_request(proxy, request, content, extra))
 
 
-def _upstream_request(proxy: Proxy, request: web.Request, content: Any,
-                      extra: dict[str, str] | None = None) -> httpx.Request:
-    return build_request(proxy.upstream.client, request, content, extra,
-                         proxy.limits.upstream_idle_s)
+def _upstream_request(
+    proxy: Proxy, request: web.Request, content: Any, extra: dict[str, str] | None = None
+) -> httpx.Request:
+    return build_request(
+        proxy.upstream.client, request, content, extra, proxy.limits.upstream_idle_s
+    )
 
 
-async def _send(request: web.Request, proxy: Proxy, req: Any,
-                extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
+async def _send(
+    request: web.Request, proxy: Proxy, req: Any, extra_headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     started = time.perf_counter()
     try:
         upstream = await open_upstream(proxy.upstream.client, req)
@@ -154,7 +165,8 @@ async def _send(request: web.Request, proxy: Proxy, req: Any,
         proxy.upstream.forget_capabilities()
         raise
     proxy.metrics.upstream_seconds.labels(_endpoint_label(request.path)).observe(
-        time.perf_counter() - started)
+        time.perf_counter() - started
+    )
     return await relay(request, upstream, extra_headers)
 
 
@@ -196,11 +208,16 @@ async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.Stream
         return await _with_images(request, proxy, original, held)
 
 
-async def _with_images(request: web.Request, proxy: Proxy, original: _Original,
-                       held: Reservation) -> web.StreamResponse:
+async def _with_images(
+    request: web.Request, proxy: Proxy, original: _Original, held: Reservation
+) -> web.StreamResponse:
     body = parse_body(original.text())
-    slots = find_images(request.path, body, max_images=proxy.limits.max_images,
-                        allow_client_packages=proxy.accept_client_packages)
+    slots = find_images(
+        request.path,
+        body,
+        max_images=proxy.limits.max_images,
+        allow_client_packages=proxy.accept_client_packages,
+    )
     if not slots:
         del body  # a second copy of what may be 100 MB, and forwarding needs only the first
         return await _send(request, proxy, _upstream_request(proxy, request, original.take()))
@@ -216,15 +233,17 @@ async def _with_images(request: web.Request, proxy: Proxy, original: _Original,
     headers = {"X-Vcache": tally.header()}
     if not rewritten:
         del body, slots
-        return await _send(request, proxy, _upstream_request(proxy, request, original.take()),
-                           headers)
+        return await _send(
+            request, proxy, _upstream_request(proxy, request, original.take()), headers
+        )
     new_body = dump_body(body)
     del body, slots
     return await _send_with_fallback(request, proxy, new_body, original, tally)
 
 
-async def _fetch_locators(proxy: Proxy, slots: list[ImageSlot],
-                          held: Reservation) -> list[ImageSlot]:
+async def _fetch_locators(
+    proxy: Proxy, slots: list[ImageSlot], held: Reservation
+) -> list[ImageSlot]:
     """Fetch the images named by URL or path, under the SSRF policy, into the request.
 
     Upstream must never fetch them, on any path (a stock server, a fallback, a refused
@@ -234,8 +253,10 @@ async def _fetch_locators(proxy: Proxy, slots: list[ImageSlot],
     fetched = await asyncio.gather(*(_fetch(proxy, s) for s in slots))
     added = sum(len(new.ref) for new, old in zip(fetched, slots, strict=True) if new is not old)
     if held.held + added > proxy.limits.max_body_bytes:
-        raise BodyTooLarge("the request with its fetched images is over the "
-                           f"{proxy.limits.max_body_bytes}-byte body limit")
+        raise BodyTooLarge(
+            "the request with its fetched images is over the "
+            f"{proxy.limits.max_body_bytes}-byte body limit"
+        )
     await held.take(added)
     return fetched
 
@@ -257,11 +278,13 @@ def _is_locator(ref: str) -> bool:
     file (and, like llama-server, takes whatever starts with "http" for a URL)."""
     scheme = _SCHEME.match(ref)
     return ref[:4].lower() == "http" or (
-        scheme is not None and scheme.group(1).lower() not in ("data", "vcache"))
+        scheme is not None and scheme.group(1).lower() not in ("data", "vcache")
+    )
 
 
-async def _rewrite(proxy: Proxy, slots: list[ImageSlot], caps: Capabilities, model: str,
-                   tally: RequestTally) -> bool:
+async def _rewrite(
+    proxy: Proxy, slots: list[ImageSlot], caps: Capabilities, model: str, tally: RequestTally
+) -> bool:
     packages = await asyncio.gather(*(proxy.lookup.resolve(s, caps, model, tally) for s in slots))
     for slot, pkg in zip(slots, packages, strict=True):
         if pkg is not None:
@@ -271,22 +294,27 @@ async def _rewrite(proxy: Proxy, slots: list[ImageSlot], caps: Capabilities, mod
 
 def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> None:
     if any(s.ref.startswith("vcache://") for s in slots):
-        raise ClientError("vcache:// references need an upstream that takes packages "
-                          "(a patched llama-server started with --image-embedding)")
+        raise ClientError(
+            "vcache:// references need an upstream that takes packages "
+            "(a patched llama-server started with --image-embedding)"
+        )
     tally.fallbacks += len(slots)
     proxy.metrics.fallbacks.inc(len(slots))
 
 
-async def _send_with_fallback(request: web.Request, proxy: Proxy, new_body: bytes,
-                              original: _Original, tally: RequestTally) -> web.StreamResponse:
+async def _send_with_fallback(
+    request: web.Request, proxy: Proxy, new_body: bytes, original: _Original, tally: RequestTally
+) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original."""
     upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
     if upstream.status_code == 400 and not original.has_vcache_refs():
         detail = await upstream.aread()
         await upstream.aclose()
         if b"image_embedding" in detail:
-            log.warning("upstream refused packages (%s); forwarding the images instead",
-                        detail[:200].decode(errors="replace"))
+            log.warning(
+                "upstream refused packages (%s); forwarding the images instead",
+                detail[:200].decode(errors="replace"),
+            )
             proxy.upstream.forget_capabilities()
             tally.fallbacks += tally.hits + tally.misses
             tally.hits = tally.misses = 0

@@ -58,7 +58,7 @@ async def _read_declared(request: web.Request, declared: int) -> bytearray:
         async for chunk in request.content.iter_chunked(CHUNK):
             if filled + len(chunk) > declared:  # aiohttp stops at Content-Length: cannot be
                 raise BodyTooLarge("request body is longer than its Content-Length")
-            view[filled:filled + len(chunk)] = chunk
+            view[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
     if filled != declared:
         raise ClientError(f"request body ended after {filled} of its {declared} bytes")
@@ -73,7 +73,6 @@ async def stream_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         if seen > limit:
             raise BodyTooLarge(f"request body is over the {limit}-byte limit")
         yield chunk
-
 
 
 def decode_body(raw: bytearray) -> str:

@@ -59,8 +59,10 @@ class BodyBudget:
         except BaseException as e:
             self._withdraw(entry)
             if isinstance(e, TimeoutError):
-                raise ProxyBusy(f"the proxy holds {self.held} bytes of request bodies, its "
-                                f"limit; {n} more did not free up in {self._wait_s:g} s") from e
+                raise ProxyBusy(
+                    f"the proxy holds {self.held} bytes of request bodies, its "
+                    f"limit; {n} more did not free up in {self._wait_s:g} s"
+                ) from e
             raise
 
     def release(self, n: int) -> None:
@@ -92,8 +94,9 @@ class BodyBudget:
             async with asyncio.timeout(self._wait_s):
                 await self._streaming.acquire()
         except TimeoutError as e:
-            raise ProxyBusy("another body without a length is being read; this one waited "
-                            f"{self._wait_s:g} s") from e
+            raise ProxyBusy(
+                f"another body without a length is being read; this one waited {self._wait_s:g} s"
+            ) from e
         try:
             yield
         finally:

@@ -13,8 +13,25 @@ from prometheus_client.metrics_core import Metric
 
 from vision_cache.shared.tier import SharedTierStats
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                   60, 120, 300)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
 
 
 class Metrics:
@@ -22,26 +39,42 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.hits = Counter("vcache_hits", "Images served from the cache", registry=r)
-        self.misses = Counter("vcache_misses", "Images encoded by upstream, then cached",
-                              registry=r)
-        self.fallbacks = Counter("vcache_fallbacks",
-                                 "Images forwarded as sent, because the cache path failed or "
-                                 "upstream takes no packages", registry=r)
-        self.package_bytes = Counter("vcache_package_bytes",
-                                     "Bytes of packages handed to upstream", registry=r)
-        self.encode_ms = Counter("vcache_encode_ms", "Encoder milliseconds spent on misses",
-                                 registry=r)
-        self.encode_ms_saved = Counter("vcache_encode_ms_saved",
-                                       "Encoder milliseconds hits did not spend", registry=r)
-        self.encode_seconds = Histogram("vcache_encode_seconds", "Upstream encode latency",
-                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.misses = Counter(
+            "vcache_misses", "Images encoded by upstream, then cached", registry=r
+        )
+        self.fallbacks = Counter(
+            "vcache_fallbacks",
+            "Images forwarded as sent, because the cache path failed or upstream takes no packages",
+            registry=r,
+        )
+        self.package_bytes = Counter(
+            "vcache_package_bytes", "Bytes of packages handed to upstream", registry=r
+        )
+        self.encode_ms = Counter(
+            "vcache_encode_ms", "Encoder milliseconds spent on misses", registry=r
+        )
+        self.encode_ms_saved = Counter(
+            "vcache_encode_ms_saved", "Encoder milliseconds hits did not spend", registry=r
+        )
+        self.encode_seconds = Histogram(
+            "vcache_encode_seconds", "Upstream encode latency", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.upstream_seconds = Histogram(
-            "vcache_upstream_seconds", "Time to upstream response headers",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("vcache_requests", "Requests by endpoint and status class",
-                                ["endpoint", "status"], registry=r)
-        self.upstream_errors = Counter("vcache_upstream_errors",
-                                       "Requests that failed reaching upstream", registry=r)
+            "vcache_upstream_seconds",
+            "Time to upstream response headers",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "vcache_requests",
+            "Requests by endpoint and status class",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "vcache_upstream_errors", "Requests that failed reaching upstream", registry=r
+        )
 
     def watch_shared(self, stats: Callable[[], SharedTierStats]) -> None:
         """Export the shared tier's counters (vcache_shared_*), read at each scrape."""
@@ -71,6 +104,8 @@ class _SharedTierCollector:
         stats = self._stats()
         for field, text in self.COUNTERS:
             yield CounterMetricFamily(f"vcache_shared_{field}", text, value=getattr(stats, field))
-        yield GaugeMetricFamily("vcache_shared_breaker_open",
-                                "1 while the circuit breaker skips the shared tier",
-                                value=int(stats.breaker_open))
+        yield GaugeMetricFamily(
+            "vcache_shared_breaker_open",
+            "1 while the circuit breaker skips the shared tier",
+            value=int(stats.breaker_open),
+        )

@@ -51,8 +51,9 @@ class ServerTimeout(ServerStartError, TimeoutError):
     pass
 
 
-def terminate(proc: subprocess.Popen[bytes] | None, timeout: float,
-              sig: signal.Signals = signal.SIGTERM) -> None:
+def terminate(
+    proc: subprocess.Popen[bytes] | None, timeout: float, sig: signal.Signals = signal.SIGTERM
+) -> None:
     """`sig` (SIGTERM), then SIGKILL after `timeout` seconds; always reaped."""
     if proc is None or proc.poll() is not None:
         return
@@ -72,8 +73,14 @@ class ChildProcess:
     stop_timeout: ClassVar[float] = 15.0
     poll_interval: ClassVar[float] = 0.05
 
-    def __init__(self, log_path: Path, *, startup_timeout: float = 120.0,
-                 env: Mapping[str, str] | None = None, append_log: bool = False) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *,
+        startup_timeout: float = 120.0,
+        env: Mapping[str, str] | None = None,
+        append_log: bool = False,
+    ) -> None:
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.env = dict(env) if env is not None else None
@@ -110,9 +117,13 @@ class ChildProcess:
         self._log = self.log_path.open("ab" if self._append_log else "wb")
         env = {**os.environ, **self.env} if self.env is not None else None
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=self._log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
             self.wait_ready(time.monotonic() + self.startup_timeout)
         except BaseException:
             self.stop()
@@ -132,8 +143,9 @@ class ChildProcess:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise ServerTimeout(f"{self.name} {what} within {self.startup_timeout:.0f} s\n"
-                                    f"{self.log_tail()}")
+                raise ServerTimeout(
+                    f"{self.name} {what} within {self.startup_timeout:.0f} s\n{self.log_tail()}"
+                )
             time.sleep(self.poll_interval)
 
     def log_text(self) -> str:
@@ -162,6 +174,10 @@ class ChildProcess:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 def _help() -> str:
     lines = ["usage: llama-server [options]", "", "--host HOST", "--port PORT", "-m, --model FNAME"]
     if _patched():
-        lines.append("--image-embedding-dir PATH   directory whose files image_embedding inputs "
-                     "may reference")
+        lines.append(
+            "--image-embedding-dir PATH   directory whose files image_embedding inputs "
+            "may reference"
+        )
     return "\n".join(lines)
 
 
@@ -83,8 +85,9 @@ async def serve(args: argparse.Namespace) -> int:
         return web.json_response({"status": "ok"})
 
     async def props(request: web.Request) -> web.Response:
-        return web.json_response({"argv": sys.argv[1:], "pid": os.getpid(),
-                                  "model_path": args.model})
+        return web.json_response(
+            {"argv": sys.argv[1:], "pid": os.getpid(), "model_path": args.model}
+        )
 
     app = web.Application()
     app.router.add_get("/health", health)

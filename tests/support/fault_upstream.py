@@ -58,8 +58,13 @@ N_EMBD = 16
 MMPROJ = "xxh3-128:00000000000000000000000000000000:1"
 ERROR_500 = {"error": {"code": 500, "message": "fake failure", "type": "server_error"}}
 ERROR_503 = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
-REFUSAL = {"error": {"code": 400, "message": "image_embedding inputs are not supported",
-                     "type": "invalid_request_error"}}
+REFUSAL = {
+    "error": {
+        "code": 400,
+        "message": "image_embedding inputs are not supported",
+        "type": "invalid_request_error",
+    }
+}
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 
 
@@ -140,8 +145,12 @@ class FaultUpstream:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._release.set()  # stalled handlers return
         if self._server is not None:
             self._server.close()
@@ -175,8 +184,9 @@ class FaultUpstream:
             self._tasks.discard(task)
             writer.close()
 
-    async def _answer(self, seen: Seen, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _answer(
+        self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if seen.path == "/props" and seen.method == "GET":
             return await _send_json(writer, 200, self._props())
         if seen.path == "/health":
@@ -189,13 +199,19 @@ class FaultUpstream:
         await _FAULTS[fault](self, seen, reader, writer)
 
     def _props(self) -> dict[str, Any]:
-        props: dict[str, Any] = {"model_path": "fault-upstream.gguf",
-                                 "media_marker": "<__media__>"}
+        props: dict[str, Any] = {"model_path": "fault-upstream.gguf", "media_marker": "<__media__>"}
         if self.packages:
             props["image_embedding"] = {
-                "enabled": True, "version": 1, "mmproj": MMPROJ, "n_embd": self.n_embd,
-                "dtypes": ["f32"], "file_dir": False, "endpoint": "/vision/embedding",
-                "build": "fault-upstream", "settings": {}}
+                "enabled": True,
+                "version": 1,
+                "mmproj": MMPROJ,
+                "n_embd": self.n_embd,
+                "dtypes": ["f32"],
+                "file_dir": False,
+                "endpoint": "/vision/embedding",
+                "build": "fault-upstream",
+                "settings": {},
+            }
         return props
 
     def _encode(self, seen: Seen) -> dict[str, Any]:
@@ -205,12 +221,22 @@ class FaultUpstream:
         digest = hashlib.sha256(image).hexdigest()
         payload = expected_payload(digest, self.n_embd)
         n_tokens = len(payload) // (4 * self.n_embd)
-        package = {"version": 1, "mmproj": MMPROJ, "n_embd": self.n_embd, "dtype": "f32",
-                   "id": digest, "image": {"nx": 8, "ny": 8},
-                   "chunks": [{"n_tokens": n_tokens, "meta": base64.b64encode(b"m").decode()}],
-                   "data": base64.b64encode(payload).decode()}
-        return {"object": "image_embedding", "image_embedding": package, "n_tokens": n_tokens,
-                "timings": {"encode_ms": 5.0}}
+        package = {
+            "version": 1,
+            "mmproj": MMPROJ,
+            "n_embd": self.n_embd,
+            "dtype": "f32",
+            "id": digest,
+            "image": {"nx": 8, "ny": 8},
+            "chunks": [{"n_tokens": n_tokens, "meta": base64.b64encode(b"m").decode()}],
+            "data": base64.b64encode(payload).decode(),
+        }
+        return {
+            "object": "image_embedding",
+            "image_embedding": package,
+            "n_tokens": n_tokens,
+            "timings": {"encode_ms": 5.0},
+        }
 
     def verdicts(self, body: Any) -> dict[str, int]:
         """How many packages in a request body are intact, corrupt, or raw images."""
@@ -290,14 +316,20 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 async def _send_json(writer: asyncio.StreamWriter, status: int, body: Any) -> None:
     data = json.dumps(body).encode()
-    writer.write(_head(status, {"Content-Type": "application/json",
-                                "Content-Length": str(len(data))}) + data)
+    writer.write(
+        _head(status, {"Content-Type": "application/json", "Content-Length": str(len(data))}) + data
+    )
     await writer.drain()
 
 
@@ -310,8 +342,10 @@ def _event(obj: Any) -> bytes:
 
 
 def _token(i: int) -> dict[str, Any]:
-    return {"object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": f"t{i} "}}],
+    }
 
 
 def _wants_stream(seen: Seen) -> bool:
@@ -329,13 +363,20 @@ def _json_or_none(raw: bytes) -> Any:
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
 
 
-async def _ok(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-              writer: asyncio.StreamWriter) -> None:
+async def _ok(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     if not _wants_stream(seen):
         body = _json_or_none(seen.body)
-        return await _send_json(writer, 200, {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-            "vcache_fake": fake.verdicts(body), "request_bytes": len(seen.body)})
+        return await _send_json(
+            writer,
+            200,
+            {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "vcache_fake": fake.verdicts(body),
+                "request_bytes": len(seen.body),
+            },
+        )
     writer.write(_head(200, SSE_HEADERS))
     for i in range(3):
         writer.write(_chunk(_event(_token(i))))
@@ -351,19 +392,27 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def _reset_before_headers(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+async def _reset_before_headers(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     _reset(writer)
 
 
-async def _reset_mid_body(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+async def _reset_mid_body(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     if _wants_stream(seen):
-        writer.write(_head(200, SSE_HEADERS) + _chunk(_event(_token(0)))
-                     + _chunk(b'data: {"choices": [{"ind'))  # stops inside an event
+        writer.write(
+            _head(200, SSE_HEADERS)
+            + _chunk(_event(_token(0)))
+            + _chunk(b'data: {"choices": [{"ind')
+        )  # stops inside an event
     else:
-        writer.write(_head(200, {"Content-Type": "application/json",
-                                 "Content-Length": "100000"}) + b'{"choices": [' + b" " * 5000)
+        writer.write(
+            _head(200, {"Content-Type": "application/json", "Content-Length": "100000"})
+            + b'{"choices": ['
+            + b" " * 5000
+        )
     await writer.drain()
     await asyncio.sleep(0.1)  # let the proxy relay what came before the reset
     _reset(writer)
@@ -384,44 +433,57 @@ async def _stall(reader: asyncio.StreamReader, fake: FaultUpstream, seen: Seen) 
     raise _Closed
 
 
-async def _stall_before_headers(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+async def _stall_before_headers(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     await _stall(reader, fake, seen)
 
 
-async def _stall_mid_stream(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+async def _stall_mid_stream(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     if _wants_stream(seen):
         writer.write(_head(200, SSE_HEADERS) + _chunk(_event(_token(0))))
     else:
-        writer.write(_head(200, {"Content-Type": "application/json",
-                                 "Content-Length": "100"}) + b'{"choices": [')
+        writer.write(
+            _head(200, {"Content-Type": "application/json", "Content-Length": "100"})
+            + b'{"choices": ['
+        )
     await writer.drain()
     await _stall(reader, fake, seen)
 
 
-async def _malformed_sse(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+async def _malformed_sse(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     writer.write(_head(200, SSE_HEADERS))
-    for junk in (b"this is not an event\n\n", b"data: {not json\n\n", b"\xff\xfe\x00 bad utf-8",
-                 b"\r\r\revent:\n", b"data: " + b"x" * 70_000):  # and no final newline
+    for junk in (
+        b"this is not an event\n\n",
+        b"data: {not json\n\n",
+        b"\xff\xfe\x00 bad utf-8",
+        b"\r\r\revent:\n",
+        b"data: " + b"x" * 70_000,
+    ):  # and no final newline
         writer.write(_chunk(junk))
     writer.write(b"0\r\n\r\n")
     await writer.drain()
 
 
-async def _status_500(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+async def _status_500(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     await _send_json(writer, 500, ERROR_500)
 
 
-async def _status_503(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+async def _status_503(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     await _send_json(writer, 503, ERROR_503)
 
 
-async def _no_content_chunked(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
+async def _no_content_chunked(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     # A 204 has no body whatever its headers say (RFC 9112 6.3): these bytes are the start of
     # the next response to whoever reads this connection next. Chunk framing is left out on
     # purpose: a server this broken does not frame what it should not send.
@@ -429,8 +491,9 @@ async def _no_content_chunked(fake: FaultUpstream, seen: Seen, reader: asyncio.S
     await writer.drain()
 
 
-async def _close_randomly(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+async def _close_randomly(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     roll = fake._rng.random()
     if roll < 0.25:
         writer.close()  # read the request, answer nothing: a POST the client cannot retry
@@ -440,16 +503,18 @@ async def _close_randomly(fake: FaultUpstream, seen: Seen, reader: asyncio.Strea
         writer.close()  # kept alive, as far as the client knows
 
 
-async def _close_after_stream(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
+async def _close_after_stream(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     await _ok(fake, seen, reader, writer)
     if _wants_stream(seen):
         await asyncio.sleep(0.3)  # a request sent on the connection meanwhile goes unanswered
         writer.close()
 
 
-async def _refuse_packages(fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+async def _refuse_packages(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     if b'"image_embedding"' in seen.body:
         return await _send_json(writer, 400, REFUSAL)
     await _ok(fake, seen, reader, writer)

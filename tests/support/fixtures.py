@@ -34,7 +34,9 @@ def llama_server_binary(variant: str) -> Path:
         return Path(env)
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return Path(out.stdout.strip())
 
@@ -68,8 +70,20 @@ def tiny_model(models_dir: Path) -> Callable[[str], ModelFiles]:
 
 
 def server_args(files: ModelFiles, *extra: str) -> list[str]:
-    return ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", SERVER_THREADS,
-            "-c", "4096", "-np", "2", "--no-warmup", *extra]
+    return [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        SERVER_THREADS,
+        "-c",
+        "4096",
+        "-np",
+        "2",
+        "--no-warmup",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +97,13 @@ def arch(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def patched_server(patched_bin: Path, tiny_model: Callable[[str], ModelFiles], arch: str,
-                   embedding_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-                   ) -> Iterator[LlamaServer]:
+def patched_server(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    arch: str,
+    embedding_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
     """A patched llama-server for `arch`, packages enabled, file references into embedding_dir."""
     log = tmp_path_factory.mktemp("logs") / f"patched-{arch}.log"
     args = server_args(tiny_model(arch), "--image-embedding-dir", str(embedding_dir))
@@ -94,18 +112,26 @@ def patched_server(patched_bin: Path, tiny_model: Callable[[str], ModelFiles], a
 
 
 @pytest.fixture(scope="session")
-def patched_gemma(patched_bin: Path, tiny_model: Callable[[str], ModelFiles],
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+def patched_gemma(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
     """A patched gemma3 server, for tests where one architecture is enough (inline packages)."""
     log = tmp_path_factory.mktemp("logs") / "patched-gemma3-single.log"
-    with LlamaServer(patched_bin, server_args(tiny_model("gemma3"), "--image-embedding"),
-                     log) as server:
+    with LlamaServer(
+        patched_bin, server_args(tiny_model("gemma3"), "--image-embedding"), log
+    ) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def stock_server(stock_bin: Path, tiny_model: Callable[[str], ModelFiles], arch: str,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+def stock_server(
+    stock_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    arch: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
     log = tmp_path_factory.mktemp("logs") / f"stock-{arch}.log"
     with LlamaServer(stock_bin, server_args(tiny_model(arch)), log) as server:
         yield server

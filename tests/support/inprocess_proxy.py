@@ -23,10 +23,15 @@ CHAT = "/v1/chat/completions"
 
 
 @asynccontextmanager
-async def proxy_in_front(upstream: str, tmp_path: Path,
-                         **settings: Any) -> AsyncIterator[tuple[str, Proxy]]:
-    config = ServeSettings(upstream=upstream, store=tmp_path / "store", port=0,
-                           **{"upstream_idle_s": IDLE_S, **settings})
+async def proxy_in_front(
+    upstream: str, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[str, Proxy]]:
+    config = ServeSettings(
+        upstream=upstream,
+        store=tmp_path / "store",
+        port=0,
+        **{"upstream_idle_s": IDLE_S, **settings},
+    )
     async with running_proxy(config) as running:
         yield running
 
@@ -34,7 +39,8 @@ async def proxy_in_front(upstream: str, tmp_path: Path,
 def png_bytes(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 8 + seed % 50), (seed % 256, 90, (seed // 256) % 256)).save(
-        buf, format="PNG")
+        buf, format="PNG"
+    )
     return buf.getvalue()
 
 

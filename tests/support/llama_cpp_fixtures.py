@@ -53,12 +53,18 @@ def runner() -> Iterator[asyncio.Runner]:
 
 
 @pytest.fixture(scope="session")
-def local_encoder(runner: asyncio.Runner, lib_dir: Path,
-                  tiny_model: Callable[[str], ModelFiles], arch: str) -> Iterator[LocalEncoder]:
+def local_encoder(
+    runner: asyncio.Runner, lib_dir: Path, tiny_model: Callable[[str], ModelFiles], arch: str
+) -> Iterator[LocalEncoder]:
     """One encoder worker for `arch`, on 1 thread (the servers use 2: threads must not matter)."""
     files = tiny_model(arch)
-    config = LocalEncoderConfig(mmproj=files.mmproj, text_model=files.model, lib_dir=lib_dir,
-                                settings=EncoderSettings(n_threads=1), timeout_s=120.0)
+    config = LocalEncoderConfig(
+        mmproj=files.mmproj,
+        text_model=files.model,
+        lib_dir=lib_dir,
+        settings=EncoderSettings(n_threads=1),
+        timeout_s=120.0,
+    )
     encoder = LocalEncoder(config)
     runner.run(encoder.start())
     try:

@@ -27,9 +27,16 @@ class LlamaServer(ChildProcess):
 
     name = "llama-server"
 
-    def __init__(self, binary: Path | str, args: Sequence[str], log_path: Path, *,
-                 startup_timeout: float = 120.0, env: Mapping[str, str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        binary: Path | str,
+        args: Sequence[str],
+        log_path: Path,
+        *,
+        startup_timeout: float = 120.0,
+        env: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         super().__init__(log_path, startup_timeout=startup_timeout, env=env)
         self.binary = Path(binary)
         self.args = list(args)

@@ -19,8 +19,15 @@ class ProxyProcess(ChildProcess):
     name = "vcache"
     stop_timeout = 30.0
 
-    def __init__(self, args: list[str], log_path: Path, *, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None, health_path: str = "/vcache/health") -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        *,
+        startup_timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+        health_path: str = "/vcache/health",
+    ) -> None:
         super().__init__(log_path, startup_timeout=startup_timeout, env=env or {})
         self.args = args
         self.health_path = health_path

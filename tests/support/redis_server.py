@@ -49,8 +49,7 @@ class RedisServer(ChildProcess):
 
     def __init__(self, workdir: Path, *, port: int = 0, extra: tuple[str, ...] = ()) -> None:
         # one log across restarts: a test that restarts Redis reads both runs
-        super().__init__(workdir / "redis.log", startup_timeout=START_TIMEOUT_S,
-                         append_log=True)
+        super().__init__(workdir / "redis.log", startup_timeout=START_TIMEOUT_S, append_log=True)
         self.workdir = workdir
         self.extra = extra
         self.port = port
@@ -60,8 +59,20 @@ class RedisServer(ChildProcess):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
+        return [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            *self.extra,
+        ]
 
     def start(self) -> None:
         """Start on the port given or used before (a restart), else on a free one."""
@@ -108,11 +119,20 @@ class RedisClusterNodes:
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
         self.nodes = [
-            RedisServer(workdir / f"node{i}", extra=(
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                # the bus port defaults to port + 10000, which a high free port cannot have
-                "--cluster-port", str(free_port())))
-            for i in range(size)]
+            RedisServer(
+                workdir / f"node{i}",
+                extra=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    # the bus port defaults to port + 10000, which a high free port cannot have
+                    "--cluster-port",
+                    str(free_port()),
+                ),
+            )
+            for i in range(size)
+        ]
 
     @property
     def url(self) -> str:
@@ -123,8 +143,20 @@ class RedisClusterNodes:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(self._ready(node) for node in self.nodes):
             if time.monotonic() > deadline:
@@ -148,6 +180,10 @@ class RedisClusterNodes:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -15,7 +15,10 @@ from pathlib import Path
 from vision_cache import CacheKey, Namespace
 
 NAMESPACE = Namespace.for_encoder(
-    model="test-vlm", mmproj="mmproj-test.gguf:0000", build="test-build", format_version=1,
+    model="test-vlm",
+    mmproj="mmproj-test.gguf:0000",
+    build="test-build",
+    format_version=1,
     encoder={"image_min_tokens": 16, "image_max_tokens": 64},
 )
 

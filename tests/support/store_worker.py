@@ -38,10 +38,20 @@ def stress(root: str, seed: int, ops: int, threads: int, keys: int) -> dict[str,
     counts: Counter[str] = Counter()
     lock = threading.Lock()
     with Store.open(root, hot_bytes=256 * 1024, segment_bytes=512 * 1024) as store:
-        workers = [threading.Thread(target=_stress_thread,
-                                    args=(store, seed * 100 + t, ops // threads
-                                          + (t < ops % threads), keys, counts, lock))
-                   for t in range(threads)]
+        workers = [
+            threading.Thread(
+                target=_stress_thread,
+                args=(
+                    store,
+                    seed * 100 + t,
+                    ops // threads + (t < ops % threads),
+                    keys,
+                    counts,
+                    lock,
+                ),
+            )
+            for t in range(threads)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -49,8 +59,9 @@ def stress(root: str, seed: int, ops: int, threads: int, keys: int) -> dict[str,
     return dict(counts)
 
 
-def _stress_thread(store: Store, seed: int, ops: int, keys: int, counts: Counter[str],
-                   lock: threading.Lock) -> None:
+def _stress_thread(
+    store: Store, seed: int, ops: int, keys: int, counts: Counter[str], lock: threading.Lock
+) -> None:
     rng = random.Random(seed)
     local: Counter[str] = Counter()
     for _ in range(ops):
@@ -70,8 +81,9 @@ def _stress_op(store: Store, rng: random.Random, keys: int, counts: Counter[str]
     if roll < 0.6:
         entry = store.get(k)
         counts["hits" if entry is not None else "misses"] += 1
-        if entry is not None and (bytes(entry.payload) != payload_for(k)
-                                  or entry.meta != meta_for(k)):
+        if entry is not None and (
+            bytes(entry.payload) != payload_for(k) or entry.meta != meta_for(k)
+        ):
             counts["mismatches"] += 1
     elif roll < 0.9:
         counts["puts"] += 1
@@ -119,8 +131,9 @@ def arm(point: str, after: int, before: bool) -> None:
 
 def crash(root: str, seed: int) -> None:
     rng = random.Random(seed)
-    with Store.open(root, hot_bytes=64 * 1024, disk_bytes=2 * 1024 * 1024,
-                    segment_bytes=256 * 1024) as store:
+    with Store.open(
+        root, hot_bytes=64 * 1024, disk_bytes=2 * 1024 * 1024, segment_bytes=256 * 1024
+    ) as store:
         print("ready", flush=True)
         while True:
             _crash_op(store, rng)

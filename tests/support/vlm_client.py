@@ -20,8 +20,9 @@ class Reply:
     headers: httpx.Headers
 
     def max_logprob_diff(self, other: Reply) -> float:
-        return max((abs(a - b) for a, b in zip(self.logprobs, other.logprobs, strict=True)),
-                   default=0.0)
+        return max(
+            (abs(a - b) for a, b in zip(self.logprobs, other.logprobs, strict=True)), default=0.0
+        )
 
 
 def image_part(url: str) -> dict[str, Any]:
@@ -32,19 +33,35 @@ def package_part(pkg: dict[str, Any]) -> dict[str, Any]:
     return {"type": "image_embedding", "image_embedding": pkg}
 
 
-def chat_body(parts: list[dict[str, Any]], text: str = "Describe the image.", *,
-              n: int = N_PREDICT, stream: bool = False) -> dict[str, Any]:
+def chat_body(
+    parts: list[dict[str, Any]],
+    text: str = "Describe the image.",
+    *,
+    n: int = N_PREDICT,
+    stream: bool = False,
+) -> dict[str, Any]:
     return {
         "messages": [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}],
-        "temperature": 0, "max_tokens": n, "cache_prompt": False,
-        "logprobs": True, "top_logprobs": 3, "stream": stream,
+        "temperature": 0,
+        "max_tokens": n,
+        "cache_prompt": False,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "stream": stream,
     }
 
 
-def chat(base_url: str, parts: list[dict[str, Any]], text: str = "Describe the image.", *,
-         n: int = N_PREDICT, timeout: float = 300.0) -> Reply:
-    r = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(parts, text, n=n),
-                   timeout=timeout)
+def chat(
+    base_url: str,
+    parts: list[dict[str, Any]],
+    text: str = "Describe the image.",
+    *,
+    n: int = N_PREDICT,
+    timeout: float = 300.0,
+) -> Reply:
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions", json=chat_body(parts, text, n=n), timeout=timeout
+    )
     assert r.status_code == 200, r.text
     return reply(r)
 
@@ -63,8 +80,9 @@ def reply(r: httpx.Response) -> Reply:
 
 def encode(base_url: str, url: str, **options: Any) -> dict[str, Any]:
     """POST /vision/embedding; returns the whole answer (package under "image_embedding")."""
-    r = httpx.post(f"{base_url}/vision/embedding", json={"image_url": {"url": url}, **options},
-                   timeout=300.0)
+    r = httpx.post(
+        f"{base_url}/vision/embedding", json={"image_url": {"url": url}, **options}, timeout=300.0
+    )
     assert r.status_code == 200, r.text
     answer: dict[str, Any] = r.json()
     return answer

@@ -43,11 +43,15 @@ class PackSummary:
     names: int
 
 
-def export_pack(store: Store, path: Path, *, pinned_only: bool = True,
-                namespace_id: str | None = None) -> PackSummary:
+def export_pack(
+    store: Store, path: Path, *, pinned_only: bool = True, namespace_id: str | None = None
+) -> PackSummary:
     """Write the (pinned) entries of `store`, optionally of one namespace, to `path`."""
-    namespaces = {info.id: info.namespace for info in store.namespaces()
-                  if info.namespace is not None and namespace_id in (None, info.id)}
+    namespaces = {
+        info.id: info.namespace
+        for info in store.namespaces()
+        if info.namespace is not None and namespace_id in (None, info.id)
+    }
     entries: list[dict[str, Any]] = []
     total = 0
     tmp = path.with_name(f".{path.name}.tmp")
@@ -62,13 +66,23 @@ def export_pack(store: Store, path: Path, *, pinned_only: bool = True,
                     continue  # evicted or corrupt since listing: not worth exporting
                 _add(tar, f"entries/{nsid}/{info.key.digest}.meta", entry.meta)
                 _add(tar, f"entries/{nsid}/{info.key.digest}.bin", bytes(entry.payload))
-                entries.append({"namespace": nsid, "digest": info.key.digest,
-                                "xxh3": entry.ref.checksum, "length": entry.nbytes,
-                                "pinned": entry.pinned,
-                                "names": sorted(names.get(info.key.digest, []))})
+                entries.append(
+                    {
+                        "namespace": nsid,
+                        "digest": info.key.digest,
+                        "xxh3": entry.ref.checksum,
+                        "length": entry.nbytes,
+                        "pinned": entry.pinned,
+                        "names": sorted(names.get(info.key.digest, [])),
+                    }
+                )
                 total += entry.nbytes
-        manifest = {"format": PACK_FORMAT, "created_at": time.time(),
-                    "namespaces": {k: v.text for k, v in namespaces.items()}, "entries": entries}
+        manifest = {
+            "format": PACK_FORMAT,
+            "created_at": time.time(),
+            "namespaces": {k: v.text for k, v in namespaces.items()},
+            "entries": entries,
+        }
         _add(tar, "manifest.json", json.dumps(manifest, indent=1).encode())
     tmp.rename(path)
     n_names = sum(len(e["names"]) for e in entries)
@@ -89,8 +103,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def import_pack(store: Store, path: Path, *, expected: Namespace | None,
-                keep_unmatched: bool = False) -> PackSummary:
+def import_pack(
+    store: Store, path: Path, *, expected: Namespace | None, keep_unmatched: bool = False
+) -> PackSummary:
     """Load a pack into `store`; see the module docstring for what is refused."""
     with tarfile.open(path, "r") as tar:
         manifest = _manifest(tar)
@@ -115,8 +130,9 @@ def _manifest(tar: tarfile.TarFile) -> dict[str, Any]:
     return manifest
 
 
-def _check_namespaces(manifest: dict[str, Any], expected: Namespace | None,
-                      keep_unmatched: bool) -> dict[str, Namespace]:
+def _check_namespaces(
+    manifest: dict[str, Any], expected: Namespace | None, keep_unmatched: bool
+) -> dict[str, Namespace]:
     namespaces = {nsid: Namespace.parse(text) for nsid, text in manifest["namespaces"].items()}
     for nsid, ns in namespaces.items():
         if ns.id != nsid:
@@ -126,12 +142,14 @@ def _check_namespaces(manifest: dict[str, Any], expected: Namespace | None,
         want = expected.id if expected else "(unknown: no proxy given)"
         raise PackError(
             f"pack namespace(s) {', '.join(n[:16] for n in foreign)} do not match the running "
-            f"model's namespace {want[:16]}; use --keep-unmatched to store them for later")
+            f"model's namespace {want[:16]}; use --keep-unmatched to store them for later"
+        )
     return namespaces
 
 
-def _import_entry(store: Store, tar: tarfile.TarFile, e: dict[str, Any],
-                  namespaces: dict[str, Namespace]) -> int:
+def _import_entry(
+    store: Store, tar: tarfile.TarFile, e: dict[str, Any], namespaces: dict[str, Namespace]
+) -> int:
     nsid, digest = e["namespace"], validate_digest(e["digest"])
     if nsid not in namespaces:
         raise PackError(f"entry {digest[:16]} names an undeclared namespace")

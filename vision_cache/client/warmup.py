@@ -81,8 +81,7 @@ class WarmReport:
     @property
     def refs(self) -> dict[str, str]:
         """name -> vcache://name for every named image that is now cached."""
-        return {i.source.name: i.ref for i in self.items
-                if i.source.name and i.status != "failed"}
+        return {i.source.name: i.ref for i in self.items if i.source.name and i.status != "failed"}
 
     @property
     def encode_ms(self) -> float:
@@ -172,9 +171,18 @@ class _Options:
 Progress = Callable[[Item], None]
 
 
-def warm(sources: Iterable[str | Path | Source], *, proxy: str = DEFAULT_PROXY, pin: bool = True,
-         names: Mapping[str, str | Path] | None = None, recursive: bool = False, model: str = "",
-         jobs: int = 2, api_key: str | None = None, on_item: Progress | None = None) -> WarmReport:
+def warm(
+    sources: Iterable[str | Path | Source],
+    *,
+    proxy: str = DEFAULT_PROXY,
+    pin: bool = True,
+    names: Mapping[str, str | Path] | None = None,
+    recursive: bool = False,
+    model: str = "",
+    jobs: int = 2,
+    api_key: str | None = None,
+    on_item: Progress | None = None,
+) -> WarmReport:
     """Warm images through the proxy at `proxy`; see the module docstring."""
     plain = [s for s in sources if not isinstance(s, Source)]
     given = [s for s in sources if isinstance(s, Source)]
@@ -185,12 +193,14 @@ def warm(sources: Iterable[str | Path | Source], *, proxy: str = DEFAULT_PROXY, 
     return asyncio.run(warm_async(todo, opts, on_item))
 
 
-async def warm_async(sources: list[Source], opts: _Options,
-                     on_item: Progress | None = None) -> WarmReport:
+async def warm_async(
+    sources: list[Source], opts: _Options, on_item: Progress | None = None
+) -> WarmReport:
     started = time.monotonic()
     report = WarmReport()
-    async with httpx.AsyncClient(base_url=opts.proxy, headers=opts.headers,
-                                 timeout=httpx.Timeout(900, connect=10)) as client:
+    async with httpx.AsyncClient(
+        base_url=opts.proxy, headers=opts.headers, timeout=httpx.Timeout(900, connect=10)
+    ) as client:
         digests = await _local_digests(sources)
         present, pinned = await _lookup(client, opts, set(digests.values()))
         # when pinning, only what is already pinned may be skipped: the rest needs its pin
@@ -219,17 +229,20 @@ async def _local_digests(sources: list[Source]) -> dict[str, str]:
                 except OSError:
                     continue  # reported as a failure when it is warmed
         return out
+
     return await asyncio.to_thread(digest_all)
 
 
-async def _lookup(client: httpx.AsyncClient, opts: _Options,
-                  digests: set[str]) -> tuple[set[str], set[str]]:
+async def _lookup(
+    client: httpx.AsyncClient, opts: _Options, digests: set[str]
+) -> tuple[set[str], set[str]]:
     """(cached, cached and pinned) among `digests`."""
     if not digests:
         return set(), set()
     try:
-        r = await client.post("/vcache/lookup", json={"model": opts.model,
-                                                       "digests": sorted(digests)})
+        r = await client.post(
+            "/vcache/lookup", json={"model": opts.model, "digests": sorted(digests)}
+        )
     except httpx.HTTPError as e:
         raise WarmError(f"cannot reach the proxy at {opts.proxy}: {e}") from e
     if r.status_code != 200:
@@ -238,15 +251,21 @@ async def _lookup(client: httpx.AsyncClient, opts: _Options,
     return set(answer["present"]), set(answer["pinned"])
 
 
-async def _warm_one(client: httpx.AsyncClient, opts: _Options, src: Source, digest: str | None,
-                    skippable: set[str]) -> Item:
+async def _warm_one(
+    client: httpx.AsyncClient, opts: _Options, src: Source, digest: str | None, skippable: set[str]
+) -> Item:
     # cached (and pinned, if asked) needs no upload, unless it must be named or given a TTL
     if digest in skippable and src.name is None and src.ttl is None:
         return Item(src, "skipped", f"vcache://sha256:{digest}")
     try:
         image = src.location if src.is_url else _data_uri(Path(src.location))
-        body = {"image": image, "model": opts.model, "pin": opts.pin, "name": src.name,
-                "ttl": src.ttl}
+        body = {
+            "image": image,
+            "model": opts.model,
+            "pin": opts.pin,
+            "name": src.name,
+            "ttl": src.ttl,
+        }
         r = await client.post("/vcache/warm", json=body)
     except (OSError, httpx.HTTPError) as e:
         return Item(src, "failed", error=f"{type(e).__name__}: {e}")

@@ -100,14 +100,24 @@ class CachingChatHandler(MTMDChatHandler):
     context has it on, else off). ``model`` is the namespace's model component.
     """
 
-    def __init__(self, clip_model_path: str, store: Store, *, verbose: bool = False,
-                 use_gpu: bool = False, flash_attn: FlashAttn | None = None,
-                 image_min_tokens: int = -1, image_max_tokens: int = -1,
-                 model: str = "") -> None:
+    def __init__(
+        self,
+        clip_model_path: str,
+        store: Store,
+        *,
+        verbose: bool = False,
+        use_gpu: bool = False,
+        flash_attn: FlashAttn | None = None,
+        image_min_tokens: int = -1,
+        image_max_tokens: int = -1,
+        model: str = "",
+    ) -> None:
         super().__init__(clip_model_path, verbose=verbose, use_gpu=use_gpu)
         if not hasattr(self, "_mtmd_cpp"):
-            raise TypeError("this llama-cpp-python's MTMDChatHandler has no _mtmd_cpp: "
-                            "CachingChatHandler is written for llama-cpp-python 0.3.36")
+            raise TypeError(
+                "this llama-cpp-python's MTMDChatHandler has no _mtmd_cpp: "
+                "CachingChatHandler is written for llama-cpp-python 0.3.36"
+            )
         self._store = store
         self._flash_attn = flash_attn
         self._token_limits = (image_min_tokens, image_max_tokens)
@@ -141,20 +151,29 @@ class CachingChatHandler(MTMDChatHandler):
         self._n_embd = int(LIBS.llama.llama_model_n_embd_inp(llama_model.model))
         device = encoder_device(LIBS, self.use_gpu)
         self._namespace = Namespace.for_encoder(
-            model=self._model_name, mmproj=self._mmproj_id, build=LIBS.build_id,
+            model=self._model_name,
+            mmproj=self._mmproj_id,
+            build=LIBS.build_id,
             format_version=FORMAT_VERSION,
-            encoder={**settings.namespace_settings(device), "n_embd": self._n_embd})
+            encoder={**settings.namespace_settings(device), "n_embd": self._n_embd},
+        )
         self._store.register_namespace(self._namespace)
 
     def _settings(self, llama_model: llama_cpp.Llama) -> EncoderSettings:
         flash_attn = self._flash_attn
         if flash_attn is None:
             llama_fa = llama_model.context_params.flash_attn_type
-            flash_attn = "enabled" if llama_fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED \
-                else "disabled"
-        return EncoderSettings(n_threads=llama_model.n_threads, use_gpu=self.use_gpu,
-                               flash_attn=flash_attn, image_min_tokens=self._token_limits[0],
-                               image_max_tokens=self._token_limits[1], warmup=True)
+            flash_attn = (
+                "enabled" if llama_fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED else "disabled"
+            )
+        return EncoderSettings(
+            n_threads=llama_model.n_threads,
+            use_gpu=self.use_gpu,
+            flash_attn=flash_attn,
+            image_min_tokens=self._token_limits[0],
+            image_max_tokens=self._token_limits[1],
+            warmup=True,
+        )
 
     def _free_context(self) -> None:
         if self.mtmd_ctx is not None:
@@ -176,8 +195,10 @@ class CachingChatHandler(MTMDChatHandler):
         bitmap = super()._create_bitmap_from_bytes(image_bytes)
         image_id = LIBS.mtmd.mtmd_bitmap_get_id(bitmap)
         if image_id:
-            self._sizes[image_id.decode()] = (LIBS.mtmd.mtmd_bitmap_get_nx(bitmap),
-                                              LIBS.mtmd.mtmd_bitmap_get_ny(bitmap))
+            self._sizes[image_id.decode()] = (
+                LIBS.mtmd.mtmd_bitmap_get_nx(bitmap),
+                LIBS.mtmd.mtmd_bitmap_get_ny(bitmap),
+            )
         return bitmap
 
     # -- called through the facade ---------------------------------------------------------
@@ -210,8 +231,9 @@ class CachingChatHandler(MTMDChatHandler):
         self.stats.hits += 1
         return True
 
-    def _matching(self, header: PackageHeader, chunks: list[Any],
-                  payload: memoryview) -> list[npt.NDArray[np.float32]]:
+    def _matching(
+        self, header: PackageHeader, chunks: list[Any], payload: memoryview
+    ) -> list[npt.NDArray[np.float32]]:
         """The package's embeddings per chunk, if its layout is exactly ours."""
         if header.n_embd != self._n_embd or len(header.chunks) != len(chunks):
             raise PackageError("chunk count or embedding width differs")
@@ -238,12 +260,22 @@ class CachingChatHandler(MTMDChatHandler):
         nx, ny = self._sizes.get(image_id, (0, 0))
         if nx < 1 or ny < 1:
             return  # size unknown (not one of our bitmaps): usable now, not storable
-        header = PackageHeader(mmproj=self._mmproj_id, n_embd=self._n_embd, dtype="f32",
-                               image_id=image_id, nx=nx, ny=ny,
-                               chunks=tuple(c for c, _ in parts))
+        header = PackageHeader(
+            mmproj=self._mmproj_id,
+            n_embd=self._n_embd,
+            dtype="f32",
+            image_id=image_id,
+            nx=nx,
+            ny=ny,
+            chunks=tuple(c for c, _ in parts),
+        )
         payload = b"".join(p for _, p in parts)
-        if self._store.put(self.namespace.key(image_id), StoredPackage(header, encode_ms)
-                           .to_meta(), payload) is None:
+        if (
+            self._store.put(
+                self.namespace.key(image_id), StoredPackage(header, encode_ms).to_meta(), payload
+            )
+            is None
+        ):
             log.warning("store refused package %s: serving uncached", image_id[:16])
 
     def _eval_prepared(self, chunk: Any, args: tuple[Any, ...]) -> int | None:
@@ -252,9 +284,20 @@ class CachingChatHandler(MTMDChatHandler):
         if prepared is None:
             return None
         ctx, lctx, _, n_past, seq_id, n_batch, _logits_last, new_n_past = args
-        return int(LIBS.mtmd.mtmd_helper_decode_image_chunk(
-            ctx, lctx, chunk, prepared.pointer, n_past, seq_id, n_batch, new_n_past,
-            _NO_CALLBACK, None))
+        return int(
+            LIBS.mtmd.mtmd_helper_decode_image_chunk(
+                ctx,
+                lctx,
+                chunk,
+                prepared.pointer,
+                n_past,
+                seq_id,
+                n_batch,
+                new_n_past,
+                _NO_CALLBACK,
+                None,
+            )
+        )
 
 
 class _StoreBackedMtmd:
@@ -284,4 +327,3 @@ class _StoreBackedMtmd:
 def _prepared(data: npt.NDArray[np.float32]) -> _Prepared:
     # decode only reads the embeddings: a pointer into a read-only mapping is fine
     return _Prepared(data, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
-

@@ -66,8 +66,10 @@ def load_llama_libs(lib_dir: Path | None = None) -> LlamaLibs:
         wanted = _wanted_dir(lib_dir)
         if _loaded is not None:
             if _loaded.lib_dir != wanted:
-                raise LlamaLibsError(f"llama.cpp is already loaded from {_loaded.lib_dir}, "
-                                     f"cannot switch to {wanted} in the same process")
+                raise LlamaLibsError(
+                    f"llama.cpp is already loaded from {_loaded.lib_dir}, "
+                    f"cannot switch to {wanted} in the same process"
+                )
             return _loaded
         _loaded = _load(wanted)
         return _loaded
@@ -88,8 +90,9 @@ def _load(lib_dir: Path | None) -> LlamaLibs:
         llama = importlib.import_module("llama_cpp.llama_cpp")
         mtmd = importlib.import_module("llama_cpp.mtmd_cpp")
     except ImportError as e:
-        raise LlamaLibsError("llama-cpp-python is not installed: run "
-                             "scripts/install_llama_cpp_python.sh") from e
+        raise LlamaLibsError(
+            "llama-cpp-python is not installed: run scripts/install_llama_cpp_python.sh"
+        ) from e
     except (OSError, RuntimeError) as e:  # the bindings' own "cannot load library" errors
         raise LlamaLibsError(f"llama-cpp-python cannot load llama.cpp: {e}") from e
     where = lib_dir if lib_dir is not None else Path(str(llama.__file__)).parent / "lib"
@@ -99,12 +102,14 @@ def _load(lib_dir: Path | None) -> LlamaLibs:
 
 def _point_bindings_at(lib_dir: Path) -> None:
     if "llama_cpp.llama_cpp" in sys.modules:
-        raise LlamaLibsError("llama_cpp was imported before load_llama_libs(): its libraries "
-                             "are already chosen")
+        raise LlamaLibsError(
+            "llama_cpp was imported before load_llama_libs(): its libraries are already chosen"
+        )
     missing = [n for n in ("libllama.so", "libmtmd.so") if not (lib_dir / n).exists()]
     if missing:
-        raise LlamaLibsError(f"{lib_dir} has no {', '.join(missing)}: not a llama.cpp build's "
-                             "library directory")
+        raise LlamaLibsError(
+            f"{lib_dir} has no {', '.join(missing)}: not a llama.cpp build's library directory"
+        )
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
     os.environ["MTMD_CPP_LIB"] = str(lib_dir)
     for name in _PRELOAD_ORDER:

@@ -71,9 +71,12 @@ class EncoderSettings:
     warmup: bool = False
 
     def namespace_settings(self, device: str) -> dict[str, Any]:
-        return {"image_min_tokens": self.image_min_tokens,
-                "image_max_tokens": self.image_max_tokens,
-                "flash_attn": self.flash_attn, "device": device}
+        return {
+            "image_min_tokens": self.image_min_tokens,
+            "image_max_tokens": self.image_max_tokens,
+            "flash_attn": self.flash_attn,
+            "device": device,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +104,9 @@ def mmproj_identity(path: Path) -> str:
 class VisionEncoder:
     """An mmproj loaded for encoding, with its text model's metadata. Not thread-safe."""
 
-    def __init__(self, libs: LlamaLibs, mmproj: Path, text_model: Path,
-                 settings: EncoderSettings) -> None:
+    def __init__(
+        self, libs: LlamaLibs, mmproj: Path, text_model: Path, settings: EncoderSettings
+    ) -> None:
         self._libs = libs
         self.settings = settings
         self.build_id = libs.build_id
@@ -128,19 +132,26 @@ class VisionEncoder:
     def encode(self, image: bytes) -> EncodedImage:
         """The f32 package of `image`, as ``POST /vision/embedding`` answers it."""
         t0 = time.perf_counter()
-        with _bitmap(self._libs, self._ctx, image) as bitmap, \
-                _marker_chunks(self._libs, self._ctx, bitmap) as chunks:
+        with (
+            _bitmap(self._libs, self._ctx, image) as bitmap,
+            _marker_chunks(self._libs, self._ctx, bitmap) as chunks,
+        ):
             preprocess_ms = (time.perf_counter() - t0) * 1000.0
             t1 = time.perf_counter()
-            parts = [encode_chunk(self._libs, self._ctx, c, self.n_embd)
-                     for c in image_chunks(self._libs, chunks)]
+            parts = [
+                encode_chunk(self._libs, self._ctx, c, self.n_embd)
+                for c in image_chunks(self._libs, chunks)
+            ]
             encode_ms = (time.perf_counter() - t1) * 1000.0
             header = PackageHeader(
-                mmproj=self.mmproj_id, n_embd=self.n_embd, dtype="f32",
+                mmproj=self.mmproj_id,
+                n_embd=self.n_embd,
+                dtype="f32",
                 image_id=_bitmap_id(self._libs, bitmap),
                 nx=self._libs.mtmd.mtmd_bitmap_get_nx(bitmap),
                 ny=self._libs.mtmd.mtmd_bitmap_get_ny(bitmap),
-                chunks=tuple(chunk for chunk, _ in parts))
+                chunks=tuple(chunk for chunk, _ in parts),
+            )
         return EncodedImage(header, b"".join(p for _, p in parts), encode_ms, preprocess_ms)
 
 
@@ -183,7 +194,7 @@ def chunk_meta(libs: LlamaLibs, chunk: Any) -> bytes:
     buf = (ctypes.c_char * size.value)()
     if libs.mtmd.mtmd_input_chunk_save(chunk, buf, size.value, ctypes.byref(size)) != 0:
         raise EncoderError("cannot serialize a media chunk")
-    return bytes(buf)[:size.value]
+    return bytes(buf)[: size.value]
 
 
 def encode_chunk(libs: LlamaLibs, ctx: Any, chunk: Any, n_embd: int) -> tuple[Chunk, bytes]:
@@ -199,16 +210,26 @@ def encode_chunk(libs: LlamaLibs, ctx: Any, chunk: Any, n_embd: int) -> tuple[Ch
     return Chunk(n_tokens, chunk_meta(libs, chunk)), payload
 
 
-def decode_chunk(libs: LlamaLibs, ctx: Any, lctx: Any, chunk: Any, embd: Any, n_past: int,
-                 n_batch: int) -> int:
+def decode_chunk(
+    libs: LlamaLibs, ctx: Any, lctx: Any, chunk: Any, embd: Any, n_past: int, n_batch: int
+) -> int:
     """Feed precomputed embeddings of `chunk` to the language model; the new n_past.
 
     `embd` is a ``POINTER(c_float)`` to n_tokens x n_embd floats that outlives the call.
     """
     new_n_past = libs.llama.llama_pos(0)
     res = libs.mtmd.mtmd_helper_decode_image_chunk(
-        ctx, lctx, chunk, embd, libs.llama.llama_pos(n_past), libs.llama.llama_seq_id(0),
-        n_batch, ctypes.byref(new_n_past), libs.mtmd.mtmd_helper_post_decode_callback(0), None)
+        ctx,
+        lctx,
+        chunk,
+        embd,
+        libs.llama.llama_pos(n_past),
+        libs.llama.llama_seq_id(0),
+        n_batch,
+        ctypes.byref(new_n_past),
+        libs.mtmd.mtmd_helper_post_decode_callback(0),
+        None,
+    )
     if res != 0:
         raise EncoderError(f"decoding an image chunk failed ({res})")
     return int(new_n_past.value)
@@ -219,10 +240,12 @@ def encoder_device(libs: LlamaLibs, use_gpu: bool) -> str:
     if not use_gpu:
         return "CPU"
     ggml = ctypes.CDLL(libs.llama._lib._name)  # ggml's registry is reachable through libllama
-    for name, restype, argtypes in (("ggml_backend_dev_count", ctypes.c_size_t, []),
-                                    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                                    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-                                    ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])):
+    for name, restype, argtypes in (
+        ("ggml_backend_dev_count", ctypes.c_size_t, []),
+        ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+        ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+        ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+    ):
         getattr(ggml, name).restype = restype
         getattr(ggml, name).argtypes = argtypes
     for i in range(ggml.ggml_backend_dev_count()):
@@ -255,7 +278,8 @@ def _on_native_log(level: int, text: bytes | None, _user: Any) -> None:
 
 # kept at module level: the C side holds this pointer for the life of the process
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(
-    _on_native_log)
+    _on_native_log
+)
 
 
 def _load_metadata(libs: LlamaLibs, text_model: Path) -> Any:
@@ -276,7 +300,8 @@ def _bitmap(libs: LlamaLibs, ctx: Any, image: bytes) -> Iterator[Any]:
     mtmd = libs.mtmd
     buf = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
     out = mtmd.mtmd_helper_bitmap_init_from_buf_wrapper(
-        ctx, buf, len(image), False, mtmd.mtmd_helper_init_opt_default())
+        ctx, buf, len(image), False, mtmd.mtmd_helper_init_opt_default()
+    )
     if out.video_ctx:
         mtmd.mtmd_helper_video_free(out.video_ctx)
         if out.bitmap:

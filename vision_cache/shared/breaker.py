@@ -26,8 +26,9 @@ Clock = Callable[[], float]
 
 
 class CircuitBreaker:
-    def __init__(self, *, failures: int = 3, cooldown_s: float = 5.0,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, failures: int = 3, cooldown_s: float = 5.0, clock: Clock = time.monotonic
+    ) -> None:
         self._threshold = failures
         self._cooldown = cooldown_s
         self._clock = clock

@@ -67,12 +67,17 @@ _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SCHEMES = ("redis", "rediss", "unix")
 
 # KEYS[1] is ours only while it holds our token: compare and act in one step.
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end " \
-          "return 0"
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then " \
-         "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_DROP_IF_SAME = "if redis.call('GETRANGE', KEYS[1], 0, ARGV[1]) == ARGV[2] then " \
-                "return redis.call('DEL', KEYS[1]) end return 0"
+_UNLOCK = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+_DROP_IF_SAME = (
+    "if redis.call('GETRANGE', KEYS[1], 0, ARGV[1]) == ARGV[2] then "
+    "return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,7 +112,8 @@ class SharedTierConfig:
         if urlsplit(self.url).scheme not in _SCHEMES:
             raise SharedTierConfigError(
                 f"shared store URL must start with one of {', '.join(s + '://' for s in _SCHEMES)}"
-                f", got {self.redacted_url!r}")
+                f", got {self.redacted_url!r}"
+            )
         if not _PREFIX.fullmatch(self.prefix):
             # no braces: they would make Redis Cluster hash only part of a key
             raise SharedTierConfigError(f"prefix must match {_PREFIX.pattern}, got {self.prefix!r}")
@@ -173,8 +179,15 @@ class SharedTier(ABC):
     async def get(self, key: CacheKey) -> SharedEntry | None: ...
 
     @abstractmethod
-    async def put(self, key: CacheKey, meta: bytes, payload: bytes | memoryview, *,
-                  pin: bool = False, ttl: float | None = None) -> bool: ...
+    async def put(
+        self,
+        key: CacheKey,
+        meta: bytes,
+        payload: bytes | memoryview,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> bool: ...
 
     @abstractmethod
     async def discard(self, key: CacheKey) -> None: ...
@@ -207,8 +220,15 @@ class NullSharedTier(SharedTier):
     async def get(self, key: CacheKey) -> SharedEntry | None:
         return None
 
-    async def put(self, key: CacheKey, meta: bytes, payload: bytes | memoryview, *,
-                  pin: bool = False, ttl: float | None = None) -> bool:
+    async def put(
+        self,
+        key: CacheKey,
+        meta: bytes,
+        payload: bytes | memoryview,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> bool:
         return False
 
     async def discard(self, key: CacheKey) -> None:
@@ -261,9 +281,16 @@ class RedisTier(SharedTier):
 
     def stats(self) -> SharedTierStats:
         c = self._counts
-        return SharedTierStats(c["hits"], c["misses"], c["publishes"], c["corrupt"],
-                               c["errors"], c["lock_waits"], self._breaker.is_open,
-                               self._breaker.trips)
+        return SharedTierStats(
+            c["hits"],
+            c["misses"],
+            c["publishes"],
+            c["corrupt"],
+            c["errors"],
+            c["lock_waits"],
+            self._breaker.is_open,
+            self._breaker.trips,
+        )
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -342,8 +369,15 @@ class RedisTier(SharedTier):
         # Only if it is still the value we read: another proxy may have replaced it already.
         await self._io(self._drop_if_same(keys=[name], args=[len(head) - 1, head]))
 
-    async def put(self, key: CacheKey, meta: bytes, payload: bytes | memoryview, *,
-                  pin: bool = False, ttl: float | None = None) -> bool:
+    async def put(
+        self,
+        key: CacheKey,
+        meta: bytes,
+        payload: bytes | memoryview,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+    ) -> bool:
         """Publish a package unless the fleet has it (the first put wins, as in the store);
         with `pin`, the entry loses its TTL. False if it could not be published."""
         if not self._breaker.allows():
@@ -366,8 +400,10 @@ class RedisTier(SharedTier):
     async def _publish(self, name: str, value: bytes, pin: bool, ttl: float | None) -> bool:
         ttl_ms = None if pin else max(1, round((ttl or self._config.ttl_s) * 1000))
         rounds = -(-len(value) // self._config.window_bytes)  # as patient as a read of it
-        done = await self._io(self._redis.set(name, value, nx=True, px=ttl_ms),
-                              timeout_s=self._config.timeout_s * max(1, rounds))
+        done = await self._io(
+            self._redis.set(name, value, nx=True, px=ttl_ms),
+            timeout_s=self._config.timeout_s * max(1, rounds),
+        )
         return bool(done)
 
     async def discard(self, key: CacheKey) -> None:
@@ -506,8 +542,12 @@ class RedisTier(SharedTier):
             return
         log.debug("shared tier %s failed: %s", op, exc)
         if tripped:
-            log.warning("shared tier %s unavailable (%s): skipping it, probing every %g s",
-                        self._config.redacted_url, exc, self._config.cooldown_s)
+            log.warning(
+                "shared tier %s unavailable (%s): skipping it, probing every %g s",
+                self._config.redacted_url,
+                exc,
+                self._config.cooldown_s,
+            )
             if self._probe is None or self._probe.done():
                 self._probe = self._spawn(self._probe_until_back())
 
@@ -539,9 +579,11 @@ def _client(config: SharedTierConfig) -> Redis:
 
     try:
         pool = BlockingConnectionPool.from_url(
-            config.url, max_connections=config.max_connections,
+            config.url,
+            max_connections=config.max_connections,
             timeout=None,  # waiting for a connection is bounded by each call's own timeout
-            **_client_options(config))
+            **_client_options(config),
+        )
     except ValueError as exc:
         raise SharedTierConfigError(f"bad shared store URL {config.redacted_url}: {exc}") from None
     # the client owns the pool: closing it closes the pool's connections
@@ -554,8 +596,9 @@ def _cluster_client(config: SharedTierConfig) -> RedisCluster:
     from redis.exceptions import RedisClusterException
 
     try:
-        return RedisCluster.from_url(config.url, max_connections=config.max_connections,
-                                     **_client_options(config))
+        return RedisCluster.from_url(
+            config.url, max_connections=config.max_connections, **_client_options(config)
+        )
     except (ValueError, RedisClusterException) as exc:
         raise SharedTierConfigError(f"bad shared store URL {config.redacted_url}: {exc}") from None
 
@@ -564,19 +607,26 @@ def _client_options(config: SharedTierConfig) -> dict[str, Any]:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    credentials = {k: v for k, v in (("username", config.username),
-                                     ("password", config.password)) if v is not None}
+    credentials = {
+        k: v
+        for k, v in (("username", config.username), ("password", config.password))
+        if v is not None
+    }
     # no retries inside a call: one failure goes to the breaker, which decides
-    return {"socket_connect_timeout": config.timeout_s, "retry": Retry(NoBackoff(), 0),
-            **credentials}
+    return {
+        "socket_connect_timeout": config.timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        **credentials,
+    }
 
 
 def _require_redis_py() -> None:
     try:
         import redis  # noqa: F401
     except ImportError as exc:  # an optional extra: the proxy runs without it
-        raise SharedTierConfigError("the shared tier needs redis-py: pip install "
-                                    "'vcache[redis]'") from exc
+        raise SharedTierConfigError(
+            "the shared tier needs redis-py: pip install 'vcache[redis]'"
+        ) from exc
 
 
 def _translate(exc: Exception) -> SharedTierError | None:

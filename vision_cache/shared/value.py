@@ -48,8 +48,16 @@ class ValueHeader:
         return HEADER_SIZE + self.meta_len + self.payload_len
 
     def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, self.format_version, 0, self.meta_len, self.payload_len,
-                            self.meta_xxh3, self.payload_xxh3, self.nonce)
+        return _HEADER.pack(
+            MAGIC,
+            self.format_version,
+            0,
+            self.meta_len,
+            self.payload_len,
+            self.meta_xxh3,
+            self.payload_xxh3,
+            self.nonce,
+        )
 
     @classmethod
     def parse(cls, head: bytes, size: int) -> ValueHeader:
@@ -68,8 +76,8 @@ class ValueHeader:
     def split(self, value: bytes) -> tuple[bytes, memoryview]:
         """Meta and payload of the whole value, checksums verified."""
         view = memoryview(value)
-        meta = view[HEADER_SIZE:HEADER_SIZE + self.meta_len]
-        payload = view[HEADER_SIZE + self.meta_len:]
+        meta = view[HEADER_SIZE : HEADER_SIZE + self.meta_len]
+        payload = view[HEADER_SIZE + self.meta_len :]
         if xxhash.xxh3_64_intdigest(meta) != self.meta_xxh3:
             raise SharedEntryCorruptError("meta checksum mismatch")
         if xxhash.xxh3_64_intdigest(payload) != self.payload_xxh3:
@@ -79,8 +87,13 @@ class ValueHeader:
 
 def encode_value(meta: bytes, payload: bytes | memoryview, nonce: bytes | None = None) -> bytes:
     """One value: header, meta, payload."""
-    header = ValueHeader(len(meta), memoryview(payload).nbytes, xxhash.xxh3_64_intdigest(meta),
-                         xxhash.xxh3_64_intdigest(payload), nonce or secrets.token_bytes(8))
+    header = ValueHeader(
+        len(meta),
+        memoryview(payload).nbytes,
+        xxhash.xxh3_64_intdigest(meta),
+        xxhash.xxh3_64_intdigest(payload),
+        nonce or secrets.token_bytes(8),
+    )
     return b"".join((header.pack(), meta, payload))
 
 

@@ -104,9 +104,14 @@ class Checker:
         totals = [Problem(ProblemKind.TOTALS, text) for text in self._index.recount(fix=fix)]
         orphans = self._orphans(files)
         return CheckReport(
-            scan.checked, scan.verified, tuple(scan.problems + totals), len(orphans),
+            scan.checked,
+            scan.verified,
+            tuple(scan.problems + totals),
+            len(orphans),
             sum(files[segment_id].size for segment_id in orphans) + self._dead_bytes(files),
-            self._unknown_files(), self._index.dangling_names(), fixed=fix,
+            self._unknown_files(),
+            self._index.dangling_names(),
+            fixed=fix,
         )
 
     def _check_row(
@@ -161,7 +166,10 @@ class Checker:
             return True  # a damaged row cannot be looked up by its key
         current = self._index.lookup(row.key)
         return current is not None and (current.id, current.segment, current.offset) == (
-            row.id, row.segment, row.offset)
+            row.id,
+            row.segment,
+            row.offset,
+        )
 
     def _segment_files(self) -> dict[int, _SegmentFile]:
         files: dict[int, _SegmentFile] = {}
@@ -185,5 +193,8 @@ class Checker:
         return dead
 
     def _unknown_files(self) -> int:
-        return sum(1 for entry in os.scandir(self._layout.segments_dir)
-                   if parse_segment_name(entry.name) is None)
+        return sum(
+            1
+            for entry in os.scandir(self._layout.segments_dir)
+            if parse_segment_name(entry.name) is None
+        )

@@ -54,7 +54,11 @@ class _Tally:
 
 class Compactor:
     def __init__(
-        self, index: Index, appender: Appender, layout: StoreLayout, quarantine: Quarantine,
+        self,
+        index: Index,
+        appender: Appender,
+        layout: StoreLayout,
+        quarantine: Quarantine,
         forget: Callable[[CacheKey], None],
     ) -> None:
         self._index = index
@@ -79,8 +83,17 @@ class Compactor:
         self._remove_orphan_files(now - abandoned_after, tally)
         freed = self._quarantine.prune()
         self._index.checkpoint()
-        return GcReport(len(expired), len(evicted), tally.removed, tally.compacted, tally.moved,
-                        tally.reclaimed, tally.orphans, tally.quarantined, freed)
+        return GcReport(
+            len(expired),
+            len(evicted),
+            tally.removed,
+            tally.compacted,
+            tally.moved,
+            tally.reclaimed,
+            tally.orphans,
+            tally.quarantined,
+            freed,
+        )
 
     def reclaim_dead(self) -> int:
         """Unlink sealed segments without live entries; the cheap path run

@@ -74,12 +74,18 @@ _SELECT_PAGE_IN_NAMESPACE = (
 
 
 def row_check(
-    namespace_id: str, digest: str, segment: int, offset: int, length: int, checksum: str,
+    namespace_id: str,
+    digest: str,
+    segment: int,
+    offset: int,
+    length: int,
+    checksum: str,
     meta: bytes,
 ) -> str:
     """XXH3-64 over everything that decides which bytes a row serves."""
     hasher = xxhash.xxh3_64(
-        f"{namespace_id}:{digest}:{segment}:{offset}:{length}:{checksum}:".encode())
+        f"{namespace_id}:{digest}:{segment}:{offset}:{length}:{checksum}:".encode()
+    )
     hasher.update(meta)
     return hasher.hexdigest()
 
@@ -100,8 +106,15 @@ class IndexRow:
     expires_at: float | None
 
     def intact(self) -> bool:
-        expected = row_check(self.key.namespace_id, self.key.digest, self.segment, self.offset,
-                             self.length, self.checksum, self.meta)
+        expected = row_check(
+            self.key.namespace_id,
+            self.key.digest,
+            self.segment,
+            self.offset,
+            self.length,
+            self.checksum,
+            self.meta,
+        )
         return expected == self.row_check
 
     def expired(self, now: float) -> bool:
@@ -188,8 +201,9 @@ def connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write
     # transaction takes the write lock up front and can never fail half way
     # on a read->write lock upgrade (the classic SQLITE_BUSY deadlock).
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
     # A damaged page can hold invalid UTF-8; decoding with replacement turns
     # that into a row that fails its row check instead of an exception.
     conn.text_factory = _lenient_text
@@ -324,8 +338,9 @@ class Index:
             nsid = _ensure_namespace(conn, namespace_id, self._clock())
             # Only fill text in when missing: the id is a hash of the text,
             # so an existing text can only be equal.
-            conn.execute("UPDATE namespaces SET text = ? WHERE nsid = ? AND text IS NULL",
-                         (text, nsid))
+            conn.execute(
+                "UPDATE namespaces SET text = ? WHERE nsid = ? AND text IS NULL", (text, nsid)
+            )
             return nsid
 
         self._nsids[namespace_id] = self.write(body)
@@ -344,8 +359,9 @@ class Index:
         self.write(body)
 
     def namespaces(self) -> list[NamespaceRow]:
-        rows = self.read(lambda c: c.execute(
-            "SELECT id, text, ttl FROM namespaces ORDER BY nsid").fetchall())
+        rows = self.read(
+            lambda c: c.execute("SELECT id, text, ttl FROM namespaces ORDER BY nsid").fetchall()
+        )
         return [NamespaceRow(*row) for row in rows]
 
     # -- entries ----------------------------------------------------------
@@ -368,34 +384,57 @@ class Index:
         nsid = self.nsid(key.namespace_id, create=False)
         if nsid is None:
             return False
-        return self.write(lambda c: c.execute(
-            "DELETE FROM entries WHERE nsid = ? AND digest = ?", (nsid, key.digest)).rowcount > 0)
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM entries WHERE nsid = ? AND digest = ?", (nsid, key.digest)
+                ).rowcount
+                > 0
+            )
+        )
 
     def delete_id(self, entry_id: int) -> bool:
-        return self.write(lambda c: c.execute(
-            "DELETE FROM entries WHERE id = ?", (entry_id,)).rowcount > 0)
+        return self.write(
+            lambda c: c.execute("DELETE FROM entries WHERE id = ?", (entry_id,)).rowcount > 0
+        )
 
     def delete_row(self, row: IndexRow) -> bool:
         """Delete `row` only if it still points where it did when read: a
         row another process moved or replaced meanwhile is not ours to drop."""
-        return self.write(lambda c: c.execute(
-            "DELETE FROM entries WHERE id = ? AND segment = ? AND byte_offset = ?"
-            " AND checksum = ?", (row.id, row.segment, row.offset, row.checksum)).rowcount > 0)
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM entries WHERE id = ? AND segment = ? AND byte_offset = ?"
+                    " AND checksum = ?",
+                    (row.id, row.segment, row.offset, row.checksum),
+                ).rowcount
+                > 0
+            )
+        )
 
     def dangling_names(self) -> int:
         # NOT EXISTS probes the UNIQUE (nsid, digest) index once per name.
-        row = self.read(lambda c: c.execute(
-            "SELECT COUNT(*) FROM names n WHERE NOT EXISTS (SELECT 1 FROM entries e"
-            " WHERE e.nsid = n.nsid AND e.digest = n.digest)").fetchone())
+        row = self.read(
+            lambda c: c.execute(
+                "SELECT COUNT(*) FROM names n WHERE NOT EXISTS (SELECT 1 FROM entries e"
+                " WHERE e.nsid = n.nsid AND e.digest = n.digest)"
+            ).fetchone()
+        )
         return int(row[0])
 
     def set_pinned(self, key: CacheKey, pinned: bool) -> bool:
         nsid = self.nsid(key.namespace_id, create=False)
         if nsid is None:
             return False
-        return self.write(lambda c: c.execute(
-            "UPDATE entries SET pinned = ? WHERE nsid = ? AND digest = ?",
-            (int(pinned), nsid, key.digest)).rowcount > 0)
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "UPDATE entries SET pinned = ? WHERE nsid = ? AND digest = ?",
+                    (int(pinned), nsid, key.digest),
+                ).rowcount
+                > 0
+            )
+        )
 
     def iter_rows(self, namespace_id: str | None = None, batch: int = 512) -> Iterator[IndexRow]:
         """All rows in id order, read in short transactions so that a long
@@ -419,14 +458,27 @@ class Index:
 
     def move(self, row: IndexRow, segment: int, offset: int) -> bool:
         """Point `row` at a copy of its payload, unless it changed meanwhile."""
-        check = row_check(row.key.namespace_id, row.key.digest, segment, offset, row.length,
-                          row.checksum, row.meta)
+        check = row_check(
+            row.key.namespace_id,
+            row.key.digest,
+            segment,
+            offset,
+            row.length,
+            row.checksum,
+            row.meta,
+        )
         # Compare-and-swap on the old location: a concurrent delete or move
         # wins, and our copy simply becomes dead bytes for the next gc.
-        return self.write(lambda c: c.execute(
-            "UPDATE entries SET segment = ?, byte_offset = ?, row_check = ?"
-            " WHERE id = ? AND segment = ? AND byte_offset = ?",
-            (segment, offset, check, row.id, row.segment, row.offset)).rowcount > 0)
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "UPDATE entries SET segment = ?, byte_offset = ?, row_check = ?"
+                    " WHERE id = ? AND segment = ? AND byte_offset = ?",
+                    (segment, offset, check, row.id, row.segment, row.offset),
+                ).rowcount
+                > 0
+            )
+        )
 
     def expire(self, now: float, limit: int = 1024) -> list[CacheKey]:
         return self.write(lambda c: _delete_expired(c, now, limit))
@@ -440,15 +492,21 @@ class Index:
     def new_segment(self) -> int:
         # Committed before the file exists, so the id is unique across
         # processes; gc leaves young 'active' rows without a file alone.
-        segment_id = self.write(lambda c: c.execute(
-            "INSERT INTO segments (state, created_at) VALUES ('active', ?)",
-            (self._clock(),)).lastrowid)
+        segment_id = self.write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO segments (state, created_at) VALUES ('active', ?)",
+                    (self._clock(),),
+                ).lastrowid
+            )
+        )
         assert segment_id is not None
         return segment_id
 
     def seal_segment(self, segment_id: int) -> None:
-        self.write(lambda c: c.execute(
-            "UPDATE segments SET state = 'sealed' WHERE id = ?", (segment_id,)))
+        self.write(
+            lambda c: c.execute("UPDATE segments SET state = 'sealed' WHERE id = ?", (segment_id,))
+        )
 
     def drop_segment_if_dead(self, segment_id: int) -> bool:
         """Delete a sealed segment's row if no entry uses it; True if deleted.
@@ -458,30 +516,42 @@ class Index:
         is durable because WAL commits reach disk in order: once this one is
         synced, so are the compaction moves that emptied the segment, and
         the file can go."""
-        return self.write(lambda c: c.execute(
-            "DELETE FROM segments WHERE id = ? AND live_count = 0 AND state = 'sealed'",
-            (segment_id,)).rowcount > 0, durable=True)
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM segments WHERE id = ? AND live_count = 0 AND state = 'sealed'",
+                    (segment_id,),
+                ).rowcount
+                > 0
+            ),
+            durable=True,
+        )
 
     def segments(self) -> list[SegmentRow]:
-        rows = self.read(lambda c: c.execute(
-            "SELECT id, state, created_at, live_bytes, live_count FROM segments"
-            " ORDER BY id").fetchall())
+        rows = self.read(
+            lambda c: c.execute(
+                "SELECT id, state, created_at, live_bytes, live_count FROM segments ORDER BY id"
+            ).fetchall()
+        )
         return [SegmentRow(*row) for row in rows]
 
     def dead_segments(self) -> list[int]:
         # The segments table holds one row per file (hundreds), so a scan
         # is cheaper than maintaining another index.
-        rows = self.read(lambda c: c.execute(
-            "SELECT id FROM segments WHERE live_count = 0 AND state = 'sealed'").fetchall())
+        rows = self.read(
+            lambda c: c.execute(
+                "SELECT id FROM segments WHERE live_count = 0 AND state = 'sealed'"
+            ).fetchall()
+        )
         return [row[0] for row in rows]
 
     def reserve_segment_ids(self, above: int) -> None:
         """Make future segment ids larger than `above` (after an index reset,
         old files may still sit in segments/)."""
+
         def body(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM sqlite_sequence WHERE name = 'segments'")
-            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('segments', ?)",
-                         (above,))
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('segments', ?)", (above,))
 
         self.write(body)
 
@@ -490,33 +560,47 @@ class Index:
     def set_name(self, key: CacheKey, name: str) -> None:
         nsid = self.nsid(key.namespace_id, create=True)
         # Upsert: re-pointing a name at a new image is the normal update.
-        self.write(lambda c: c.execute(
-            "INSERT INTO names (nsid, name, digest, created_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (nsid, name) DO UPDATE SET digest = excluded.digest,"
-            " created_at = excluded.created_at", (nsid, name, key.digest, self._clock())))
+        self.write(
+            lambda c: c.execute(
+                "INSERT INTO names (nsid, name, digest, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (nsid, name) DO UPDATE SET digest = excluded.digest,"
+                " created_at = excluded.created_at",
+                (nsid, name, key.digest, self._clock()),
+            )
+        )
 
     def resolve_name(self, namespace_id: str, name: str) -> str | None:
         nsid = self.nsid(namespace_id, create=False)
         if nsid is None:
             return None
-        row = self.read(lambda c: c.execute(
-            "SELECT digest FROM names WHERE nsid = ? AND name = ?", (nsid, name)).fetchone())
+        row = self.read(
+            lambda c: c.execute(
+                "SELECT digest FROM names WHERE nsid = ? AND name = ?", (nsid, name)
+            ).fetchone()
+        )
         return None if row is None else str(row[0])
 
     def names(self, namespace_id: str) -> dict[str, str]:
         nsid = self.nsid(namespace_id, create=False)
         if nsid is None:
             return {}
-        rows = self.read(lambda c: c.execute(
-            "SELECT name, digest FROM names WHERE nsid = ? ORDER BY name", (nsid,)).fetchall())
+        rows = self.read(
+            lambda c: c.execute(
+                "SELECT name, digest FROM names WHERE nsid = ? ORDER BY name", (nsid,)
+            ).fetchall()
+        )
         return {str(name): str(digest) for name, digest in rows}
 
     def delete_name(self, namespace_id: str, name: str) -> bool:
         nsid = self.nsid(namespace_id, create=False)
         if nsid is None:
             return False
-        return self.write(lambda c: c.execute(
-            "DELETE FROM names WHERE nsid = ? AND name = ?", (nsid, name)).rowcount > 0)
+        return self.write(
+            lambda c: (
+                c.execute("DELETE FROM names WHERE nsid = ? AND name = ?", (nsid, name)).rowcount
+                > 0
+            )
+        )
 
     # -- recency and counters ---------------------------------------------
 
@@ -533,8 +617,10 @@ class Index:
             self._maybe_flush(self._clock())
 
     def _maybe_flush(self, now: float) -> None:
-        if (len(self._touches) >= TOUCH_FLUSH_ENTRIES
-                or now - self._last_flush >= TOUCH_FLUSH_SECONDS):
+        if (
+            len(self._touches) >= TOUCH_FLUSH_ENTRIES
+            or now - self._last_flush >= TOUCH_FLUSH_SECONDS
+        ):
             # Advisory data, dropped by flush() on failure so it cannot pile up.
             with contextlib.suppress(StoreError):
                 self.flush()
@@ -559,19 +645,25 @@ class Index:
     def age_range(self) -> tuple[float | None, float | None]:
         # A full scan (no index on created_at): stats are rare, and another
         # index would cost every put.
-        row = self.read(lambda c: c.execute(
-            "SELECT MIN(created_at), MAX(created_at) FROM entries").fetchone())
+        row = self.read(
+            lambda c: c.execute("SELECT MIN(created_at), MAX(created_at) FROM entries").fetchone()
+        )
         return row[0], row[1]
 
     def setting(self, name: str) -> Any:
-        row = self.read(lambda c: c.execute(
-            "SELECT value FROM settings WHERE name = ?", (name,)).fetchone())
+        row = self.read(
+            lambda c: c.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        )
         return None if row is None else row[0]
 
     def set_setting(self, name: str, value: Any) -> None:
-        self.write(lambda c: c.execute(
-            "INSERT INTO settings (name, value) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value)))
+        self.write(
+            lambda c: c.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        )
 
     def integrity_errors(self, *, quick: bool) -> list[str]:
         """SQLite's own check plus the schema comparison; [] when healthy."""
@@ -580,7 +672,8 @@ class Index:
         messages = [str(row[0]) for row in rows]
         messages = [] if messages == ["ok"] else messages
         return messages + self.read(
-            lambda c: schema.schema_differences(Database(c, execute_plugins=False)))
+            lambda c: schema.schema_differences(Database(c, execute_plugins=False))
+        )
 
     def recount(self, *, fix: bool) -> list[str]:
         """Compare trigger-maintained totals with the rows; optionally fix."""
@@ -613,17 +706,41 @@ def _ensure_namespace(conn: sqlite3.Connection, namespace_id: str, now: float) -
 
 def _decode(row: Sequence[Any], namespace_id: str) -> IndexRow:
     """Build an IndexRow, refusing values a damaged page could produce."""
-    (entry_id, _nsid, digest, meta, segment, offset, length, checksum, check, pinned,
-     created, accessed, expires) = row
+    (
+        entry_id,
+        _nsid,
+        digest,
+        meta,
+        segment,
+        offset,
+        length,
+        checksum,
+        check,
+        pinned,
+        created,
+        accessed,
+        expires,
+    ) = row
     try:
         _expect_types(row, (int, int, str, bytes, int, int, int, str, str, int))
-        return IndexRow(int(entry_id), CacheKey(namespace_id, digest), bytes(meta),
-                        segment, offset, length, checksum, check, bool(pinned),
-                        float(created), float(accessed),
-                        None if expires is None else float(expires))
+        return IndexRow(
+            int(entry_id),
+            CacheKey(namespace_id, digest),
+            bytes(meta),
+            segment,
+            offset,
+            length,
+            checksum,
+            check,
+            bool(pinned),
+            float(created),
+            float(accessed),
+            None if expires is None else float(expires),
+        )
     except (TypeError, ValueError) as exc:
-        raise DamagedRowError(entry_id if isinstance(entry_id, int) else None,
-                              f"undecodable index row: {exc}") from None
+        raise DamagedRowError(
+            entry_id if isinstance(entry_id, int) else None, f"undecodable index row: {exc}"
+        ) from None
 
 
 def _expect_types(row: Sequence[Any], types: Sequence[type]) -> None:
@@ -650,13 +767,18 @@ def _page(
 
 def _totals(conn: sqlite3.Connection) -> Totals:
     row = conn.execute(
-        "SELECT entries, bytes, pinned_entries, pinned_bytes FROM totals WHERE id = 1").fetchone()
+        "SELECT entries, bytes, pinned_entries, pinned_bytes FROM totals WHERE id = 1"
+    ).fetchone()
     return Totals(*row)
 
 
 def _insert(
-    conn: sqlite3.Connection, nsid: int, new: NewEntry, budget: int,
-    default_ttl: float | None, now: float,
+    conn: sqlite3.Connection,
+    nsid: int,
+    new: NewEntry,
+    budget: int,
+    default_ttl: float | None,
+    now: float,
 ) -> InsertResult:
     existing = conn.execute(_SELECT_BY_KEY, (nsid, new.key.digest)).fetchone()
     if existing is not None:
@@ -664,17 +786,50 @@ def _insert(
     evicted = _make_room(conn, new, budget, now)
     ttl = new.ttl if new.ttl is not None else _namespace_ttl(conn, nsid, default_ttl)
     expires = None if ttl is None else now + ttl
-    check = row_check(new.key.namespace_id, new.key.digest, new.segment, new.offset,
-                      new.length, new.checksum, new.meta)
+    check = row_check(
+        new.key.namespace_id,
+        new.key.digest,
+        new.segment,
+        new.offset,
+        new.length,
+        new.checksum,
+        new.meta,
+    )
     cursor = conn.execute(
         "INSERT INTO entries (nsid, digest, meta, segment, byte_offset, byte_length, checksum,"
         " row_check, pinned, ttl_explicit, created_at, last_access, expires_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (nsid, new.key.digest, new.meta, new.segment, new.offset, new.length, new.checksum,
-         check, int(new.pinned), int(new.ttl is not None), now, now, expires))
+        (
+            nsid,
+            new.key.digest,
+            new.meta,
+            new.segment,
+            new.offset,
+            new.length,
+            new.checksum,
+            check,
+            int(new.pinned),
+            int(new.ttl is not None),
+            now,
+            now,
+            expires,
+        ),
+    )
     assert cursor.lastrowid is not None
-    row = IndexRow(cursor.lastrowid, new.key, new.meta, new.segment, new.offset, new.length,
-                   new.checksum, check, new.pinned, now, now, expires)
+    row = IndexRow(
+        cursor.lastrowid,
+        new.key,
+        new.meta,
+        new.segment,
+        new.offset,
+        new.length,
+        new.checksum,
+        check,
+        new.pinned,
+        now,
+        now,
+        expires,
+    )
     return InsertResult(row, True, tuple(evicted))
 
 
@@ -683,13 +838,12 @@ def _namespace_ttl(conn: sqlite3.Connection, nsid: int, default: float | None) -
     return default if row is None or row[0] is None else float(row[0])
 
 
-def _make_room(
-    conn: sqlite3.Connection, new: NewEntry, budget: int, now: float
-) -> list[CacheKey]:
+def _make_room(conn: sqlite3.Connection, new: NewEntry, budget: int, now: float) -> list[CacheKey]:
     totals = _totals(conn)
     if totals.pinned_bytes + new.length > budget:
         raise BudgetExceededError(
-            f"{new.length} bytes do not fit: {totals.pinned_bytes} of {budget} are pinned")
+            f"{new.length} bytes do not fit: {totals.pinned_bytes} of {budget} are pinned"
+        )
     excess = totals.bytes + new.length - budget
     if excess <= 0:
         return []
@@ -706,7 +860,9 @@ def _evict(conn: sqlite3.Connection, excess: int) -> list[CacheKey]:
         victims = conn.execute(
             "SELECT e.id, n.id, e.digest, e.byte_length FROM entries e"
             " JOIN namespaces n ON n.nsid = e.nsid WHERE e.pinned = 0"
-            " ORDER BY e.last_access LIMIT ?", (EVICT_BATCH,)).fetchall()
+            " ORDER BY e.last_access LIMIT ?",
+            (EVICT_BATCH,),
+        ).fetchall()
         if not victims:
             raise BudgetExceededError("only pinned entries are left to evict")
         for entry_id, namespace_id, digest, length in victims:
@@ -723,33 +879,41 @@ def _delete_expired(conn: sqlite3.Connection, now: float, limit: int) -> list[Ca
     rows = conn.execute(
         "SELECT e.id, n.id, e.digest FROM entries e JOIN namespaces n ON n.nsid = e.nsid"
         " WHERE e.expires_at IS NOT NULL AND e.expires_at <= ? AND e.pinned = 0 LIMIT ?",
-        (now, limit)).fetchall()
+        (now, limit),
+    ).fetchall()
     conn.executemany("DELETE FROM entries WHERE id = ?", [(row[0],) for row in rows])
     return [CacheKey(namespace_id, digest) for _, namespace_id, digest in rows]
 
 
 def _flush(conn: sqlite3.Connection, touches: dict[int, float], deltas: dict[str, int]) -> None:
     # max(): another process may have recorded a later access already.
-    conn.executemany("UPDATE entries SET last_access = max(last_access, ?) WHERE id = ?",
-                     [(when, entry_id) for entry_id, when in touches.items()])
+    conn.executemany(
+        "UPDATE entries SET last_access = max(last_access, ?) WHERE id = ?",
+        [(when, entry_id) for entry_id, when in touches.items()],
+    )
     conn.executemany(
         "INSERT INTO counters (name, value) VALUES (?, ?)"
         " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-        list(deltas.items()))
+        list(deltas.items()),
+    )
 
 
 def _recount(conn: sqlite3.Connection, *, fix: bool) -> list[str]:
     problems: list[str] = []
-    actual = Totals(*conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(byte_length), 0), COALESCE(SUM(pinned), 0),"
-        " COALESCE(SUM(pinned * byte_length), 0) FROM entries").fetchone())
+    actual = Totals(
+        *conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(byte_length), 0), COALESCE(SUM(pinned), 0),"
+            " COALESCE(SUM(pinned * byte_length), 0) FROM entries"
+        ).fetchone()
+    )
     if actual != _totals(conn):
         problems.append(f"totals {_totals(conn)} differ from rows {actual}")
         if fix:
-            conn.execute("UPDATE totals SET entries = ?, bytes = ?, pinned_entries = ?,"
-                         " pinned_bytes = ? WHERE id = 1", (actual.entries, actual.bytes,
-                                                            actual.pinned_entries,
-                                                            actual.pinned_bytes))
+            conn.execute(
+                "UPDATE totals SET entries = ?, bytes = ?, pinned_entries = ?,"
+                " pinned_bytes = ? WHERE id = 1",
+                (actual.entries, actual.bytes, actual.pinned_entries, actual.pinned_bytes),
+            )
     problems += _recount_segments(conn, fix=fix)
     return problems
 
@@ -761,7 +925,8 @@ def _recount_segments(conn: sqlite3.Connection, *, fix: bool) -> list[str]:
         " HAVING s.live_bytes != COALESCE(SUM(e.byte_length), 0) OR s.live_count != COUNT(e.id)"
     ).fetchall()
     if fix:
-        conn.executemany("UPDATE segments SET live_bytes = ?, live_count = ? WHERE id = ?",
-                         [(row[3], row[4], row[0]) for row in wrong])
-    return [f"segment {row[0]} live totals {row[1:3]} differ from rows {row[3:]}"
-            for row in wrong]
+        conn.executemany(
+            "UPDATE segments SET live_bytes = ?, live_count = ? WHERE id = ?",
+            [(row[3], row[4], row[0]) for row in wrong],
+        )
+    return [f"segment {row[0]} live totals {row[1:3]} differ from rows {row[3:]}" for row in wrong]

@@ -47,15 +47,23 @@ class Quarantine:
         self._max_bytes = max_bytes
 
     def record(
-        self, reason: Reason, entry_id: int | None, row: IndexRow | None,
-        payload: memoryview | None = None, detail: str = "",
+        self,
+        reason: Reason,
+        entry_id: int | None,
+        row: IndexRow | None,
+        payload: memoryview | None = None,
+        detail: str = "",
     ) -> None:
         """Write a JSON record (and the payload bytes, if any) for one entry."""
         # File names are built from a clock, an integer id and an enum value
         # only: nothing from a key or a client reaches the path.
         stem = f"{time.time_ns():020d}-{entry_id or 0:d}-{reason.value}"
-        record = {"reason": reason.value, "entry_id": entry_id, "detail": detail,
-                  "row": _describe(row)}
+        record = {
+            "reason": reason.value,
+            "entry_id": entry_id,
+            "detail": detail,
+            "row": _describe(row),
+        }
         try:
             if payload is not None:
                 self._write(f"{stem}.bin", payload)

@@ -171,5 +171,7 @@ def schema_differences(db: Database) -> list[str]:
     it. Only meaningful once the index is at SCHEMA_VERSION."""
     actual = set(db.execute(_SCHEMA_QUERY).fetchall())
     expected = set(expected_schema())
-    return sorted(f"{kind} {name} differs from the migrations"
-                  for kind, name, _ in expected.symmetric_difference(actual))
+    return sorted(
+        f"{kind} {name} differs from the migrations"
+        for kind, name, _ in expected.symmetric_difference(actual)
+    )

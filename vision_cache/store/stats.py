@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from vision_cache.store.segments import HEADER_SIZE
 
 COUNTER_NAMES = (
-    "hits_hot", "hits_disk", "misses", "puts", "put_failures", "evictions", "expirations",
+    "hits_hot",
+    "hits_disk",
+    "misses",
+    "puts",
+    "put_failures",
+    "evictions",
+    "expirations",
     "quarantined",
 )
 

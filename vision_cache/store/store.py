@@ -72,8 +72,15 @@ class Store:
     """A store directory opened by this process. Thread-safe."""
 
     def __init__(
-        self, layout: StoreLayout, index: Index, hot: HotTier, *, default_ttl: float | None,
-        segment_bytes: int, durable: bool, clock: Clock,
+        self,
+        layout: StoreLayout,
+        index: Index,
+        hot: HotTier,
+        *,
+        default_ttl: float | None,
+        segment_bytes: int,
+        durable: bool,
+        clock: Clock,
     ) -> None:
         self._layout = layout
         self._hot = hot
@@ -92,10 +99,16 @@ class Store:
     def _attach(self, index: Index) -> None:
         """Wire up everything that talks to `index`."""
         self._index = index
-        self._appender = Appender(self._layout, index.new_segment, index.seal_segment,
-                                  segment_bytes=self._segment_bytes, durable=self._durable)
-        self._compactor = Compactor(index, self._appender, self._layout, self._quarantine,
-                                    self._hot.discard)
+        self._appender = Appender(
+            self._layout,
+            index.new_segment,
+            index.seal_segment,
+            segment_bytes=self._segment_bytes,
+            durable=self._durable,
+        )
+        self._compactor = Compactor(
+            index, self._appender, self._layout, self._quarantine, self._hot.discard
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -131,8 +144,15 @@ class Store:
         except BaseException:
             index.close()
             raise
-        return cls(layout, index, hot_tier(hot_bytes), default_ttl=default_ttl,
-                   segment_bytes=segment_bytes, durable=durable, clock=clock)
+        return cls(
+            layout,
+            index,
+            hot_tier(hot_bytes),
+            default_ttl=default_ttl,
+            segment_bytes=segment_bytes,
+            durable=durable,
+            clock=clock,
+        )
 
     def close(self) -> None:
         if self._closed:
@@ -146,7 +166,9 @@ class Store:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -241,7 +263,9 @@ class Store:
     def _moved(self, row: IndexRow) -> bool:
         current = self._index.lookup(row.key)
         return current is not None and (current.segment, current.offset) != (
-            row.segment, row.offset)
+            row.segment,
+            row.offset,
+        )
 
     def _reject(self, row: IndexRow, reason: Reason, view: memoryview | None, why: str) -> None:
         """Quarantine a bad entry and drop it from the index: a miss now, a
@@ -263,7 +287,12 @@ class Store:
     # -- writes -----------------------------------------------------------
 
     def put(
-        self, key: CacheKey, meta: bytes, payload: BytesLike, *, pin: bool = False,
+        self,
+        key: CacheKey,
+        meta: bytes,
+        payload: BytesLike,
+        *,
+        pin: bool = False,
         ttl: float | None = None,
     ) -> Entry | None:
         """Store a package; returns its entry, or None if it could not be
@@ -382,8 +411,10 @@ class Store:
         self._hot.clear()  # cached expiry times may have changed
 
     def namespaces(self) -> list[NamespaceInfo]:
-        return [NamespaceInfo(row.id, _parse_namespace(row.text), row.ttl)
-                for row in self._index.namespaces()]
+        return [
+            NamespaceInfo(row.id, _parse_namespace(row.text), row.ttl)
+            for row in self._index.namespaces()
+        ]
 
     def set_name(self, key: CacheKey, name: str) -> None:
         """Point `name` (in the key's namespace) at the key's digest."""
@@ -396,8 +427,10 @@ class Store:
 
     def names(self, namespace: Namespace | str) -> dict[str, CacheKey]:
         namespace_id = _namespace_id(namespace)
-        return {name: CacheKey(namespace_id, digest)
-                for name, digest in self._index.names(namespace_id).items()}
+        return {
+            name: CacheKey(namespace_id, digest)
+            for name, digest in self._index.names(namespace_id).items()
+        }
 
     def delete_name(self, namespace: Namespace | str, name: str) -> bool:
         return self._index.delete_name(_namespace_id(namespace), validate_name(name))
@@ -407,8 +440,15 @@ class Store:
     def iter_entries(self, namespace: Namespace | str | None = None) -> Iterator[EntryInfo]:
         namespace_id = None if namespace is None else _namespace_id(namespace)
         for row in self._index.iter_rows(namespace_id):
-            yield EntryInfo(row.key, _ref(row), len(row.meta), row.pinned, row.created_at,
-                            row.last_access, row.expires_at)
+            yield EntryInfo(
+                row.key,
+                _ref(row),
+                len(row.meta),
+                row.pinned,
+                row.created_at,
+                row.last_access,
+                row.expires_at,
+            )
 
     def disk_budget(self) -> int:
         stored = self._index.setting("disk_bytes")
@@ -421,10 +461,23 @@ class Store:
         oldest, newest = self._index.age_range()
         usage = self._quarantine.usage()
         return StoreStats(
-            totals.entries, totals.bytes, totals.pinned_entries, totals.pinned_bytes,
-            self.disk_budget(), len(files), sum(files), self._hot.count, self._hot.nbytes,
-            self._hot.budget, len(self._index.namespaces()), oldest, newest, usage.files,
-            usage.bytes, self._counters.snapshot(), self._index.counters(),
+            totals.entries,
+            totals.bytes,
+            totals.pinned_entries,
+            totals.pinned_bytes,
+            self.disk_budget(),
+            len(files),
+            sum(files),
+            self._hot.count,
+            self._hot.nbytes,
+            self._hot.budget,
+            len(self._index.namespaces()),
+            oldest,
+            newest,
+            usage.files,
+            usage.bytes,
+            self._counters.snapshot(),
+            self._index.counters(),
         )
 
     def check(self, *, fix: bool = False, deep: bool = True) -> CheckReport:
@@ -456,9 +509,12 @@ class Store:
         only when no other process is writing to the store.
         """
         self.flush()
-        return self._compactor.run(now=self._clock(), budget=self.disk_budget(),
-                                   min_dead_ratio=min_dead_ratio,
-                                   abandoned_after=abandoned_after)
+        return self._compactor.run(
+            now=self._clock(),
+            budget=self.disk_budget(),
+            min_dead_ratio=min_dead_ratio,
+            abandoned_after=abandoned_after,
+        )
 
     def flush(self) -> None:
         """Write buffered recency and counters to the index."""
@@ -489,8 +545,9 @@ class Store:
 
 
 def _entry(row: IndexRow, view: memoryview) -> Entry:
-    return Entry(row.key, row.meta, view, _ref(row), row.pinned, row.created_at,
-                 row.expires_at, row.id)
+    return Entry(
+        row.key, row.meta, view, _ref(row), row.pinned, row.created_at, row.expires_at, row.id
+    )
 
 
 def _ref(row: IndexRow) -> SegmentRef:
@@ -539,8 +596,11 @@ def _check_budget(disk_bytes: int) -> int:
 
 
 def _namespace_id(namespace: Namespace | str) -> str:
-    return namespace.id if isinstance(namespace, Namespace) else validate_digest(
-        namespace, "namespace id")
+    return (
+        namespace.id
+        if isinstance(namespace, Namespace)
+        else validate_digest(namespace, "namespace id")
+    )
 
 
 def _parse_namespace(text: str | None) -> Namespace | None:
@@ -586,8 +646,9 @@ def _replace_index(layout: StoreLayout) -> None:
     index = Index.open(layout.index_path, time.time)
     try:
         # Old segment files may survive the reset; new ids must not collide.
-        highest = max((parse_segment_name(p.name) or 0
-                       for p in layout.segments_dir.iterdir()), default=0)
+        highest = max(
+            (parse_segment_name(p.name) or 0 for p in layout.segments_dir.iterdir()), default=0
+        )
         index.reserve_segment_ids(highest)
     finally:
         index.close()

@@ -22,9 +22,11 @@ from vision_cache.synthetic.spec import SIZES
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vision_cache.synthetic",
-        description="Write deterministic random-weight vision-language models (GGUF).")
-    parser.add_argument("--family", "--arch", dest="family", choices=family_names(),
-                        help="model family to generate")
+        description="Write deterministic random-weight vision-language models (GGUF).",
+    )
+    parser.add_argument(
+        "--family", "--arch", dest="family", choices=family_names(), help="model family to generate"
+    )
     parser.add_argument("--all", action="store_true", help="every family, at --size")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--seed", type=int, default=0)

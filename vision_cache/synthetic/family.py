@@ -104,19 +104,27 @@ class Family(ABC):
         """Token embeddings' std: entries of std ~1 in the residual stream, like images'."""
         return 1.0
 
-    def text_plan(self, spec: ModelSpec, vocab: Vocab, shaping: Shaping,
-                  seed: int) -> list[TensorPlan]:
+    def text_plan(
+        self, spec: ModelSpec, vocab: Vocab, shaping: Shaping, seed: int
+    ) -> list[TensorPlan]:
         """Tensors of the text model, in the layout llama.cpp's loader for it expects."""
         d, n_vocab = spec.text.n_embd, len(vocab.tokens)
         p = Planner(seed, spec.matrix_type)
-        p.add("token_embd.weight", (n_vocab, d),
-              token_embd(seed, (n_vocab, d), self.embedding_std(spec), vocab, shaping),
-              matrix=True)
+        p.add(
+            "token_embd.weight",
+            (n_vocab, d),
+            token_embd(seed, (n_vocab, d), self.embedding_std(spec), vocab, shaping),
+            matrix=True,
+        )
         p.const("output_norm.weight", d, 1.0)
         # Untied output: rows are independent of the input embeddings, so a word does not
         # predict itself and the text does not collapse into one repeated word.
-        p.add("output.weight", (n_vocab, d), output_weights(seed, (n_vocab, d), vocab, shaping),
-              matrix=True)
+        p.add(
+            "output.weight",
+            (n_vocab, d),
+            output_weights(seed, (n_vocab, d), vocab, shaping),
+            matrix=True,
+        )
         for i in range(spec.text.n_layer):
             self.text_block(p, spec, shaping, f"blk.{i}")
         return p.plans
@@ -139,6 +147,7 @@ class Family(ABC):
             w.add_float32(f"{a}.rope.freq_base", t.rope_base)
             self.text_kv_extra(w, spec)
             tokenizer_kv(w, vocab)
+
         return write
 
     # --- the mmproj: vision tower and projector --------------------------------------------
@@ -191,4 +200,5 @@ class Family(ABC):
             mean, std = self.image_mean_std
             w.add_array("clip.vision.image_mean", mean)
             w.add_array("clip.vision.image_std", std)
+
         return write

@@ -26,8 +26,9 @@ CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0
 
 
 def file_type(spec: ModelSpec) -> int:
-    return int(gguf.LlamaFileType.MOSTLY_F16 if spec.matrix_type == "f16"
-               else gguf.LlamaFileType.ALL_F32)
+    return int(
+        gguf.LlamaFileType.MOSTLY_F16 if spec.matrix_type == "f16" else gguf.LlamaFileType.ALL_F32
+    )
 
 
 def tokenizer_kv(w: gguf.GGUFWriter, vocab: Vocab) -> None:
@@ -56,8 +57,9 @@ def tokenizer_kv(w: gguf.GGUFWriter, vocab: Vocab) -> None:
 _PROGRESS_EVERY = 512 * 1024 * 1024  # bytes between progress lines on big files
 
 
-def write_gguf(path: Path, arch: str, kv: KvWriter, plans: Sequence[TensorPlan],
-               label: str) -> None:
+def write_gguf(
+    path: Path, arch: str, kv: KvWriter, plans: Sequence[TensorPlan], label: str
+) -> None:
     """Stream tensors into ``path`` one at a time, via a temporary file and a rename.
 
     The rename makes the file appear complete or not at all, so a concurrent reader (or

@@ -78,8 +78,17 @@ def stripes(width: int = 300, height: int = 900) -> Image.Image:
     """Tall image of horizontal rainbow bands with a dark diagonal bar."""
     img = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(img)
-    colours = [(255, 0, 0), (255, 140, 0), (255, 230, 0), (0, 180, 0), (0, 120, 255),
-               (90, 0, 160), (255, 0, 200), (0, 220, 220), (120, 60, 20)]
+    colours = [
+        (255, 0, 0),
+        (255, 140, 0),
+        (255, 230, 0),
+        (0, 180, 0),
+        (0, 120, 255),
+        (90, 0, 160),
+        (255, 0, 200),
+        (0, 220, 220),
+        (120, 60, 20),
+    ]
     band = height // len(colours)
     for i, colour in enumerate(colours):
         draw.rectangle((0, i * band, width, (i + 1) * band), fill=colour)
@@ -92,8 +101,9 @@ def checkers(width: int = 1024, height: int = 256) -> Image.Image:
     cell = 32
     yy, xx = np.mgrid[0:height, 0:width]
     on = ((yy // cell + xx // cell) % 2).astype(bool)
-    pixels = np.where(on[..., None], np.array([250, 220, 0], np.uint8),
-                      np.array([110, 0, 140], np.uint8))
+    pixels = np.where(
+        on[..., None], np.array([250, 220, 0], np.uint8), np.array([110, 0, 140], np.uint8)
+    )
     img = Image.fromarray(pixels.astype(np.uint8), "RGB")
     ImageDraw.Draw(img).text((300, 60), "CHECKERS", fill=(0, 0, 0), font=_font(110))
     return img

@@ -50,22 +50,32 @@ class ModelFiles:
 
 def model_files(out: Path, family: str, size: Size) -> ModelFiles:
     directory = out / f"{family}-{size}"
-    return ModelFiles(directory=directory, model=directory / "model.gguf",
-                      mmproj=directory / "mmproj.gguf", manifest=directory / "manifest.json",
-                      n_embd=get_family(family).spec(size).text.n_embd)
+    return ModelFiles(
+        directory=directory,
+        model=directory / "model.gguf",
+        mmproj=directory / "mmproj.gguf",
+        manifest=directory / "manifest.json",
+        n_embd=get_family(family).spec(size).text.n_embd,
+    )
 
 
 def _vocab_digest(vocab: Vocab) -> str:
-    blob = json.dumps([vocab.tokens, vocab.types, vocab.scores, vocab.merges,
-                       vocab.chat_template], ensure_ascii=False).encode()
+    blob = json.dumps(
+        [vocab.tokens, vocab.types, vocab.scores, vocab.merges, vocab.chat_template],
+        ensure_ascii=False,
+    ).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
 def _params(spec: ModelSpec, shaping: Shaping, vocab: Vocab, seed: int) -> dict[str, Any]:
     """Everything the output depends on; a manifest with other params means regenerate."""
-    return {"generator_version": GENERATOR_VERSION, "seed": seed,
-            "spec": dataclasses.asdict(spec), "shaping": dataclasses.asdict(shaping),
-            "vocab_sha256": _vocab_digest(vocab)}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "spec": dataclasses.asdict(spec),
+        "shaping": dataclasses.asdict(shaping),
+        "vocab_sha256": _vocab_digest(vocab),
+    }
 
 
 def _up_to_date(files: ModelFiles, params: dict[str, Any]) -> bool:
@@ -83,8 +93,9 @@ def _up_to_date(files: ModelFiles, params: dict[str, Any]) -> bool:
     return True
 
 
-def _write_manifest(files: ModelFiles, params: dict[str, Any], vocab: Vocab,
-                    seconds: float) -> None:
+def _write_manifest(
+    files: ModelFiles, params: dict[str, Any], vocab: Vocab, seconds: float
+) -> None:
     manifest = {
         "params": params,
         "file_sizes": {p.name: p.stat().st_size for p in (files.model, files.mmproj)},
@@ -98,8 +109,7 @@ def _write_manifest(files: ModelFiles, params: dict[str, Any], vocab: Vocab,
     os.replace(tmp, files.manifest)
 
 
-def generate(family: str, size: Size, seed: int, out: Path, *,
-             force: bool = False) -> ModelFiles:
+def generate(family: str, size: Size, seed: int, out: Path, *, force: bool = False) -> ModelFiles:
     """Write ``out/<family>-<size>/`` unless a manifest shows it is already there."""
     fam = get_family(family)
     spec, shaping = fam.spec(size), Shaping()
@@ -113,11 +123,21 @@ def generate(family: str, size: Size, seed: int, out: Path, *,
     start = time.monotonic()
     files.directory.mkdir(parents=True, exist_ok=True)
     print(f"{label}: writing {files.model}", flush=True)
-    write_gguf(files.model, fam.text_arch, fam.text_kv(spec, vocab),
-               fam.text_plan(spec, vocab, shaping, seed), f"{label} model")
+    write_gguf(
+        files.model,
+        fam.text_arch,
+        fam.text_kv(spec, vocab),
+        fam.text_plan(spec, vocab, shaping, seed),
+        f"{label} model",
+    )
     print(f"{label}: writing {files.mmproj}", flush=True)
-    write_gguf(files.mmproj, "clip", fam.mmproj_kv(spec), fam.vision_plan(spec, shaping, seed),
-               f"{label} mmproj")
+    write_gguf(
+        files.mmproj,
+        "clip",
+        fam.mmproj_kv(spec),
+        fam.vision_plan(spec, shaping, seed),
+        f"{label} mmproj",
+    )
     elapsed = time.monotonic() - start
     _write_manifest(files, params, vocab, elapsed)
     total = (files.model.stat().st_size + files.mmproj.stat().st_size) / 2**20

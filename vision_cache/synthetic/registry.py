@@ -33,7 +33,8 @@ def get_family(name: str) -> Family:
         module = importlib.import_module(FAMILIES[name])
     except KeyError:
         raise UnknownFamilyError(
-            f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+            f"unknown model family {name!r}; known: {', '.join(FAMILIES)}"
+        ) from None
     family = getattr(module, "FAMILY", None)
     if not isinstance(family, Family) or family.name != name:
         raise TypeError(f"{FAMILIES[name]}.FAMILY must be a Family named {name!r}")

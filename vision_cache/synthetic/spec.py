@@ -90,5 +90,3 @@ class Shaping:
     # qwen2vl merger: GELU input shifted by this, so it stays near-linear; the second
     # bias cancels the shift, or every image token would get the same large offset.
     merger_gelu_shift: float = 3.0
-
-

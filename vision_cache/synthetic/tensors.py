@@ -72,7 +72,8 @@ class Planner:
     def __init__(self, seed: int, matrix_type: Literal["f32", "f16"]) -> None:
         self.seed = seed
         self.matrix_dtype: type[np.float32] | type[np.float16] = (
-            np.float16 if matrix_type == "f16" else np.float32)
+            np.float16 if matrix_type == "f16" else np.float32
+        )
         self.plans: list[TensorPlan] = []
 
     def add(self, name: str, shape: tuple[int, ...], make: Maker, *, matrix: bool) -> None:
@@ -98,12 +99,14 @@ class Planner:
         self.const(f"{prefix}.bias", size, 0.0)
 
 
-def token_embd(seed: int, shape: tuple[int, int], std: float, vocab: Vocab,
-                shaping: Shaping) -> Maker:
+def token_embd(
+    seed: int, shape: tuple[int, int], std: float, vocab: Vocab, shaping: Shaping
+) -> Maker:
     def make() -> F32Array:
         values = uniform(seed, "token_embd.weight", shape, std)
         values[vocab.quiet_ids] *= np.float32(shaping.quiet_token_scale)
         return values
+
     return make
 
 
@@ -116,6 +119,7 @@ def output_weights(seed: int, shape: tuple[int, int], vocab: Vocab, shaping: Sha
         row_scale[vocab.word_ids] = shaping.word_logit_std
         values *= row_scale
         return values
+
     return make
 
 
@@ -150,5 +154,3 @@ def gelu_mean(shift: float) -> float:
     x = nodes + shift
     gelu = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     return float(np.dot(weights, gelu) / math.sqrt(2.0 * math.pi))
-
-

@@ -238,12 +238,13 @@ def chain_merges(pieces: Iterable[str]) -> list[str]:
     seen: dict[str, None] = {}
     for piece in pieces:
         for end in range(2, len(piece) + 1):
-            seen.setdefault(f"{piece[:end - 1]} {piece[end - 1]}", None)
+            seen.setdefault(f"{piece[: end - 1]} {piece[end - 1]}", None)
     return list(seen)
 
 
-def sentencepiece_vocab(specials: Sequence[str], chat_template: str, *, bos: str, eos: str,
-                        unk: str, pad: str) -> Vocab:
+def sentencepiece_vocab(
+    specials: Sequence[str], chat_template: str, *, bos: str, eos: str, unk: str, pad: str
+) -> Vocab:
     """A sentencepiece ("llama") vocabulary: ``specials`` first, then bytes, then pieces.
 
     Byte-fallback tokens cover any input; whole ``▁word`` tokens (with every prefix, since
@@ -256,17 +257,31 @@ def sentencepiece_vocab(specials: Sequence[str], chat_template: str, *, bos: str
     spaced = prefix_closure((SPM_SPACE + w for w in words()), 2)
     plain = [p for p in prefix_closure(TEMPLATE_WORDS, 2) if p not in chars]
     tokens = specials + byte_tokens + chars + spaced + plain
-    types = ([CONTROL] * len(specials) + [BYTE] * len(byte_tokens)
-             + [NORMAL] * (len(chars) + len(spaced) + len(plain)))
+    types = (
+        [CONTROL] * len(specials)
+        + [BYTE] * len(byte_tokens)
+        + [NORMAL] * (len(chars) + len(spaced) + len(plain))
+    )
     types[specials.index(unk)] = UNKNOWN
     first_piece = len(specials) + len(byte_tokens)
     scores = [0.0] * first_piece + [-float(i) for i in range(len(tokens) - first_piece)]
     word_set = {SPM_SPACE + w for w in words()}
     return Vocab(
-        model="llama", pre="", tokens=tokens, types=types, scores=scores, merges=[],
-        special_ids={"bos": specials.index(bos), "eos": specials.index(eos),
-                     "unk": specials.index(unk), "padding": specials.index(pad)},
-        add_bos=True, add_space_prefix=False, chat_template=chat_template,
+        model="llama",
+        pre="",
+        tokens=tokens,
+        types=types,
+        scores=scores,
+        merges=[],
+        special_ids={
+            "bos": specials.index(bos),
+            "eos": specials.index(eos),
+            "unk": specials.index(unk),
+            "padding": specials.index(pad),
+        },
+        add_bos=True,
+        add_space_prefix=False,
+        chat_template=chat_template,
         word_ids=[i for i, t in enumerate(tokens) if t in word_set],
         quiet_ids=[tokens.index("\n"), tokens.index("<0x0A>")],
     )
@@ -284,8 +299,9 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def byte_level_bpe_vocab(specials: Sequence[str], chat_template: str, *, pre: str, bos: str,
-                         eos: str, pad: str) -> Vocab:
+def byte_level_bpe_vocab(
+    specials: Sequence[str], chat_template: str, *, pre: str, bos: str, eos: str, pad: str
+) -> Vocab:
     """A byte-level BPE ("gpt2") vocabulary: bytes, then pieces, then ``specials``.
 
     All 256 byte characters are tokens, so any text tokenizes. Merges build ``Ġword``
@@ -305,10 +321,20 @@ def byte_level_bpe_vocab(specials: Sequence[str], chat_template: str, *, pre: st
     merges = chain_merges(spaced_words) + chain_merges(newlines) + chain_merges(TEMPLATE_WORDS)
     word_set = set(spaced_words)
     return Vocab(
-        model="gpt2", pre=pre, tokens=tokens, types=types, scores=[], merges=merges,
-        special_ids={"bos": tokens.index(bos), "eos": tokens.index(eos),
-                     "padding": tokens.index(pad)},
-        add_bos=False, add_space_prefix=None, chat_template=chat_template,
+        model="gpt2",
+        pre=pre,
+        tokens=tokens,
+        types=types,
+        scores=[],
+        merges=merges,
+        special_ids={
+            "bos": tokens.index(bos),
+            "eos": tokens.index(eos),
+            "padding": tokens.index(pad),
+        },
+        add_bos=False,
+        add_space_prefix=None,
+        chat_template=chat_template,
         word_ids=[i for i, t in enumerate(tokens) if t in word_set],
         quiet_ids=[tokens.index(newline)],
     )

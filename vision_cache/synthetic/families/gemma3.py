@@ -61,8 +61,16 @@ GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
 """
 
 _GEMMA3_SPECIALS = (
-    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
 )
 
 
@@ -71,22 +79,42 @@ class Gemma3(Family):
     projector_type = "gemma3"
 
     def tiny_spec(self) -> ModelSpec:
-        text = TextSpec(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
-                        n_ctx=8192, rope_base=1_000_000.0, sliding_window=1024)
+        text = TextSpec(
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=32,
+            n_ff=384,
+            n_ctx=8192,
+            rope_base=1_000_000.0,
+            sliding_window=1024,
+        )
         # 224 px / 14 = 16x16 patches, 2x2 pooling -> 64 image tokens.
-        vision = VisionSpec(n_embd=128, n_layer=2, n_head=4, n_ff=320, patch_size=14,
-                            image_size=224, n_merge=2)
-        return ModelSpec(arch=self.name, size="tiny", text=text, vision=vision,
-                         matrix_type="f32")
+        vision = VisionSpec(
+            n_embd=128, n_layer=2, n_head=4, n_ff=320, patch_size=14, image_size=224, n_merge=2
+        )
+        return ModelSpec(arch=self.name, size="tiny", text=text, vision=vision, matrix_type="f32")
 
     def realistic_spec(self) -> ModelSpec:
         # Gemma 3 4B text width; SigLIP-so400m at 896 px -> 64x64 patches, 4x4 pool -> 256.
-        text = TextSpec(n_embd=2560, n_layer=2, n_head=8, n_head_kv=4, head_dim=256,
-                        n_ff=10240, n_ctx=32768, rope_base=1_000_000.0, sliding_window=1024)
-        vision = VisionSpec(n_embd=1152, n_layer=27, n_head=16, n_ff=4304, patch_size=14,
-                            image_size=896, n_merge=4)
-        return ModelSpec(arch=self.name, size="realistic", text=text, vision=vision,
-                         matrix_type="f16")
+        text = TextSpec(
+            n_embd=2560,
+            n_layer=2,
+            n_head=8,
+            n_head_kv=4,
+            head_dim=256,
+            n_ff=10240,
+            n_ctx=32768,
+            rope_base=1_000_000.0,
+            sliding_window=1024,
+        )
+        vision = VisionSpec(
+            n_embd=1152, n_layer=27, n_head=16, n_ff=4304, patch_size=14, image_size=896, n_merge=4
+        )
+        return ModelSpec(
+            arch=self.name, size="realistic", text=text, vision=vision, matrix_type="f16"
+        )
 
     def expected_image_tokens(self, size: Size, width: int, height: int) -> int:
         v = self.spec(size).vision
@@ -94,8 +122,14 @@ class Gemma3(Family):
 
     def vocab(self) -> Vocab:
         """A sentencepiece ("llama") vocabulary shaped like Gemma 3's."""
-        return sentencepiece_vocab(_GEMMA3_SPECIALS, GEMMA3_CHAT_TEMPLATE, bos="<bos>",
-                                   eos="<eos>", unk="<unk>", pad="<pad>")
+        return sentencepiece_vocab(
+            _GEMMA3_SPECIALS,
+            GEMMA3_CHAT_TEMPLATE,
+            bos="<bos>",
+            eos="<eos>",
+            unk="<unk>",
+            pad="<pad>",
+        )
 
     def embedding_std(self, spec: ModelSpec) -> float:
         # Gemma scales token embeddings by sqrt(n_embd) (but not image embeddings).
@@ -119,7 +153,6 @@ class Gemma3(Family):
         p.weight(f"{blk}.ffn_down.weight", (d, t.n_ff), 1.0 / math.sqrt(t.n_ff))
         p.const(f"{blk}.post_ffw_norm.weight", d, shaping.ffn_gain)
 
-
     def text_kv_extra(self, w: gguf.GGUFWriter, spec: ModelSpec) -> None:
         t, a = spec.text, self.text_arch
         w.add_uint32(f"{a}.attention.key_length", t.head_dim)
@@ -134,9 +167,14 @@ class Gemma3(Family):
         p.weight("v.patch_embd.weight", patch_kernel_shape(v), self.patch_std(spec, shaping))
         p.noise("v.patch_embd.bias", v.n_embd, 0.02)
         n_pos = (v.image_size // v.patch_size) ** 2
-        p.add("v.position_embd.weight", (n_pos, v.n_embd),
-              lambda: uniform(seed, "v.position_embd.weight", (n_pos, v.n_embd),
-                              shaping.position_std), matrix=False)
+        p.add(
+            "v.position_embd.weight",
+            (n_pos, v.n_embd),
+            lambda: uniform(
+                seed, "v.position_embd.weight", (n_pos, v.n_embd), shaping.position_std
+            ),
+            matrix=False,
+        )
 
     def projector(self, p: Planner, spec: ModelSpec, shaping: Shaping) -> None:
         # After pooling: RMS norm * soft_emb_norm, then a linear map to the text width.

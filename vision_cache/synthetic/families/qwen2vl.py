@@ -41,8 +41,14 @@ QWEN2VL_CHAT_TEMPLATE = (
 )
 
 _QWEN2VL_SPECIALS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 
 # clip.cpp's token limits for Qwen2-VL images (set_limit_image_tokens(8, 4096)).
@@ -55,23 +61,42 @@ class Qwen2VL(Family):
     image_mean_std = CLIP_MEAN_STD
 
     def tiny_spec(self) -> ModelSpec:
-        text = TextSpec(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
-                        n_ctx=8192, rope_base=1_000_000.0, rope_sections=(4, 6, 6, 0))
+        text = TextSpec(
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=32,
+            n_ff=384,
+            n_ctx=8192,
+            rope_base=1_000_000.0,
+            rope_sections=(4, 6, 6, 0),
+        )
         # 28 px patches (real: 14) keep dynamic-resolution images at ~80-100 tokens.
-        vision = VisionSpec(n_embd=64, n_layer=2, n_head=4, n_ff=160, patch_size=28,
-                            image_size=560, n_merge=2)
-        return ModelSpec(arch=self.name, size="tiny", text=text, vision=vision,
-                         matrix_type="f32")
+        vision = VisionSpec(
+            n_embd=64, n_layer=2, n_head=4, n_ff=160, patch_size=28, image_size=560, n_merge=2
+        )
+        return ModelSpec(arch=self.name, size="tiny", text=text, vision=vision, matrix_type="f32")
 
     def realistic_spec(self) -> ModelSpec:
         # Qwen2-VL-7B: text width 3584 (M-RoPE 16/24/24), ViT 1280 x 32, merger -> 3584.
-        text = TextSpec(n_embd=3584, n_layer=2, n_head=28, n_head_kv=4, head_dim=128,
-                        n_ff=18944, n_ctx=32768, rope_base=1_000_000.0,
-                        rope_sections=(16, 24, 24, 0))
-        vision = VisionSpec(n_embd=1280, n_layer=32, n_head=16, n_ff=5120, patch_size=14,
-                            image_size=560, n_merge=2)
-        return ModelSpec(arch=self.name, size="realistic", text=text, vision=vision,
-                         matrix_type="f16")
+        text = TextSpec(
+            n_embd=3584,
+            n_layer=2,
+            n_head=28,
+            n_head_kv=4,
+            head_dim=128,
+            n_ff=18944,
+            n_ctx=32768,
+            rope_base=1_000_000.0,
+            rope_sections=(16, 24, 24, 0),
+        )
+        vision = VisionSpec(
+            n_embd=1280, n_layer=32, n_head=16, n_ff=5120, patch_size=14, image_size=560, n_merge=2
+        )
+        return ModelSpec(
+            arch=self.name, size="realistic", text=text, vision=vision, matrix_type="f16"
+        )
 
     def expected_image_tokens(self, size: Size, width: int, height: int) -> int:
         """Keeps the aspect ratio, rounds each side to a multiple of patch*merge, and rescales
@@ -95,8 +120,14 @@ class Qwen2VL(Family):
 
     def vocab(self) -> Vocab:
         """A byte-level BPE ("gpt2", pre-tokenizer "qwen2") vocabulary shaped like Qwen2's."""
-        return byte_level_bpe_vocab(_QWEN2VL_SPECIALS, QWEN2VL_CHAT_TEMPLATE, pre="qwen2",
-                                    bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>")
+        return byte_level_bpe_vocab(
+            _QWEN2VL_SPECIALS,
+            QWEN2VL_CHAT_TEMPLATE,
+            pre="qwen2",
+            bos="<|endoftext|>",
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+        )
 
     def text_block(self, p: Planner, spec: ModelSpec, shaping: Shaping, blk: str) -> None:
         t = spec.text
@@ -121,8 +152,9 @@ class Qwen2VL(Family):
     def patch_embedding(self, p: Planner, spec: ModelSpec, shaping: Shaping) -> None:
         # Two temporal kernels, both applied to a still image: split the gain between them.
         for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):
-            p.weight(name, patch_kernel_shape(spec.vision),
-                     self.patch_std(spec, shaping) / math.sqrt(2))
+            p.weight(
+                name, patch_kernel_shape(spec.vision), self.patch_std(spec, shaping) / math.sqrt(2)
+            )
 
     def projector(self, p: Planner, spec: ModelSpec, shaping: Shaping) -> None:
         # 2x2 neighbouring patches concatenated -> mm.0 -> GELU -> mm.2 -> text width.
