@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vision_cache.synthetic.gguf_file import write_gguf
-from vision_cache.synthetic.registry import get_family
+from vision_cache.synthetic.audio_family import AudioFamily, AudioModelSpec, EncoderShaping
+from vision_cache.synthetic.gguf_file import KvWriter, write_gguf
+from vision_cache.synthetic.registry import AnyFamily, get_family, vision_family
 from vision_cache.synthetic.spec import ModelSpec, Shaping, Size
+from vision_cache.synthetic.tensors import TensorPlan
 from vision_cache.synthetic.vocab import Vocab
 
 # Bump whenever the output for a given (family, size, seed) changes, so cached models
@@ -67,15 +69,37 @@ def _vocab_digest(vocab: Vocab) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _params(spec: ModelSpec, shaping: Shaping, vocab: Vocab, seed: int) -> dict[str, Any]:
+def _params(spec: ModelSpec | AudioModelSpec, shaping: Shaping, vocab: Vocab, seed: int,
+            encoder: EncoderShaping | None = None) -> dict[str, Any]:
     """Everything the output depends on; a manifest with other params means regenerate."""
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "seed": seed,
-        "spec": dataclasses.asdict(spec),
-        "shaping": dataclasses.asdict(shaping),
-        "vocab_sha256": _vocab_digest(vocab),
-    }
+    params = {"generator_version": GENERATOR_VERSION, "seed": seed,
+              "spec": dataclasses.asdict(spec), "shaping": dataclasses.asdict(shaping),
+              "vocab_sha256": _vocab_digest(vocab)}
+    if encoder is not None:
+        params["encoder_shaping"] = dataclasses.asdict(encoder)
+    return params
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one generation writes: the manifest's params, then each file's keys and tensors."""
+
+    params: dict[str, Any]
+    text: tuple[KvWriter, list[TensorPlan]]
+    mmproj: tuple[KvWriter, list[TensorPlan]]
+
+
+def _plan(fam: AnyFamily, size: Size, vocab: Vocab, seed: int) -> _Plan:
+    shaping = Shaping()
+    if isinstance(fam, AudioFamily):
+        aspec, encoder = fam.spec(size), EncoderShaping()
+        return _Plan(_params(aspec, shaping, vocab, seed, encoder),
+                     (fam.text_kv(aspec, vocab), fam.text_plan(aspec, vocab, shaping, seed)),
+                     (fam.mmproj_kv(aspec), fam.mmproj_plan(aspec, encoder, seed)))
+    spec = fam.spec(size)
+    return _Plan(_params(spec, shaping, vocab, seed),
+                 (fam.text_kv(spec, vocab), fam.text_plan(spec, vocab, shaping, seed)),
+                 (fam.mmproj_kv(spec), fam.vision_plan(spec, shaping, seed)))
 
 
 def _up_to_date(files: ModelFiles, params: dict[str, Any]) -> bool:
@@ -112,10 +136,10 @@ def _write_manifest(
 def generate(family: str, size: Size, seed: int, out: Path, *, force: bool = False) -> ModelFiles:
     """Write ``out/<family>-<size>/`` unless a manifest shows it is already there."""
     fam = get_family(family)
-    spec, shaping = fam.spec(size), Shaping()
     files = model_files(out, family, size)
     vocab = fam.vocab()
-    params = _params(spec, shaping, vocab, seed)
+    plan = _plan(fam, size, vocab, seed)
+    params = plan.params
     label = f"{family}-{size}"
     if not force and _up_to_date(files, params):
         print(f"{label}: up to date in {files.directory}", flush=True)
@@ -123,21 +147,9 @@ def generate(family: str, size: Size, seed: int, out: Path, *, force: bool = Fal
     start = time.monotonic()
     files.directory.mkdir(parents=True, exist_ok=True)
     print(f"{label}: writing {files.model}", flush=True)
-    write_gguf(
-        files.model,
-        fam.text_arch,
-        fam.text_kv(spec, vocab),
-        fam.text_plan(spec, vocab, shaping, seed),
-        f"{label} model",
-    )
+    write_gguf(files.model, fam.text_arch, *plan.text, f"{label} model")
     print(f"{label}: writing {files.mmproj}", flush=True)
-    write_gguf(
-        files.mmproj,
-        "clip",
-        fam.mmproj_kv(spec),
-        fam.vision_plan(spec, shaping, seed),
-        f"{label} mmproj",
-    )
+    write_gguf(files.mmproj, "clip", *plan.mmproj, f"{label} mmproj")
     elapsed = time.monotonic() - start
     _write_manifest(files, params, vocab, elapsed)
     total = (files.model.stat().st_size + files.mmproj.stat().st_size) / 2**20
@@ -147,4 +159,12 @@ def generate(family: str, size: Size, seed: int, out: Path, *, force: bool = Fal
 
 def expected_image_tokens(family: str, size: Size, width: int, height: int) -> int:
     """Embedding tokens mtmd produces for a ``width`` x ``height`` image (default limits)."""
-    return get_family(family).expected_image_tokens(size, width, height)
+    return vision_family(family).expected_image_tokens(size, width, height)
+
+
+def audio_tokens_per_window(family: str, size: Size) -> int:
+    """Embedding tokens an audio family makes of each 30 s window of a clip."""
+    fam = get_family(family)
+    if not isinstance(fam, AudioFamily):
+        raise TypeError(f"{family} is not an audio family")
+    return fam.tokens_per_window(fam.spec(size))
