@@ -293,6 +293,7 @@ def test_base64_round_trip(data: bytes) -> None:
         ("DATA:IMAGE/PNG;BASE64,YQ==", "image/png"),
         ("data:image/png;charset=utf-8;base64,YQ==", "image/png"),
         ("data:image/jpeg ;base64,YQ==", "image/jpeg"),
+        ("data:audio/wav;base64,YQ==", "audio/wav"),
     ],
 )
 async def test_data_uri_spellings(make_loader: MakeLoader, ref: str, mime: str) -> None:
@@ -306,9 +307,8 @@ async def test_data_uri_spellings(make_loader: MakeLoader, ref: str, mime: str) 
         ("data:image/png,a%20b", "only base64"),
         ("data:;base64,YQ==", "no valid media type"),
         ("data:image;base64,YQ==", "no valid media type"),
-        ("data:audio/wav;base64,YQ==", "not an image"),
-        ("data:video/mp4;base64,YQ==", "not an image"),
-        ("data:text/html;base64,YQ==", "not an image"),
+        ("data:video/mp4;base64,YQ==", "not an image or audio"),
+        ("data:text/html;base64,YQ==", "not an image or audio"),
         ("data:image/png;base64,", "empty"),
         ("data:image/png;base64,YQ", "Incorrect padding"),
     ],

@@ -1,4 +1,4 @@
-"""Visual packages: an image's projector output plus what places it back in a prompt.
+"""Packages: an image's or a clip's projector output plus what places it back in a prompt.
 
 The format is the patched llama-server's (docs/wire-format.md). Here a package is split in two:
 a small `PackageHeader` (identity and chunk layout, stored as the entry's meta) and the payload
@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 DTYPE_SIZES = {"f32": 4, "f16": 2}
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Modality = Literal["image", "audio"]
 
 
 class _Wire(BaseModel):
@@ -39,6 +40,11 @@ class ImageSizeWire(_Wire):
     ny: Annotated[int, Field(ge=1, le=1 << 16)]
 
 
+class AudioSizeWire(_Wire):
+    n_samples: Annotated[int, Field(ge=1, le=1 << 27)]
+    sample_rate: Annotated[int, Field(ge=1, le=1 << 20)]
+
+
 class EmbeddingFileWire(_Wire):
     path: Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,512}$")]
     offset: Annotated[int, Field(ge=0)]
@@ -47,14 +53,17 @@ class EmbeddingFileWire(_Wire):
 
 
 class PackageWire(_Wire):
-    """The `image_embedding` object as llama-server writes and reads it."""
+    """The package object as llama-server writes and reads it (`image_embedding`, or
+    `media_embedding` for any modality: an audio package says ``"modality": "audio"``)."""
 
     version: Literal[1]
+    modality: Modality | None = None  # absent: image
     mmproj: Annotated[str, Field(min_length=1, max_length=256)]
     n_embd: Annotated[int, Field(ge=1, le=1 << 16)]
     dtype: Literal["f32", "f16"]
     id: Hex64
-    image: ImageSizeWire
+    image: ImageSizeWire | None = None
+    audio: AudioSizeWire | None = None
     chunks: Annotated[list[ChunkWire], Field(min_length=1, max_length=256)]
     data: str | None = None
     file: EmbeddingFileWire | None = None
@@ -63,6 +72,11 @@ class PackageWire(_Wire):
     def _one_source(self) -> PackageWire:
         if (self.data is None) == (self.file is None):
             raise ValueError('exactly one of "data" and "file" is required')
+        if self.modality == "audio":
+            if self.audio is None or self.image is not None:
+                raise ValueError('an audio package has "audio" and no "image"')
+        elif self.image is None or self.audio is not None:
+            raise ValueError('an image package has "image" and no "audio"')
         return self
 
 
@@ -99,6 +113,9 @@ class PackageHeader:
     ny: int
     chunks: tuple[Chunk, ...]
     version: int = FORMAT_VERSION
+    modality: Modality = "image"
+    n_samples: int = 0  # audio: samples at sample_rate (mono), what the server re-tokenizes
+    sample_rate: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -110,18 +127,23 @@ class PackageHeader:
 
     def to_wire(self) -> dict[str, Any]:
         """The package object without `data`/`file`."""
-        return {
+        wire: dict[str, Any] = {
             "version": self.version,
             "mmproj": self.mmproj,
             "n_embd": self.n_embd,
             "dtype": self.dtype,
             "id": self.image_id,
-            "image": {"nx": self.nx, "ny": self.ny},
             "chunks": [
                 {"n_tokens": c.n_tokens, "meta": base64.b64encode(c.meta).decode()}
                 for c in self.chunks
             ],
         }
+        if self.modality == "audio":
+            wire["modality"] = "audio"
+            wire["audio"] = {"n_samples": self.n_samples, "sample_rate": self.sample_rate}
+        else:
+            wire["image"] = {"nx": self.nx, "ny": self.ny}
+        return wire
 
     def inline(self, payload: bytes | memoryview) -> dict[str, Any]:
         return {**self.to_wire(), "data": base64.b64encode(payload).decode()}
@@ -159,20 +181,24 @@ def _header(wire: PackageWire) -> PackageHeader:
         )
     except binascii.Error as e:
         raise PackageError(f"chunk metadata is not valid base64: {e}") from e
+    image, audio = wire.image, wire.audio
     return PackageHeader(
         mmproj=wire.mmproj,
         n_embd=wire.n_embd,
         dtype=wire.dtype,
         image_id=wire.id,
-        nx=wire.image.nx,
-        ny=wire.image.ny,
+        nx=image.nx if image else 0,
+        ny=image.ny if image else 0,
         chunks=chunks,
         version=wire.version,
+        modality=wire.modality or "image",
+        n_samples=audio.n_samples if audio else 0,
+        sample_rate=audio.sample_rate if audio else 0,
     )
 
 
 def parse_inline(obj: Any) -> tuple[PackageHeader, bytes]:
-    """Header and payload of an inline package object (as POST /vision/embedding answers)."""
+    """Header and payload of an inline package object (as the encode endpoints answer)."""
     try:
         wire = PackageWire.model_validate(obj)
     except ValidationError as e:

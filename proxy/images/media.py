@@ -23,8 +23,8 @@ reach upstream's fetcher, which has no SSRF guard. Where we differ from llama-se
   missing or misplaced padding and trailing data: an input llama-server would decode only a
   prefix of is refused with a message instead of encoded as some other image.
 * data URIs: ``data:``, the media type and ``;base64`` match case-insensitively
-  (llama-server: exactly ``data:image/``). ``data:audio/...`` and ``data:video/...`` are
-  MediaError: they are not images, so there is no vision-encoder output to cache.
+  (llama-server: exactly ``data:image/``, ``data:audio/`` or ``data:video/``).
+  ``data:video/...`` is MediaError: video has no package, so there is nothing to cache.
 * file URLs mean what ``--media-path`` makes them mean: the text after ``file://`` is a
   path relative to ``media_root``, not percent-decoded (so ``file:///etc/passwd`` is an
   absolute path, refused).
@@ -207,7 +207,7 @@ class MediaLoader:
                 trust_env=False,  # an HTTP(S)_PROXY would connect for us, to unchecked addresses
                 auto_decompress=False,  # see Accept-Encoding: we never inflate remote data
                 headers={
-                    "Accept": "image/*",
+                    "Accept": "image/*, audio/*",
                     "Accept-Encoding": "identity",
                     "User-Agent": "vcache",
                 },
@@ -230,8 +230,8 @@ def _load_data_uri(ref: str, max_bytes: int) -> Media:
         raise MediaError(f"{shown}: only base64 data URIs are accepted")
     if not _MIME.fullmatch(mime):
         raise MediaError(f"{shown}: the data URI has no valid media type")
-    if not mime.startswith("image/"):
-        raise MediaError(f"{shown}: media type {mime!r} is not an image")
+    if not mime.startswith(("image/", "audio/")):
+        raise MediaError(f"{shown}: media type {mime!r} is not an image or audio")
     # sized before it is sliced out: a copy of 100 MB of base64 only to refuse it is a waste
     _check_base64_size(len(ref) - comma - 1, max_bytes)
     return Media(_decode_base64(ref[comma + 1 :], max_bytes), mime, "data-uri")

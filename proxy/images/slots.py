@@ -1,8 +1,11 @@
-"""Where images sit in the request bodies llama-server accepts, and how to swap one for a package.
+"""Where media sit in the request bodies llama-server accepts, and how to swap one for a package.
 
 Each endpoint family names images its own way; this module hides that behind `ImageSlot`: the
-client's reference to one image (a URL, a data URI, base64, or ``vcache://NAME``) plus a
-function that puts a package object in its place. The forms are those of docs/wire-format.md.
+client's reference to one image or audio clip (a URL, a data URI, base64, or ``vcache://NAME``)
+plus a function that puts a package object in its place. The forms are those of
+docs/wire-format.md. Audio comes in OpenAI ``input_audio`` parts and in ``multimodal_data``; the
+package that replaces a clip goes in the ``media_embedding`` form (``image_embedding`` is the
+image-only spelling), chosen by the package's own ``modality``.
 
 `ImageSlot.put_image` puts image bytes where the client named the image by URL or path: the
 proxy fetches such images itself (under its SSRF policy) and upstream must never fetch them.
@@ -63,6 +66,9 @@ class ImageSlot:
     mime: str | None
     put_package: Callable[[Package], None]
     put_image: Callable[[bytes, str], None]
+    # an audio package can go here (chat parts, multimodal_data); Anthropic and Responses
+    # blocks have no form for one, so a clip there is left as sent
+    takes_audio: bool = True
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -108,8 +114,10 @@ def _slots(path: str, body: dict[str, Any]) -> Iterator[Found]:
 def _chat_slots(messages: Any) -> Iterator[Found]:
     for msg in _dicts(messages):
         for part in _dicts(msg.get("content")):
-            if part.get("type") == "image_embedding":
+            if part.get("type") in ("image_embedding", "media_embedding"):
                 yield None
+            if part.get("type") == "input_audio":
+                yield from _audio_part(part)
             if part.get("type") != "image_url":
                 continue
             image_url = part.get("image_url")
@@ -120,9 +128,33 @@ def _chat_slots(messages: Any) -> Iterator[Found]:
 
 def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
+        kind = package_kind(pkg)
         part.clear()
-        part.update({"type": "image_embedding", "image_embedding": pkg})
+        part.update({"type": kind, kind: pkg})
+    return put
 
+
+def package_kind(pkg: Package) -> str:
+    """The input type a package goes in: image_embedding, or media_embedding for audio."""
+    return "media_embedding" if pkg.get("modality") == "audio" else "image_embedding"
+
+
+def _audio_part(part: dict[str, Any]) -> Iterator[Found]:
+    # {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav"}}; the server
+    # also takes a "url" there (a data URI, http(s), file://), and ignores "format"
+    audio = part.get("input_audio")
+    if not isinstance(audio, dict):
+        return
+    key = "data" if isinstance(audio.get("data"), str) else "url"
+    ref = audio.get(key)
+    if isinstance(ref, str):
+        yield ImageSlot(ref, None, _chat_replacer(part), _audio_bytes(audio, key))
+
+
+def _audio_bytes(audio: dict[str, Any], key: str) -> Callable[[bytes, str], None]:
+    def put(data: bytes, mime: str) -> None:
+        audio.pop("url" if key == "data" else "data", None)
+        audio[key] = data_uri(data, mime) if key == "url" else base64.b64encode(data).decode()
     return put
 
 
@@ -153,8 +185,7 @@ def _prompt_slots(prompt: Any) -> Iterator[Found]:
 
 def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
-        items[i] = {"image_embedding": pkg}
-
+        items[i] = {package_kind(pkg): pkg}
     return put
 
 
@@ -186,14 +217,11 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
         yield None
     elif kind == "base64" and isinstance(source.get("data"), str):
         mime = source.get("media_type")
-        yield ImageSlot(
-            source["data"],
-            mime if isinstance(mime, str) else None,
-            _source_replacer(block),
-            _source_image(block),
-        )
+        yield ImageSlot(source["data"], mime if isinstance(mime, str) else None,
+                        _source_replacer(block), _source_image(block), takes_audio=False)
     elif kind == "url" and isinstance(source.get("url"), str):
-        yield ImageSlot(source["url"], None, _source_replacer(block), _source_image(block))
+        yield ImageSlot(source["url"], None, _source_replacer(block), _source_image(block),
+                        takes_audio=False)
 
 
 def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
@@ -227,7 +255,8 @@ def _responses_slots(items: Any) -> Iterator[Found]:
                     yield None
                 url = part.get("image_url")
                 if part.get("type") == "input_image" and isinstance(url, str):
-                    yield ImageSlot(url, None, _chat_replacer(part), _responses_image(part))
+                    yield ImageSlot(url, None, _chat_replacer(part), _responses_image(part),
+                                    takes_audio=False)
 
 
 def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:

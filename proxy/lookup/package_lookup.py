@@ -36,6 +36,7 @@ from proxy.errors import (
 )
 from proxy.images.inspection import inspect
 from proxy.images.media import MediaLoader
+from proxy.images.modality import Modality, sniff
 from proxy.images.slots import ImageSlot, Package
 from proxy.lookup.local_encoder import LocalEncoder
 from proxy.upstream.client import Capabilities, Encoded, Upstream
@@ -66,18 +67,45 @@ class WarmResult:
 
 @dataclasses.dataclass
 class RequestTally:
-    """What the cache did for one request (the X-Vcache header)."""
+    """What the cache did for one request (the X-Vcache header).
+
+    ``hits``, ``misses`` and ``fallbacks`` count every medium; the ``audio_*`` fields count the
+    audio clips among them, and appear in the header when the request had any.
+    """
 
     hits: int = 0
     misses: int = 0
     fallbacks: int = 0
     encode_ms_saved: float = 0.0
+    audio_hits: int = 0
+    audio_misses: int = 0
+    audio_fallbacks: int = 0
+
+    def count(self, outcome: Literal["hit", "miss", "fallback"], modality: Modality) -> None:
+        audio = modality == "audio"
+        if outcome == "hit":
+            self.hits += 1
+            self.audio_hits += audio
+        elif outcome == "miss":
+            self.misses += 1
+            self.audio_misses += audio
+        else:
+            self.fallbacks += 1
+            self.audio_fallbacks += audio
+
+    def all_fallback(self) -> None:
+        """Upstream refused the packages: every hit and miss went out as sent after all."""
+        self.fallbacks += self.hits + self.misses
+        self.audio_fallbacks += self.audio_hits + self.audio_misses
+        self.hits = self.misses = self.audio_hits = self.audio_misses = 0
 
     def header(self) -> str:
-        return (
-            f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
-            f"encode_ms_saved={self.encode_ms_saved:.0f}"
-        )
+        text = (f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
+                f"encode_ms_saved={self.encode_ms_saved:.0f}")
+        if self.audio_hits or self.audio_misses or self.audio_fallbacks:
+            text += (f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
+                     f"audio_fallback={self.audio_fallbacks}")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,20 +155,20 @@ class PackageLookup:
             return caps
         return dataclasses.replace(caps, namespace=self._encoder.namespace())
 
-    async def _encode(self, image: bytes, mime: str | None, model: str) -> Encoded:
-        if self._encoder is not None:
+    async def _encode(self, image: bytes, mime: str | None, model: str,
+                      modality: Modality) -> Encoded:
+        # the local encoder (llama-cpp-python) has no audio path: clips go to upstream's
+        if self._encoder is not None and modality == "image":
             return await self._encoder.encode(image, mime)
         caps = await self._upstream.capabilities(model)
-        return await self._upstream.encode(caps, image, mime, model)
+        return await self._upstream.encode(caps, image, mime, model, modality)
 
-    async def resolve(
-        self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
-    ) -> Package | None:
-        namespace = caps.namespace
-        if namespace is None:
+    async def resolve(self, slot: ImageSlot, caps: Capabilities, model: str,
+                      tally: RequestTally) -> Package | None:
+        if caps.namespace is None:
             return None
         if slot.ref.startswith(REFERENCE_PREFIX):
-            return await self._named(slot.ref, namespace, tally)
+            return await self._named(slot.ref, caps, tally)
         try:
             media = await self._media.load(slot.ref)
         except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
@@ -150,55 +178,54 @@ class PackageLookup:
                 # upstream would fetch or read it under its own, weaker rules: never forward
                 raise
             # inline bytes undecodable here; upstream's more lenient decoder has the last word
-            log.info("image left to upstream: %s", e)
-            return self._fallback(tally)
-        # a bomb or a broken file must never reach upstream's decoder: 400 here
-        await asyncio.to_thread(inspect, media.data)
+            log.info("media left to upstream: %s", e)
+            return self._fallback(tally, "image")
+        modality = sniff(media.data)
+        namespace = caps.namespace_for(modality)
+        if modality == "audio" and (namespace is None or not slot.takes_audio):
+            # no audio packages upstream, or no form for one here: the clip goes as sent
+            return self._fallback(tally, "audio")
+        if modality == "image":
+            # a bomb or a broken file must never reach upstream's decoder: 400 here
+            await asyncio.to_thread(inspect, media.data)
+        # a clip upstream cannot decode fails its encode, and goes out as sent: the client gets
+        # upstream's own answer to it, and nothing is stored
+        assert namespace is not None
         key = namespace.key_for_image(media.data)
-        return await self._by_key(key, namespace, media.data, media.mime or slot.mime, model, tally)
+        return await self._by_key(key, namespace, media.data, media.mime or slot.mime, model,
+                                  tally, modality)
 
-    async def _by_key(
-        self,
-        key: CacheKey,
-        namespace: Namespace,
-        image: bytes,
-        mime: str | None,
-        model: str,
-        tally: RequestTally,
-    ) -> Package | None:
+    async def _by_key(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
+                      model: str, tally: RequestTally,
+                      modality: Modality = "image") -> Package | None:
         try:
             entry = await self._run(self._store.get, key)
             if entry is not None:
                 return self._hit(entry, tally)
             filled = await self._flight.run(
-                key.text, lambda: self._fill(key, namespace, image, mime, model)
-            )
+                key.text, lambda: self._fill(key, namespace, image, mime, model,
+                                             modality=modality))
             entry = await self._run(self._store.get, key)
             if filled.from_fleet:
                 return self._fleet_hit(filled, entry, tally)
-            tally.misses += 1
+            tally.count("miss", modality)
             self._metrics.misses.inc()
+            if modality == "audio":
+                self._metrics.audio_misses.inc()
             if entry is not None:
                 return self._part(entry)
             # not stored (disk full, unwritable): still spares upstream a second encode
             return filled.header.inline(filled.payload)
         except (UpstreamError, VisionCacheError, OSError) as e:
-            log.warning("cache path failed, forwarding the image: %s", e)
-            return self._fallback(tally)
+            log.warning("cache path failed, forwarding the %s: %s", modality, e)
+            return self._fallback(tally, modality)
 
-    async def _encode_and_store(
-        self,
-        key: CacheKey,
-        namespace: Namespace,
-        image: bytes,
-        mime: str | None,
-        model: str,
-        *,
-        pin: bool = False,
-        ttl: float | None = None,
-    ) -> Encoded:
+    async def _encode_and_store(self, key: CacheKey, namespace: Namespace, image: bytes,
+                                mime: str | None, model: str, *, pin: bool = False,
+                                ttl: float | None = None,
+                                modality: Modality = "image") -> Encoded:
         with self._metrics.encode_seconds.time():
-            encoded = await self._encode(image, mime, model)
+            encoded = await self._encode(image, mime, model, modality)
         self._metrics.encode_ms.inc(encoded.encode_ms)
         stored = StoredPackage(encoded.header, encoded.encode_ms)
         await self._register(namespace)
@@ -209,17 +236,9 @@ class PackageLookup:
         await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
         return encoded
 
-    async def _fill(
-        self,
-        key: CacheKey,
-        namespace: Namespace,
-        image: bytes,
-        mime: str | None,
-        model: str,
-        *,
-        pin: bool = False,
-        ttl: float | None = None,
-    ) -> _Filled:
+    async def _fill(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
+                    model: str, *, pin: bool = False, ttl: float | None = None,
+                    modality: Modality = "image") -> _Filled:
         """A key missing here: the fleet's copy if there is one (or once the proxy holding the
         key's fleet lock has published it), else upstream's encode. Stored here either way."""
         found = await self._fetch(key, namespace, pin=pin, ttl=ttl)
@@ -233,9 +252,8 @@ class PackageLookup:
                 if found is not None:
                     return found
             # the lock is best effort: past the wait's bound, or without Redis, encode anyway
-            encoded = await self._encode_and_store(
-                key, namespace, image, mime, model, pin=pin, ttl=ttl
-            )
+            encoded = await self._encode_and_store(key, namespace, image, mime, model, pin=pin,
+                                                   ttl=ttl, modality=modality)
         return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
 
     async def _fetch(
@@ -269,31 +287,21 @@ class PackageLookup:
             log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
         return _Filled(stored.header, found.payload, stored.encode_ms, from_fleet=True)
 
-    async def warm(
-        self,
-        image: bytes,
-        mime: str | None,
-        model: str,
-        *,
-        pin: bool,
-        name: str | None,
-        ttl: float | None,
-    ) -> WarmResult:
-        """Make sure one image is cached (encoding it if needed), pinned and named as asked."""
-        namespace = (await self.capabilities(model)).namespace
+    async def warm(self, image: bytes, mime: str | None, model: str, *, pin: bool,
+                   name: str | None, ttl: float | None) -> WarmResult:
+        """Make sure one image or clip is cached (encoding it if needed), pinned and named."""
+        modality = sniff(image)
+        namespace = (await self.capabilities(model)).namespace_for(modality)
         if namespace is None:
-            raise ClientError(
-                "upstream takes no packages: nothing to warm "
-                "(a patched llama-server started with --image-embedding?)"
-            )
+            raise ClientError(f"upstream takes no {modality} packages: nothing to warm "
+                              "(a patched llama-server started with --image-embedding?)")
         key = namespace.key_for_image(image)
         entry = await self._run(self._store.get, key)
         encode_ms = 0.0
         status_: Literal["cached", "encoded"] = "cached"
         if entry is None:
-            filled = await self._flight.run(
-                key.text, lambda: self._fill(key, namespace, image, mime, model, pin=pin, ttl=ttl)
-            )
+            filled = await self._flight.run(key.text, lambda: self._fill(
+                key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality))
             if not filled.from_fleet:
                 encode_ms, status_ = filled.encode_ms, "encoded"
             entry = await self._run(self._store.get, key)
@@ -317,7 +325,8 @@ class PackageLookup:
 
     async def load_media(self, ref: str) -> tuple[bytes, str | None]:
         media = await self._media.load(ref)
-        await asyncio.to_thread(inspect, media.data)
+        if sniff(media.data) == "image":
+            await asyncio.to_thread(inspect, media.data)
         return media.data, media.mime
 
     async def present(self, namespace: Namespace, digests: list[str]) -> dict[str, bool]:
@@ -334,8 +343,18 @@ class PackageLookup:
         result: dict[str, bool] = await self._run(check)
         return result
 
-    async def _named(self, ref: str, namespace: Namespace, tally: RequestTally) -> Package:
-        target = ref[len(REFERENCE_PREFIX) :]
+    async def _named(self, ref: str, caps: Capabilities, tally: RequestTally) -> Package:
+        """A vcache:// reference: an image's package, else a clip's (names are per namespace)."""
+        spaces = [ns for ns in (caps.namespace, caps.audio_namespace) if ns is not None]
+        for namespace in spaces:
+            part = await self._named_in(ref, namespace, tally)
+            if part is not None:
+                return part
+        return self._unknown(ref, spaces[0])
+
+    async def _named_in(self, ref: str, namespace: Namespace,
+                        tally: RequestTally) -> Package | None:
+        target = ref[len(REFERENCE_PREFIX):]
         m = _DIGEST_REF.fullmatch(target)
         try:
             key = namespace.key(m.group(1)) if m else await self._resolve_name(namespace, target)
@@ -345,8 +364,7 @@ class PackageLookup:
         try:
             if entry is not None:
                 return self._hit(entry, tally)
-            part = await self._named_from_fleet(key, namespace, tally) if key else None
-            return part if part is not None else self._unknown(ref, namespace)
+            return await self._named_from_fleet(key, namespace, tally) if key else None
         except PackageError as e:
             raise UnknownReference(f"{ref} is stored but unreadable ({e}); warm it again") from e
 
@@ -376,23 +394,25 @@ class PackageLookup:
     def _hit(self, entry: Entry, tally: RequestTally) -> Package:
         stored = StoredPackage.from_meta(entry.meta)
         part = self._part(entry, stored)
-        self._count_hit(stored.encode_ms, tally)
+        self._count_hit(stored.encode_ms, tally, stored.header.modality)
         return part
 
     def _fleet_hit(self, filled: _Filled, entry: Entry | None, tally: RequestTally) -> Package:
         """Another proxy's encode: a hit here, served from the local copy when the
         write-through stored one."""
-        self._count_hit(filled.encode_ms, tally)
+        self._count_hit(filled.encode_ms, tally, filled.header.modality)
         if entry is not None:
             return self._part(entry)
         self._metrics.package_bytes.inc(memoryview(filled.payload).nbytes)
         return filled.header.inline(filled.payload)
 
-    def _count_hit(self, encode_ms: float, tally: RequestTally) -> None:
-        tally.hits += 1
+    def _count_hit(self, encode_ms: float, tally: RequestTally, modality: Modality) -> None:
+        tally.count("hit", modality)
         tally.encode_ms_saved += encode_ms
         self._metrics.hits.inc()
         self._metrics.encode_ms_saved.inc(encode_ms)
+        if modality == "audio":
+            self._metrics.audio_hits.inc()
 
     def _part(self, entry: Entry, stored: StoredPackage | None = None) -> Package:
         header = (stored or StoredPackage.from_meta(entry.meta)).header
@@ -409,10 +429,12 @@ class PackageLookup:
             raise PackageError(f"payload of {entry.key.text} changed since it was stored")
         return header.inline(entry.payload)
 
-    def _fallback(self, tally: RequestTally) -> Package | None:
-        """Count a fallback; the image stays as the client sent it (hence None)."""
-        tally.fallbacks += 1
+    def _fallback(self, tally: RequestTally, modality: Modality) -> Package | None:
+        """Count a fallback; the medium stays as the client sent it (hence None)."""
+        tally.count("fallback", modality)
         self._metrics.fallbacks.inc()
+        if modality == "audio":
+            self._metrics.audio_fallbacks.inc()
         return None
 
     async def _register(self, namespace: Namespace) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.images.modality import Modality
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
 from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
@@ -34,6 +35,13 @@ class Capabilities:
     file_dir: bool = False
     media_marker: str | None = None
     endpoint: str = "/vision/embedding"
+    # audio packages: a namespace of their own (audio settings and modality in it), and the
+    # endpoint that encodes clips; None where the server takes no audio packages
+    audio_namespace: Namespace | None = None
+    media_endpoint: str | None = None
+
+    def namespace_for(self, modality: Modality) -> Namespace | None:
+        return self.audio_namespace if modality == "audio" else self.namespace
 
     @classmethod
     def from_props(cls, props: dict[str, Any], model: str) -> Capabilities:
@@ -44,19 +52,27 @@ class Capabilities:
             return cls(packages=False, media_marker=media_marker)
         if emb.get("version") != FORMAT_VERSION:
             return cls(packages=False, media_marker=media_marker)
-        namespace = Namespace.for_encoder(
-            model=model,
-            mmproj=str(emb.get("mmproj")),
-            build=str(emb.get("build")),
-            format_version=FORMAT_VERSION,
-            encoder={**emb.get("settings", {}), "n_embd": emb.get("n_embd")},
-        )
+        def namespace(modality: Modality) -> Namespace:
+            encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
+            if modality == "audio":
+                # image keys stay as they were; audio keys name their modality
+                encoder["modality"] = "audio"
+            return Namespace.for_encoder(model=model, mmproj=str(emb.get("mmproj")),
+                                         build=str(emb.get("build")),
+                                         format_version=FORMAT_VERSION, encoder=encoder)
+
+        modalities = emb.get("modalities", ["image"])
+        media_endpoint = emb.get("media_endpoint")
+        takes_audio = (isinstance(modalities, list) and "audio" in modalities
+                       and isinstance(media_endpoint, str))
         return cls(
             packages=True,
-            namespace=namespace,
+            namespace=namespace("image"),
             file_dir=bool(emb.get("file_dir")),
             media_marker=media_marker,
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
+            audio_namespace=namespace("audio") if takes_audio else None,
+            media_endpoint=str(media_endpoint) if takes_audio else None,
         )
 
 
@@ -137,16 +153,23 @@ class Upstream:
             return {}
         return props if isinstance(props, dict) else {}
 
-    async def encode(
-        self, caps: Capabilities, image: bytes, mime: str | None, model: str = ""
-    ) -> Encoded:
-        """Ask upstream's encode endpoint for the package of one image."""
-        uri = f"data:{mime or 'image/png'};base64,{base64.b64encode(image).decode()}"
-        body: dict[str, Any] = {"image_url": {"url": uri}}
+    async def encode(self, caps: Capabilities, image: bytes, mime: str | None,
+                     model: str = "", modality: Modality = "image") -> Encoded:
+        """Ask upstream's encode endpoint for the package of one image or audio clip."""
+        body: dict[str, Any]
+        endpoint = caps.endpoint
+        if modality == "audio":
+            if caps.media_endpoint is None:
+                raise UpstreamError("upstream takes no audio packages")
+            endpoint = caps.media_endpoint
+            body = {"input_audio": {"data": base64.b64encode(image).decode()}}
+        else:
+            uri = f"data:{mime or 'image/png'};base64,{base64.b64encode(image).decode()}"
+            body = {"image_url": {"url": uri}}
         if model:
             body["model"] = model
         try:
-            resp = await self.client.post(caps.endpoint, json=body, timeout=self._encode_timeout)
+            resp = await self.client.post(endpoint, json=body, timeout=self._encode_timeout)
         except httpx.TimeoutException as e:
             raise UpstreamTimeout(f"upstream encode timed out: {e!r}") from e
         except httpx.HTTPError as e:
@@ -163,7 +186,7 @@ def _encoded(body: Any) -> Encoded:
     if not isinstance(body, dict):
         raise UpstreamError("upstream encode answered something that is not an object")
     try:
-        header, payload = parse_inline(body.get("image_embedding"))
+        header, payload = parse_inline(body.get("media_embedding", body.get("image_embedding")))
     except PackageError as e:
         raise UpstreamError(f"upstream encode answered a bad package: {e}") from e
     timings = body.get("timings") if isinstance(body.get("timings"), dict) else {}

@@ -126,17 +126,16 @@ async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
     req: LookupRequest = await _model(request, proxy, LookupRequest)
     if not all(_HEX64.match(d) for d in req.digests):
         raise ClientError("digests must be SHA-256 values as 64 lowercase hex digits")
-    ns = (await proxy.lookup.capabilities(req.model)).namespace
+    caps = await proxy.lookup.capabilities(req.model)
+    ns = caps.namespace
     if ns is None:
         raise ClientError("upstream takes no packages")
     present = await proxy.lookup.present(ns, req.digests)
-    return _json(
-        {
-            "namespace": ns.id,
-            "present": sorted(present),
-            "pinned": sorted(d for d, pinned in present.items() if pinned),
-        }
-    )
+    if caps.audio_namespace is not None:
+        # a digest names an image or a clip: clips are keyed in the audio namespace
+        present.update(await proxy.lookup.present(caps.audio_namespace, req.digests))
+    return _json({"namespace": ns.id, "present": sorted(present),
+                  "pinned": sorted(d for d, pinned in present.items() if pinned)})
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:

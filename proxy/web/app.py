@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, ProxyError, UpstreamError
 from proxy.images.inspection import inspect
+from proxy.images.modality import audio_mime, sniff
 from proxy.images.slots import IMAGE_PATHS, ImageSlot, data_uri, find_images
 from proxy.lookup.package_lookup import RequestTally
 from proxy.upstream.client import Capabilities
@@ -266,7 +267,8 @@ async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type
-    mime = "image/" + (await asyncio.to_thread(inspect, data)).format.lower()
+    mime = audio_mime(data) if sniff(data) == "audio" else (
+        "image/" + (await asyncio.to_thread(inspect, data)).format.lower())
     slot.put_image(data, mime)
     return dataclasses.replace(slot, ref=data_uri(data, mime), mime=mime)
 
@@ -316,8 +318,7 @@ async def _send_with_fallback(
                 detail[:200].decode(errors="replace"),
             )
             proxy.upstream.forget_capabilities()
-            tally.fallbacks += tally.hits + tally.misses
-            tally.hits = tally.misses = 0
+            tally.all_fallback()
             # a refusal, not a processed request: the one path that sends a request twice
             upstream = await _open(proxy, _upstream_request(proxy, request, original.take()))
         else:

@@ -1,4 +1,4 @@
-"""Warm-up: encode reference images ahead of time, pin them, and name them.
+"""Warm-up: encode reference images (and audio clips) ahead of time, pin them, and name them.
 
 Warming goes through a running proxy (``vcache serve``), so images are encoded by exactly the
 encoder that will later serve them, and land in the cache that proxy reads. Images already
@@ -9,6 +9,7 @@ warming idempotent and resumable: after Ctrl-C, run it again and only what is mi
 
     report = vision_cache.warm(["refs/"], proxy="http://127.0.0.1:8081", names={"cat": "cat.jpg"})
     print(report.refs["cat"])            # vcache://cat, usable wherever an image URL goes
+                                         # (a clip's: wherever input_audio data goes)
     for item in report.failed:
         print(item.source, item.error)
 """
@@ -35,6 +36,8 @@ from vision_cache.keys import validate_name
 
 DEFAULT_PROXY = "http://127.0.0.1:8081"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# what llama-server decodes as audio (miniaudio: WAV, MP3, FLAC)
+AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac"})
 LIST_SUFFIXES = frozenset({".txt", ".list", ".lst"})
 
 Status = Literal["encoded", "cached", "skipped", "failed"]
@@ -97,7 +100,7 @@ def expand(paths: Sequence[str], *, recursive: bool = False) -> list[Source]:
     for p in paths:
         out.extend(_expand_one(p, recursive))
     if not out:
-        raise WarmError(f"no images found in {', '.join(paths)}")
+        raise WarmError(f"no images or audio files found in {', '.join(paths)}")
     return out
 
 
@@ -105,11 +108,11 @@ def _expand_one(p: str, recursive: bool) -> list[Source]:
     if p.startswith(("http://", "https://")):
         return [Source(p)]
     if any(c in p for c in "*?["):
-        return [Source(m) for m in sorted(glob.glob(p, recursive=recursive)) if _is_image(Path(m))]
+        return [Source(m) for m in sorted(glob.glob(p, recursive=recursive)) if _is_media(Path(m))]
     path = Path(p).expanduser()
     if path.is_dir():
         found = path.rglob("*") if recursive else path.iterdir()
-        return [Source(str(f)) for f in sorted(found) if f.is_file() and _is_image(f)]
+        return [Source(str(f)) for f in sorted(found) if f.is_file() and _is_media(f)]
     if path.suffix.lower() in LIST_SUFFIXES:
         return _list_file(path, recursive)
     if not path.is_file():
@@ -128,8 +131,8 @@ def _list_file(path: Path, recursive: bool) -> list[Source]:
     return out
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+def _is_media(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES
 
 
 def read_manifest(path: Path) -> list[Source]:
