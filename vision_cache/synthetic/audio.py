@@ -123,9 +123,11 @@ def long_clip(seconds: float = 35.0) -> SampleClip:
     return SampleClip(f"melody-{seconds:g}s", seconds, 16000, 1, _melody)
 
 
-def window_clip(seconds: float = 29.9) -> SampleClip:
-    """A clip that fills one 30 s encoder window (at 30.0 s llama.cpp already makes two)."""
-    return SampleClip(f"chirp-{seconds:g}s", seconds, 16000, 1, _chirp(100, 7000, seconds))
+def window_clip(seconds: float = 29.9, variant: int = 0) -> SampleClip:
+    """A clip that fills one 30 s encoder window (at 30.0 s llama.cpp already makes two);
+    each `variant` starts its sweep elsewhere, so its bytes (and its cache key) differ."""
+    return SampleClip(f"chirp-{seconds:g}s-{variant}", seconds, 16000, 1,
+                      _chirp(100 + variant, 7000, seconds))
 
 
 def whisper_windows(n_samples_16k: int) -> int:
