@@ -55,12 +55,15 @@ def setup(request: pytest.FixtureRequest, stock_bin: Path, patched_bin: Path, mo
     env = {"LLAMA_MEDIA_MARKER": "<__audio__>"}
     with LlamaServer(stock_bin, args, tmp / "stock.log", env=env) as stock, \
             LlamaServer(patched_bin, [*args, "--image-embedding-dir", str(shared / "segments")],
-                        tmp / "patched.log", env=env) as patched, \
-            ProxyProcess(["--upstream", patched.base_url, "--store", str(tmp / "inline"),
-                          "--transport", "inline"], tmp / "inline.log") as inline, \
-            ProxyProcess(["--upstream", patched.base_url, "--store", str(shared),
-                          "--transport", "file"], tmp / "file.log") as by_file:
-        yield Setup(stock.base_url, inline.base_url, by_file.base_url, shared)
+                        tmp / "patched.log", env=env) as patched:
+        caps = httpx.get(f"{patched.base_url}/props").json().get("image_embedding", {})
+        if "audio" not in caps.get("modalities", []) or not caps.get("media_endpoint"):
+            pytest.skip("this patched llama-server takes no audio packages")
+        with ProxyProcess(["--upstream", patched.base_url, "--store", str(tmp / "inline"),
+                           "--transport", "inline"], tmp / "inline.log") as inline, \
+                ProxyProcess(["--upstream", patched.base_url, "--store", str(shared),
+                              "--transport", "file"], tmp / "file.log") as by_file:
+            yield Setup(stock.base_url, inline.base_url, by_file.base_url, shared)
 
 
 def audio_part(b64: str) -> dict[str, Any]:
