@@ -62,8 +62,12 @@ def binary(variant: str) -> Path:
     env = os.environ.get(f"VCACHE_LLAMA_SERVER_{variant.upper()}")
     if env:
         return Path(env)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_llama_server.py"),
-                          "--print-path", variant], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -93,8 +97,9 @@ def timed_stream(client: httpx.Client, base: str, payload: dict[str, object]) ->
     started = time.perf_counter()
     first: float | None = None
     # llama-server closes the connection after a stream: one connection per stream
-    with client.stream("POST", f"{base}/v1/chat/completions", json=payload,
-                       headers={"Connection": "close"}) as r:
+    with client.stream(
+        "POST", f"{base}/v1/chat/completions", json=payload, headers={"Connection": "close"}
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if first is None and line.startswith("data: {"):
@@ -107,9 +112,13 @@ def timed_stream(client: httpx.Client, base: str, payload: dict[str, object]) ->
 
 def body(text: str, clip: SampleClip) -> dict[str, object]:
     part = {"type": "input_audio", "input_audio": {"data": clip.base64(), "format": "wav"}}
-    return {"stream": True, "temperature": 0, "max_tokens": 4,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": text}, part]}],
-            "stream_options": {"include_usage": True}}
+    return {
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": text}, part]}],
+        "stream_options": {"include_usage": True},
+    }
 
 
 def run_arm(base: str, n: int, clip: Callable[[int], SampleClip], label: str) -> list[Sample]:
@@ -118,8 +127,9 @@ def run_arm(base: str, n: int, clip: Callable[[int], SampleClip], label: str) ->
         for i in range(n):
             sample = timed_stream(client, base, body(question(i), clip(i)))
             out.append(sample)
-            print(f"  {label} {i + 1}/{n}: ttft {sample.ttft_ms:,.0f} ms  {sample.cache}",
-                  flush=True)
+            print(
+                f"  {label} {i + 1}/{n}: ttft {sample.ttft_ms:,.0f} ms  {sample.cache}", flush=True
+            )
     return out
 
 
@@ -134,48 +144,86 @@ class Servers:
 def servers(size: str, tmp: Path, threads: int) -> Iterator[Servers]:
     models = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
     files = generate(FAMILY, size, 0, models)  # type: ignore[arg-type]
-    common = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", str(threads),
-              "-c", "8192", "-np", "1", "--no-warmup"]
+    common = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        str(threads),
+        "-c",
+        "8192",
+        "-np",
+        "1",
+        "--no-warmup",
+    ]
     with ExitStack() as stack:
-        stock = stack.enter_context(LlamaServer(binary("stock"), common, tmp / "stock.log",
-                                                startup_timeout=900))
-        patched = stack.enter_context(LlamaServer(binary("patched"),
-                                                  [*common, "--image-embedding"],
-                                                  tmp / "patched.log", startup_timeout=900))
-        proxy = stack.enter_context(ProxyProcess(
-            ["--upstream", patched.base_url, "--store", str(tmp / "store"), "--transport",
-             "inline", "--log-level", "warning"], tmp / "proxy.log"))
+        stock = stack.enter_context(
+            LlamaServer(binary("stock"), common, tmp / "stock.log", startup_timeout=900)
+        )
+        patched = stack.enter_context(
+            LlamaServer(
+                binary("patched"),
+                [*common, "--image-embedding"],
+                tmp / "patched.log",
+                startup_timeout=900,
+            )
+        )
+        proxy = stack.enter_context(
+            ProxyProcess(
+                [
+                    "--upstream",
+                    patched.base_url,
+                    "--store",
+                    str(tmp / "store"),
+                    "--transport",
+                    "inline",
+                    "--log-level",
+                    "warning",
+                ],
+                tmp / "proxy.log",
+            )
+        )
         yield Servers(stock, patched, proxy)
 
 
 def encode_once(base: str, clip: SampleClip) -> tuple[int, float]:
     """The clip's package size (f32) and encoder time, from the patched server's encode."""
-    r = httpx.post(f"{base}/media/embedding", json={"input_audio": {"data": clip.base64()}},
-                   timeout=1800)
+    r = httpx.post(
+        f"{base}/media/embedding", json={"input_audio": {"data": clip.base64()}}, timeout=1800
+    )
     r.raise_for_status()
     answer = r.json()
-    return (len(base64.b64decode(answer["media_embedding"]["data"])),
-            float(answer["timings"]["encode_ms"]))
+    return (
+        len(base64.b64decode(answer["media_embedding"]["data"])),
+        float(answer["timings"]["encode_ms"]),
+    )
 
 
-def section(plan: Plan, arms: dict[str, list[Sample]], nbytes: int, enc: float, load: str,
-            commit: str) -> str:
+def section(
+    plan: Plan, arms: dict[str, list[Sample]], nbytes: int, enc: float, load: str, commit: str
+) -> str:
     med = {k: statistics.median(s.ttft_ms for s in v) for k, v in arms.items()}
-    rows = [f"| {k} | {len(v)} | {med[k]:,.0f} | {min(s.ttft_ms for s in v):,.0f} | "
-            f"{max(s.ttft_ms for s in v):,.0f} |" for k, v in arms.items()]
-    return "\n".join([
-        f"### Audio: a 29.9 s clip, {FAMILY} {plan.size} (Whisper window of 750 tokens)",
-        "",
-        f"Commit {commit}; load average before the run: {load}. "
-        f"One encode of the clip: {enc:,.0f} ms. Package: {nbytes:,} bytes (f32).",
-        "",
-        "| arm | requests | median TTFT (ms) | min | max |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        f"Hit vs stock: **{med['stock'] / med['hit']:.1f}x** faster to first token "
-        f"(miss vs stock: {med['stock'] / med['miss']:.2f}x).",
-    ])
+    rows = [
+        f"| {k} | {len(v)} | {med[k]:,.0f} | {min(s.ttft_ms for s in v):,.0f} | "
+        f"{max(s.ttft_ms for s in v):,.0f} |"
+        for k, v in arms.items()
+    ]
+    return "\n".join(
+        [
+            f"### Audio: a 29.9 s clip, {FAMILY} {plan.size} (Whisper window of 750 tokens)",
+            "",
+            f"Commit {commit}; load average before the run: {load}. "
+            f"One encode of the clip: {enc:,.0f} ms. Package: {nbytes:,} bytes (f32).",
+            "",
+            "| arm | requests | median TTFT (ms) | min | max |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Hit vs stock: **{med['stock'] / med['hit']:.1f}x** faster to first token "
+            f"(miss vs stock: {med['stock'] / med['miss']:.2f}x).",
+        ]
+    )
 
 
 def write_section(text: str, size: str) -> None:
@@ -183,7 +231,7 @@ def write_section(text: str, size: str) -> None:
     doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = f"{start}\n{text}\n{end}"
     if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(doc)
@@ -200,13 +248,24 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS[args.size]
     plan = dataclasses.replace(plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                            text=True, cwd=ROOT, check=False).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        ).stdout.strip()
+        or "unknown"
+    )
     same = window_clip(variant=0)
     with tempfile.TemporaryDirectory() as tmp, servers(plan.size, Path(tmp), args.threads) as s:
-        arms = {"stock": run_arm(s.stock.base_url, plan.slow, lambda i: same, "stock"),
-                "miss": run_arm(s.proxy.base_url, plan.slow, lambda i: window_clip(variant=i + 1),
-                                "miss")}
+        arms = {
+            "stock": run_arm(s.stock.base_url, plan.slow, lambda i: same, "stock"),
+            "miss": run_arm(
+                s.proxy.base_url, plan.slow, lambda i: window_clip(variant=i + 1), "miss"
+            ),
+        }
         run_arm(s.proxy.base_url, 1, lambda i: same, "warm")
         t0 = time.perf_counter()
         arms["hit"] = run_arm(s.proxy.base_url, plan.fast, lambda i: same, "hit")

@@ -31,8 +31,12 @@ def chat(client: httpx.Client, b64: str | None, max_tokens: int = 16) -> dict[st
     if b64 is not None:
         content.append({"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}})
     content.append({"type": "text", "text": PROMPT})
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "cache_prompt": False}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
     response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     data: dict[str, Any] = response.json()
@@ -49,14 +53,28 @@ def family(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(family: str, models_dir: Path, stock_bin: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def client(
+    family: str, models_dir: Path, stock_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     files = models.generate(family, "tiny", 0, models_dir)
     log = tmp_path_factory.mktemp("logs") / f"stock-{family}.log"
-    args = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2",
-            "-c", "4096", "-np", "1", "--no-warmup"]
-    with LlamaServer(stock_bin, args, log) as server, \
-            httpx.Client(base_url=server.base_url, timeout=120.0) as http:
+    args = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        "2",
+        "-c",
+        "4096",
+        "-np",
+        "1",
+        "--no-warmup",
+    ]
+    with (
+        LlamaServer(stock_bin, args, log) as server,
+        httpx.Client(base_url=server.base_url, timeout=120.0) as http,
+    ):
         yield http
 
 

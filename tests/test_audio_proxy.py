@@ -41,28 +41,63 @@ class Setup:
 
 
 @pytest.fixture(scope="module", params=audio_family_names())
-def setup(request: pytest.FixtureRequest, stock_bin: Path, patched_bin: Path, models_dir: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(
+    request: pytest.FixtureRequest,
+    stock_bin: Path,
+    patched_bin: Path,
+    models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Setup]:
     family = str(request.param)
     files = models.generate(family, "tiny", 0, models_dir)
     tmp = tmp_path_factory.mktemp(f"audio-{family}")
     shared = tmp / "file-store"
     (shared / "segments").mkdir(parents=True)  # the store's payloads: what upstream maps
-    args = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2", "-c", "4096",
-            "-np", "2", "--no-warmup"]
+    args = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        "2",
+        "-c",
+        "4096",
+        "-np",
+        "2",
+        "--no-warmup",
+    ]
     # one media marker for both servers (it is random per process), so that one native prompt
     # means the same to both
     env = {"LLAMA_MEDIA_MARKER": "<__audio__>"}
-    with LlamaServer(stock_bin, args, tmp / "stock.log", env=env) as stock, \
-            LlamaServer(patched_bin, [*args, "--image-embedding-dir", str(shared / "segments")],
-                        tmp / "patched.log", env=env) as patched:
+    with (
+        LlamaServer(stock_bin, args, tmp / "stock.log", env=env) as stock,
+        LlamaServer(
+            patched_bin,
+            [*args, "--image-embedding-dir", str(shared / "segments")],
+            tmp / "patched.log",
+            env=env,
+        ) as patched,
+    ):
         caps = httpx.get(f"{patched.base_url}/props").json().get("image_embedding", {})
         if "audio" not in caps.get("modalities", []) or not caps.get("media_endpoint"):
             pytest.skip("this patched llama-server takes no audio packages")
-        with ProxyProcess(["--upstream", patched.base_url, "--store", str(tmp / "inline"),
-                           "--transport", "inline"], tmp / "inline.log") as inline, \
-                ProxyProcess(["--upstream", patched.base_url, "--store", str(shared),
-                              "--transport", "file"], tmp / "file.log") as by_file:
+        with (
+            ProxyProcess(
+                [
+                    "--upstream",
+                    patched.base_url,
+                    "--store",
+                    str(tmp / "inline"),
+                    "--transport",
+                    "inline",
+                ],
+                tmp / "inline.log",
+            ) as inline,
+            ProxyProcess(
+                ["--upstream", patched.base_url, "--store", str(shared), "--transport", "file"],
+                tmp / "file.log",
+            ) as by_file,
+        ):
             yield Setup(stock.base_url, inline.base_url, by_file.base_url, shared)
 
 
@@ -71,9 +106,14 @@ def audio_part(b64: str) -> dict[str, Any]:
 
 
 def chat(base: str, part: dict[str, Any], text: str) -> httpx.Response:
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}, part]}],
-            "temperature": 0, "max_tokens": N, "cache_prompt": False, "logprobs": True,
-            "top_logprobs": 3}
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": text}, part]}],
+        "temperature": 0,
+        "max_tokens": N,
+        "cache_prompt": False,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
     return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
 
 
@@ -97,8 +137,7 @@ def test_miss_and_hits_match_stock_with_a_negative_control(setup: Setup, transpo
         seen = tally(r)
         assert (seen["audio_misses"], seen["audio_hits"]) == ((1, 0) if i == 0 else (0, 1))
     other = chat(proxy, audio_part(B.base64()), "Describe the sound.")
-    assert answer(other) == answer(chat(setup.stock, audio_part(B.base64()),
-                                        "Describe the sound."))
+    assert answer(other) == answer(chat(setup.stock, audio_part(B.base64()), "Describe the sound."))
     assert [t for t, _ in answer(other)] != [t for t, _ in direct]
 
 
@@ -115,8 +154,11 @@ def test_native_prompt_multimodal_data(setup: Setup) -> None:
 
     def complete(base: str) -> httpx.Response:
         prompt = {"prompt_string": f"Listen: {marker} Now say:", "multimodal_data": [A.base64()]}
-        return httpx.post(f"{base}/completion", timeout=300, json={
-            "prompt": prompt, "n_predict": N, "temperature": 0, "cache_prompt": False})
+        return httpx.post(
+            f"{base}/completion",
+            timeout=300,
+            json={"prompt": prompt, "n_predict": N, "temperature": 0, "cache_prompt": False},
+        )
 
     direct = complete(setup.stock).json()["content"]
     first, second = complete(setup.inline), complete(setup.inline)
@@ -126,8 +168,9 @@ def test_native_prompt_multimodal_data(setup: Setup) -> None:
 
 def test_warm_and_named_reference(setup: Setup) -> None:
     clip = clips.sample_clips()[0]
-    r = httpx.post(f"{setup.inline}/vcache/warm", timeout=300,
-                   json={"image": clip.data_url(), "name": "tone"})
+    r = httpx.post(
+        f"{setup.inline}/vcache/warm", timeout=300, json={"image": clip.data_url(), "name": "tone"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["ref"] == "vcache://tone"
     named = chat(setup.inline, audio_part("vcache://tone"), "What is it?")
@@ -139,8 +182,17 @@ def test_warm_and_named_reference(setup: Setup) -> None:
 
 def _wav(pcm: bytes, data_size: int, rate: int = 16000) -> bytes:
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
-    return (b"RIFF" + struct.pack("<I", 36 + data_size) + b"WAVE" + b"fmt "
-            + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", data_size) + pcm)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", data_size)
+        + pcm
+    )
 
 
 def _bad_clips() -> dict[str, bytes]:

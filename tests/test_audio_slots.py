@@ -47,18 +47,35 @@ def test_audio_mime_from_bytes() -> None:
 
 
 def _audio_package() -> dict[str, Any]:
-    header = PackageHeader(mmproj="m", n_embd=2, dtype="f32", image_id="a" * 64, nx=0, ny=0,
-                           chunks=(), modality="audio", n_samples=48000, sample_rate=16000)
+    header = PackageHeader(
+        mmproj="m",
+        n_embd=2,
+        dtype="f32",
+        image_id="a" * 64,
+        nx=0,
+        ny=0,
+        chunks=(),
+        modality="audio",
+        n_samples=48000,
+        sample_rate=16000,
+    )
     return header.to_wire()
 
 
 def test_chat_input_audio_slots_take_a_media_embedding() -> None:
     b64 = base64.b64encode(WAV).decode()
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hi"},
-        {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
-        {"type": "input_audio", "input_audio": {"url": "https://example.com/a.wav"}},
-    ]}]}
+    body: dict[str, Any] = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                    {"type": "input_audio", "input_audio": {"url": "https://example.com/a.wav"}},
+                ],
+            }
+        ]
+    }
     slots = find_images("/v1/chat/completions", body, max_images=8)
     assert [s.ref for s in slots] == [b64, "https://example.com/a.wav"]
     pkg = _audio_package()
@@ -80,22 +97,39 @@ def test_multimodal_data_clip_and_image_packages_take_their_own_forms() -> None:
 
 
 def test_client_media_embedding_parts_are_refused_like_image_embedding_ones() -> None:
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "media_embedding", "media_embedding": {}}]}]}
+    body = {
+        "messages": [
+            {"role": "user", "content": [{"type": "media_embedding", "media_embedding": {}}]}
+        ]
+    }
     with pytest.raises(Exception, match="not accepted from clients"):
         find_images("/v1/chat/completions", body, max_images=8)
 
 
 def test_anthropic_blocks_have_no_audio_form() -> None:
-    body = {"messages": [{"role": "user", "content": [{"type": "image", "source": {
-        "type": "base64", "media_type": "audio/wav", "data": "AAAA"}}]}]}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "audio/wav", "data": "AAAA"},
+                    }
+                ],
+            }
+        ]
+    }
     (slot,) = find_images("/v1/messages", body, max_images=8)
     assert not slot.takes_audio
 
 
 def test_audio_package_header_round_trips_through_the_store_meta() -> None:
-    wire = {**_audio_package(), "chunks": [{"n_tokens": 1, "meta": "AA=="}],
-            "data": base64.b64encode(b"\x00" * 8).decode()}
+    wire = {
+        **_audio_package(),
+        "chunks": [{"n_tokens": 1, "meta": "AA=="}],
+        "data": base64.b64encode(b"\x00" * 8).decode(),
+    }
     header, payload = parse_inline(wire)
     assert payload == b"\x00" * 8
     assert (header.modality, header.n_samples, header.sample_rate) == ("audio", 48000, 16000)
@@ -108,8 +142,9 @@ def test_tally_counts_audio_apart() -> None:
     tally = RequestTally()
     tally.count("hit", "image")
     tally.count("miss", "audio")
-    assert tally.header() == ("hits=1 misses=1 fallback=0 encode_ms_saved=0 "
-                              "audio_hits=0 audio_misses=1 audio_fallback=0")
+    assert tally.header() == (
+        "hits=1 misses=1 fallback=0 encode_ms_saved=0 audio_hits=0 audio_misses=1 audio_fallback=0"
+    )
     tally.all_fallback()
     assert (tally.fallbacks, tally.audio_fallbacks, tally.hits) == (2, 1, 0)
     assert RequestTally().header() == "hits=0 misses=0 fallback=0 encode_ms_saved=0"

@@ -15,7 +15,7 @@ Modality = Literal["image", "audio"]
 
 
 def sniff(data: bytes | memoryview) -> Modality:
-    """"audio" for what mtmd decodes as audio (RIFF/WAVE, ID3 or an MPEG frame sync, fLaC)."""
+    """ "audio" for what mtmd decodes as audio (RIFF/WAVE, ID3 or an MPEG frame sync, fLaC)."""
     head = bytes(data[:12])
     if len(head) < 12:  # mtmd's own minimum
         return "image"

@@ -131,6 +131,7 @@ def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
         kind = package_kind(pkg)
         part.clear()
         part.update({"type": kind, kind: pkg})
+
     return put
 
 
@@ -155,6 +156,7 @@ def _audio_bytes(audio: dict[str, Any], key: str) -> Callable[[bytes, str], None
     def put(data: bytes, mime: str) -> None:
         audio.pop("url" if key == "data" else "data", None)
         audio[key] = data_uri(data, mime) if key == "url" else base64.b64encode(data).decode()
+
     return put
 
 
@@ -186,6 +188,7 @@ def _prompt_slots(prompt: Any) -> Iterator[Found]:
 def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
     def put(pkg: Package) -> None:
         items[i] = {package_kind(pkg): pkg}
+
     return put
 
 
@@ -217,11 +220,17 @@ def _anthropic_block(block: dict[str, Any]) -> Iterator[Found]:
         yield None
     elif kind == "base64" and isinstance(source.get("data"), str):
         mime = source.get("media_type")
-        yield ImageSlot(source["data"], mime if isinstance(mime, str) else None,
-                        _source_replacer(block), _source_image(block), takes_audio=False)
+        yield ImageSlot(
+            source["data"],
+            mime if isinstance(mime, str) else None,
+            _source_replacer(block),
+            _source_image(block),
+            takes_audio=False,
+        )
     elif kind == "url" and isinstance(source.get("url"), str):
-        yield ImageSlot(source["url"], None, _source_replacer(block), _source_image(block),
-                        takes_audio=False)
+        yield ImageSlot(
+            source["url"], None, _source_replacer(block), _source_image(block), takes_audio=False
+        )
 
 
 def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
@@ -255,8 +264,9 @@ def _responses_slots(items: Any) -> Iterator[Found]:
                     yield None
                 url = part.get("image_url")
                 if part.get("type") == "input_image" and isinstance(url, str):
-                    yield ImageSlot(url, None, _chat_replacer(part), _responses_image(part),
-                                    takes_audio=False)
+                    yield ImageSlot(
+                        url, None, _chat_replacer(part), _responses_image(part), takes_audio=False
+                    )
 
 
 def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:

@@ -100,11 +100,15 @@ class RequestTally:
         self.hits = self.misses = self.audio_hits = self.audio_misses = 0
 
     def header(self) -> str:
-        text = (f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
-                f"encode_ms_saved={self.encode_ms_saved:.0f}")
+        text = (
+            f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
+            f"encode_ms_saved={self.encode_ms_saved:.0f}"
+        )
         if self.audio_hits or self.audio_misses or self.audio_fallbacks:
-            text += (f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
-                     f"audio_fallback={self.audio_fallbacks}")
+            text += (
+                f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
+                f"audio_fallback={self.audio_fallbacks}"
+            )
         return text
 
 
@@ -155,16 +159,18 @@ class PackageLookup:
             return caps
         return dataclasses.replace(caps, namespace=self._encoder.namespace())
 
-    async def _encode(self, image: bytes, mime: str | None, model: str,
-                      modality: Modality) -> Encoded:
+    async def _encode(
+        self, image: bytes, mime: str | None, model: str, modality: Modality
+    ) -> Encoded:
         # the local encoder (llama-cpp-python) has no audio path: clips go to upstream's
         if self._encoder is not None and modality == "image":
             return await self._encoder.encode(image, mime)
         caps = await self._upstream.capabilities(model)
         return await self._upstream.encode(caps, image, mime, model, modality)
 
-    async def resolve(self, slot: ImageSlot, caps: Capabilities, model: str,
-                      tally: RequestTally) -> Package | None:
+    async def resolve(
+        self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
+    ) -> Package | None:
         if caps.namespace is None:
             return None
         if slot.ref.startswith(REFERENCE_PREFIX):
@@ -192,19 +198,27 @@ class PackageLookup:
         # upstream's own answer to it, and nothing is stored
         assert namespace is not None
         key = namespace.key_for_image(media.data)
-        return await self._by_key(key, namespace, media.data, media.mime or slot.mime, model,
-                                  tally, modality)
+        return await self._by_key(
+            key, namespace, media.data, media.mime or slot.mime, model, tally, modality
+        )
 
-    async def _by_key(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
-                      model: str, tally: RequestTally,
-                      modality: Modality = "image") -> Package | None:
+    async def _by_key(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        tally: RequestTally,
+        modality: Modality = "image",
+    ) -> Package | None:
         try:
             entry = await self._run(self._store.get, key)
             if entry is not None:
                 return self._hit(entry, tally)
             filled = await self._flight.run(
-                key.text, lambda: self._fill(key, namespace, image, mime, model,
-                                             modality=modality))
+                key.text, lambda: self._fill(key, namespace, image, mime, model, modality=modality)
+            )
             entry = await self._run(self._store.get, key)
             if filled.from_fleet:
                 return self._fleet_hit(filled, entry, tally)
@@ -220,10 +234,18 @@ class PackageLookup:
             log.warning("cache path failed, forwarding the %s: %s", modality, e)
             return self._fallback(tally, modality)
 
-    async def _encode_and_store(self, key: CacheKey, namespace: Namespace, image: bytes,
-                                mime: str | None, model: str, *, pin: bool = False,
-                                ttl: float | None = None,
-                                modality: Modality = "image") -> Encoded:
+    async def _encode_and_store(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        modality: Modality = "image",
+    ) -> Encoded:
         with self._metrics.encode_seconds.time():
             encoded = await self._encode(image, mime, model, modality)
         self._metrics.encode_ms.inc(encoded.encode_ms)
@@ -236,9 +258,18 @@ class PackageLookup:
         await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
         return encoded
 
-    async def _fill(self, key: CacheKey, namespace: Namespace, image: bytes, mime: str | None,
-                    model: str, *, pin: bool = False, ttl: float | None = None,
-                    modality: Modality = "image") -> _Filled:
+    async def _fill(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        modality: Modality = "image",
+    ) -> _Filled:
         """A key missing here: the fleet's copy if there is one (or once the proxy holding the
         key's fleet lock has published it), else upstream's encode. Stored here either way."""
         found = await self._fetch(key, namespace, pin=pin, ttl=ttl)
@@ -252,8 +283,9 @@ class PackageLookup:
                 if found is not None:
                     return found
             # the lock is best effort: past the wait's bound, or without Redis, encode anyway
-            encoded = await self._encode_and_store(key, namespace, image, mime, model, pin=pin,
-                                                   ttl=ttl, modality=modality)
+            encoded = await self._encode_and_store(
+                key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality
+            )
         return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
 
     async def _fetch(
@@ -287,21 +319,35 @@ class PackageLookup:
             log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
         return _Filled(stored.header, found.payload, stored.encode_ms, from_fleet=True)
 
-    async def warm(self, image: bytes, mime: str | None, model: str, *, pin: bool,
-                   name: str | None, ttl: float | None) -> WarmResult:
+    async def warm(
+        self,
+        image: bytes,
+        mime: str | None,
+        model: str,
+        *,
+        pin: bool,
+        name: str | None,
+        ttl: float | None,
+    ) -> WarmResult:
         """Make sure one image or clip is cached (encoding it if needed), pinned and named."""
         modality = sniff(image)
         namespace = (await self.capabilities(model)).namespace_for(modality)
         if namespace is None:
-            raise ClientError(f"upstream takes no {modality} packages: nothing to warm "
-                              "(a patched llama-server started with --image-embedding?)")
+            raise ClientError(
+                f"upstream takes no {modality} packages: nothing to warm "
+                "(a patched llama-server started with --image-embedding?)"
+            )
         key = namespace.key_for_image(image)
         entry = await self._run(self._store.get, key)
         encode_ms = 0.0
         status_: Literal["cached", "encoded"] = "cached"
         if entry is None:
-            filled = await self._flight.run(key.text, lambda: self._fill(
-                key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality))
+            filled = await self._flight.run(
+                key.text,
+                lambda: self._fill(
+                    key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality
+                ),
+            )
             if not filled.from_fleet:
                 encode_ms, status_ = filled.encode_ms, "encoded"
             entry = await self._run(self._store.get, key)
@@ -352,9 +398,10 @@ class PackageLookup:
                 return part
         return self._unknown(ref, spaces[0])
 
-    async def _named_in(self, ref: str, namespace: Namespace,
-                        tally: RequestTally) -> Package | None:
-        target = ref[len(REFERENCE_PREFIX):]
+    async def _named_in(
+        self, ref: str, namespace: Namespace, tally: RequestTally
+    ) -> Package | None:
+        target = ref[len(REFERENCE_PREFIX) :]
         m = _DIGEST_REF.fullmatch(target)
         try:
             key = namespace.key(m.group(1)) if m else await self._resolve_name(namespace, target)

@@ -52,19 +52,27 @@ class Capabilities:
             return cls(packages=False, media_marker=media_marker)
         if emb.get("version") != FORMAT_VERSION:
             return cls(packages=False, media_marker=media_marker)
+
         def namespace(modality: Modality) -> Namespace:
             encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
             if modality == "audio":
                 # image keys stay as they were; audio keys name their modality
                 encoder["modality"] = "audio"
-            return Namespace.for_encoder(model=model, mmproj=str(emb.get("mmproj")),
-                                         build=str(emb.get("build")),
-                                         format_version=FORMAT_VERSION, encoder=encoder)
+            return Namespace.for_encoder(
+                model=model,
+                mmproj=str(emb.get("mmproj")),
+                build=str(emb.get("build")),
+                format_version=FORMAT_VERSION,
+                encoder=encoder,
+            )
 
         modalities = emb.get("modalities", ["image"])
         media_endpoint = emb.get("media_endpoint")
-        takes_audio = (isinstance(modalities, list) and "audio" in modalities
-                       and isinstance(media_endpoint, str))
+        takes_audio = (
+            isinstance(modalities, list)
+            and "audio" in modalities
+            and isinstance(media_endpoint, str)
+        )
         return cls(
             packages=True,
             namespace=namespace("image"),
@@ -153,8 +161,14 @@ class Upstream:
             return {}
         return props if isinstance(props, dict) else {}
 
-    async def encode(self, caps: Capabilities, image: bytes, mime: str | None,
-                     model: str = "", modality: Modality = "image") -> Encoded:
+    async def encode(
+        self,
+        caps: Capabilities,
+        image: bytes,
+        mime: str | None,
+        model: str = "",
+        modality: Modality = "image",
+    ) -> Encoded:
         """Ask upstream's encode endpoint for the package of one image or audio clip."""
         body: dict[str, Any]
         endpoint = caps.endpoint

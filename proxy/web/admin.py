@@ -134,8 +134,13 @@ async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
     if caps.audio_namespace is not None:
         # a digest names an image or a clip: clips are keyed in the audio namespace
         present.update(await proxy.lookup.present(caps.audio_namespace, req.digests))
-    return _json({"namespace": ns.id, "present": sorted(present),
-                  "pinned": sorted(d for d, pinned in present.items() if pinned)})
+    return _json(
+        {
+            "namespace": ns.id,
+            "present": sorted(present),
+            "pinned": sorted(d for d, pinned in present.items() if pinned),
+        }
+    )
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:

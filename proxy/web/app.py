@@ -267,8 +267,11 @@ async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type
-    mime = audio_mime(data) if sniff(data) == "audio" else (
-        "image/" + (await asyncio.to_thread(inspect, data)).format.lower())
+    mime = (
+        audio_mime(data)
+        if sniff(data) == "audio"
+        else ("image/" + (await asyncio.to_thread(inspect, data)).format.lower())
+    )
     slot.put_image(data, mime)
     return dataclasses.replace(slot, ref=data_uri(data, mime), mime=mime)
 

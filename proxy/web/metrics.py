@@ -38,28 +38,40 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.hits = Counter("vcache_hits", "Images and audio clips served from the cache",
-                            registry=r)
-        self.misses = Counter("vcache_misses", "Images and clips encoded by upstream, then cached",
-                              registry=r)
-        self.fallbacks = Counter("vcache_fallbacks",
-                                 "Images and clips forwarded as sent, because the cache path "
-                                 "failed or upstream takes no packages", registry=r)
+        self.hits = Counter(
+            "vcache_hits", "Images and audio clips served from the cache", registry=r
+        )
+        self.misses = Counter(
+            "vcache_misses", "Images and clips encoded by upstream, then cached", registry=r
+        )
+        self.fallbacks = Counter(
+            "vcache_fallbacks",
+            "Images and clips forwarded as sent, because the cache path "
+            "failed or upstream takes no packages",
+            registry=r,
+        )
         # the audio clips among the above
-        self.audio_hits = Counter("vcache_audio_hits", "Audio clips served from the cache",
-                                  registry=r)
-        self.audio_misses = Counter("vcache_audio_misses",
-                                    "Audio clips encoded by upstream, then cached", registry=r)
-        self.audio_fallbacks = Counter("vcache_audio_fallbacks",
-                                       "Audio clips forwarded as sent", registry=r)
-        self.package_bytes = Counter("vcache_package_bytes",
-                                     "Bytes of packages handed to upstream", registry=r)
-        self.encode_ms = Counter("vcache_encode_ms", "Encoder milliseconds spent on misses",
-                                 registry=r)
-        self.encode_ms_saved = Counter("vcache_encode_ms_saved",
-                                       "Encoder milliseconds hits did not spend", registry=r)
-        self.encode_seconds = Histogram("vcache_encode_seconds", "Upstream encode latency",
-                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_hits = Counter(
+            "vcache_audio_hits", "Audio clips served from the cache", registry=r
+        )
+        self.audio_misses = Counter(
+            "vcache_audio_misses", "Audio clips encoded by upstream, then cached", registry=r
+        )
+        self.audio_fallbacks = Counter(
+            "vcache_audio_fallbacks", "Audio clips forwarded as sent", registry=r
+        )
+        self.package_bytes = Counter(
+            "vcache_package_bytes", "Bytes of packages handed to upstream", registry=r
+        )
+        self.encode_ms = Counter(
+            "vcache_encode_ms", "Encoder milliseconds spent on misses", registry=r
+        )
+        self.encode_ms_saved = Counter(
+            "vcache_encode_ms_saved", "Encoder milliseconds hits did not spend", registry=r
+        )
+        self.encode_seconds = Histogram(
+            "vcache_encode_seconds", "Upstream encode latency", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.upstream_seconds = Histogram(
             "vcache_upstream_seconds",
             "Time to upstream response headers",

@@ -86,6 +86,7 @@ def _noise(seed: int) -> Signal:
     def signal(t: F64Array) -> F64Array:
         out: F64Array = np.random.default_rng(seed).uniform(-0.4, 0.4, t.shape)
         return out
+
     return signal
 
 
@@ -94,6 +95,7 @@ def _clicks(per_second: float) -> Signal:
         gate = (np.mod(t * per_second, 1.0) < 0.02).astype(np.float64)
         out: F64Array = 0.8 * gate * np.sin(2 * math.pi * 2500 * t)
         return out
+
     return signal
 
 
@@ -126,8 +128,9 @@ def long_clip(seconds: float = 35.0) -> SampleClip:
 def window_clip(seconds: float = 29.9, variant: int = 0) -> SampleClip:
     """A clip that fills one 30 s encoder window (at 30.0 s llama.cpp already makes two);
     each `variant` starts its sweep elsewhere, so its bytes (and its cache key) differ."""
-    return SampleClip(f"chirp-{seconds:g}s-{variant}", seconds, 16000, 1,
-                      _chirp(100 + variant, 7000, seconds))
+    return SampleClip(
+        f"chirp-{seconds:g}s-{variant}", seconds, 16000, 1, _chirp(100 + variant, 7000, seconds)
+    )
 
 
 def whisper_windows(n_samples_16k: int) -> int:

@@ -140,16 +140,25 @@ class AudioFamily(ABC):
     def text_block(self, p: Planner, spec: AudioModelSpec, shaping: Shaping, blk: str) -> None:
         """The tensors of one decoder layer, named ``{blk}.*``."""
 
-    def text_plan(self, spec: AudioModelSpec, vocab: Vocab, shaping: Shaping,
-                  seed: int) -> list[TensorPlan]:
+    def text_plan(
+        self, spec: AudioModelSpec, vocab: Vocab, shaping: Shaping, seed: int
+    ) -> list[TensorPlan]:
         """Tensors of the text model, in the layout llama.cpp's loader for it expects."""
         d, n_vocab = spec.text.n_embd, len(vocab.tokens)
         p = Planner(seed, spec.matrix_type)
-        p.add("token_embd.weight", (n_vocab, d),
-              token_embd(seed, (n_vocab, d), 1.0, vocab, shaping), matrix=True)
+        p.add(
+            "token_embd.weight",
+            (n_vocab, d),
+            token_embd(seed, (n_vocab, d), 1.0, vocab, shaping),
+            matrix=True,
+        )
         p.const("output_norm.weight", d, 1.0)
-        p.add("output.weight", (n_vocab, d), output_weights(seed, (n_vocab, d), vocab, shaping),
-              matrix=True)
+        p.add(
+            "output.weight",
+            (n_vocab, d),
+            output_weights(seed, (n_vocab, d), vocab, shaping),
+            matrix=True,
+        )
         for i in range(spec.text.n_layer):
             self.text_block(p, spec, shaping, f"blk.{i}")
         return p.plans
@@ -168,6 +177,7 @@ class AudioFamily(ABC):
             w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
             w.add_float32(f"{a}.rope.freq_base", t.rope_base)
             tokenizer_kv(w, vocab)
+
         return write
 
     # --- the mmproj: Whisper encoder and projector -----------------------------------------
@@ -176,8 +186,9 @@ class AudioFamily(ABC):
     def projector(self, p: Planner, spec: AudioModelSpec, shaping: EncoderShaping) -> None:
         """From the encoder's output to the text model's width (tensors ``mm.a.*``)."""
 
-    def mmproj_plan(self, spec: AudioModelSpec, shaping: EncoderShaping,
-                    seed: int) -> list[TensorPlan]:
+    def mmproj_plan(
+        self, spec: AudioModelSpec, shaping: EncoderShaping, seed: int
+    ) -> list[TensorPlan]:
         a = spec.audio
         p = Planner(seed, spec.matrix_type)
         _encoder_input(p, a, shaping)
@@ -203,12 +214,14 @@ class AudioFamily(ABC):
             w.add_float32("clip.audio.attention.layer_norm_epsilon", 1e-5)
             if a.stack:
                 w.add_uint32("clip.audio.projector.stack_factor", a.stack)
+
         return write
 
 
 def _file_type(spec: AudioModelSpec) -> int:
-    return int(gguf.LlamaFileType.MOSTLY_F16 if spec.matrix_type == "f16"
-               else gguf.LlamaFileType.ALL_F32)
+    return int(
+        gguf.LlamaFileType.MOSTLY_F16 if spec.matrix_type == "f16" else gguf.LlamaFileType.ALL_F32
+    )
 
 
 def _centred_conv(seed: int, name: str, shape: tuple[int, int, int], std: float) -> Maker:
@@ -217,6 +230,7 @@ def _centred_conv(seed: int, name: str, shape: tuple[int, int, int], std: float)
         w = uniform(seed, name, shape, std)
         w -= w.mean(axis=(1, 2), keepdims=True)
         return w
+
     return make
 
 
@@ -225,14 +239,18 @@ def _encoder_input(p: Planner, a: AudioSpec, shaping: EncoderShaping) -> None:
     d, seed = a.n_embd, p.seed
     for i, (n_in, gain) in enumerate(((a.n_mel, shaping.conv_gain), (d, shaping.conv2_gain)), 1):
         name, shape = f"a.conv1d.{i}.weight", (d, n_in, 3)
-        p.add(name, shape, _centred_conv(seed, name, shape, gain / math.sqrt(3 * n_in)),
-              matrix=True)
+        p.add(
+            name, shape, _centred_conv(seed, name, shape, gain / math.sqrt(3 * n_in)), matrix=True
+        )
         # (out, 1): ggml adds it to the (frames, channels) convolution output by broadcasting
         p.add(f"a.conv1d.{i}.bias", (d, 1), full((d, 1), 0.0), matrix=False)
     shape_pos = (ENCODER_POSITIONS, d)
-    p.add("a.position_embd.weight", shape_pos,
-          lambda: uniform(seed, "a.position_embd.weight", shape_pos, shaping.position_std),
-          matrix=False)
+    p.add(
+        "a.position_embd.weight",
+        shape_pos,
+        lambda: uniform(seed, "a.position_embd.weight", shape_pos, shaping.position_std),
+        matrix=False,
+    )
 
 
 def _encoder_block(p: Planner, a: AudioSpec, shaping: EncoderShaping, blk: str) -> None:
@@ -253,8 +271,9 @@ def _encoder_block(p: Planner, a: AudioSpec, shaping: EncoderShaping, blk: str) 
     p.const(f"{blk}.ffn_down.bias", d, 0.0)
 
 
-def attention_block(p: Planner, spec: AudioModelSpec, shaping: Shaping, blk: str, *,
-                    qkv_bias: bool) -> None:
+def attention_block(
+    p: Planner, spec: AudioModelSpec, shaping: Shaping, blk: str, *, qkv_bias: bool
+) -> None:
     """A llama / qwen2 decoder layer, shaped like the vision families' (`spec.Shaping`)."""
     t = spec.text
     d, q_dim, kv_dim = t.n_embd, t.n_head * t.head_dim, t.n_head_kv * t.head_dim

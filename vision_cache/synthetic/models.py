@@ -69,12 +69,21 @@ def _vocab_digest(vocab: Vocab) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _params(spec: ModelSpec | AudioModelSpec, shaping: Shaping, vocab: Vocab, seed: int,
-            encoder: EncoderShaping | None = None) -> dict[str, Any]:
+def _params(
+    spec: ModelSpec | AudioModelSpec,
+    shaping: Shaping,
+    vocab: Vocab,
+    seed: int,
+    encoder: EncoderShaping | None = None,
+) -> dict[str, Any]:
     """Everything the output depends on; a manifest with other params means regenerate."""
-    params = {"generator_version": GENERATOR_VERSION, "seed": seed,
-              "spec": dataclasses.asdict(spec), "shaping": dataclasses.asdict(shaping),
-              "vocab_sha256": _vocab_digest(vocab)}
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "spec": dataclasses.asdict(spec),
+        "shaping": dataclasses.asdict(shaping),
+        "vocab_sha256": _vocab_digest(vocab),
+    }
     if encoder is not None:
         params["encoder_shaping"] = dataclasses.asdict(encoder)
     return params
@@ -93,13 +102,17 @@ def _plan(fam: AnyFamily, size: Size, vocab: Vocab, seed: int) -> _Plan:
     shaping = Shaping()
     if isinstance(fam, AudioFamily):
         aspec, encoder = fam.spec(size), EncoderShaping()
-        return _Plan(_params(aspec, shaping, vocab, seed, encoder),
-                     (fam.text_kv(aspec, vocab), fam.text_plan(aspec, vocab, shaping, seed)),
-                     (fam.mmproj_kv(aspec), fam.mmproj_plan(aspec, encoder, seed)))
+        return _Plan(
+            _params(aspec, shaping, vocab, seed, encoder),
+            (fam.text_kv(aspec, vocab), fam.text_plan(aspec, vocab, shaping, seed)),
+            (fam.mmproj_kv(aspec), fam.mmproj_plan(aspec, encoder, seed)),
+        )
     spec = fam.spec(size)
-    return _Plan(_params(spec, shaping, vocab, seed),
-                 (fam.text_kv(spec, vocab), fam.text_plan(spec, vocab, shaping, seed)),
-                 (fam.mmproj_kv(spec), fam.vision_plan(spec, shaping, seed)))
+    return _Plan(
+        _params(spec, shaping, vocab, seed),
+        (fam.text_kv(spec, vocab), fam.text_plan(spec, vocab, shaping, seed)),
+        (fam.mmproj_kv(spec), fam.vision_plan(spec, shaping, seed)),
+    )
 
 
 def _up_to_date(files: ModelFiles, params: dict[str, Any]) -> bool:

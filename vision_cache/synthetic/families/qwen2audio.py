@@ -35,8 +35,14 @@ QWEN2AUDIO_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
-             "<|audio_eos|>")
+_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+)
 
 
 class Qwen2Audio(AudioFamily):
@@ -45,22 +51,44 @@ class Qwen2Audio(AudioFamily):
     text_arch = "qwen2"
 
     def tiny_spec(self) -> AudioModelSpec:
-        text = TextSpec(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
-                        n_ctx=8192, rope_base=1_000_000.0)
+        text = TextSpec(
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=32,
+            n_ff=384,
+            n_ctx=8192,
+            rope_base=1_000_000.0,
+        )
         return AudioModelSpec(self.name, "tiny", text, WHISPER_TINY_TEST, "f32")
 
     def realistic_spec(self) -> AudioModelSpec:
         # Qwen2-Audio-7B: Whisper-large-v3 encoder, Qwen-7B text width 4096 (32 heads, MHA)
-        text = TextSpec(n_embd=4096, n_layer=2, n_head=32, n_head_kv=32, head_dim=128,
-                        n_ff=11008, n_ctx=8192, rope_base=10_000.0)
+        text = TextSpec(
+            n_embd=4096,
+            n_layer=2,
+            n_head=32,
+            n_head_kv=32,
+            head_dim=128,
+            n_ff=11008,
+            n_ctx=8192,
+            rope_base=10_000.0,
+        )
         return AudioModelSpec(self.name, "realistic", text, WHISPER_LARGE, "f16")
 
     def tokens_per_window(self, spec: AudioModelSpec) -> int:
         return ENCODER_POSITIONS // 2  # average pool by 2
 
     def vocab(self) -> Vocab:
-        return byte_level_bpe_vocab(_SPECIALS, QWEN2AUDIO_CHAT_TEMPLATE, pre="qwen2",
-                                    bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>")
+        return byte_level_bpe_vocab(
+            _SPECIALS,
+            QWEN2AUDIO_CHAT_TEMPLATE,
+            pre="qwen2",
+            bos="<|endoftext|>",
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+        )
 
     def text_block(self, p: Planner, spec: AudioModelSpec, shaping: Shaping, blk: str) -> None:
         attention_block(p, spec, shaping, blk, qkv_bias=True)  # Qwen2 has Q/K/V biases

@@ -41,8 +41,13 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-             "<|end_header_id|>", "<|eot_id|>")
+_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 
 
 class Ultravox(AudioFamily):
@@ -51,15 +56,31 @@ class Ultravox(AudioFamily):
     text_arch = "llama"
 
     def tiny_spec(self) -> AudioModelSpec:
-        text = TextSpec(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
-                        n_ctx=8192, rope_base=500_000.0)
+        text = TextSpec(
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=32,
+            n_ff=384,
+            n_ctx=8192,
+            rope_base=500_000.0,
+        )
         audio = dataclasses.replace(WHISPER_TINY_TEST, stack=STACK, proj_ff=256)
         return AudioModelSpec(self.name, "tiny", text, audio, "f32")
 
     def realistic_spec(self) -> AudioModelSpec:
         # Ultravox v0.5 on Llama-3.2-1B: text width 2048, 32 heads of 64, 8 KV heads
-        text = TextSpec(n_embd=2048, n_layer=2, n_head=32, n_head_kv=8, head_dim=64,
-                        n_ff=8192, n_ctx=8192, rope_base=500_000.0)
+        text = TextSpec(
+            n_embd=2048,
+            n_layer=2,
+            n_head=32,
+            n_head_kv=8,
+            head_dim=64,
+            n_ff=8192,
+            n_ctx=8192,
+            rope_base=500_000.0,
+        )
         audio = dataclasses.replace(WHISPER_LARGE, stack=STACK, proj_ff=4096)
         return AudioModelSpec(self.name, "realistic", text, audio, "f16")
 
@@ -67,13 +88,19 @@ class Ultravox(AudioFamily):
         return ENCODER_POSITIONS // spec.audio.stack
 
     def vocab(self) -> Vocab:
-        vocab = byte_level_bpe_vocab(_SPECIALS, LLAMA3_CHAT_TEMPLATE, pre="llama-bpe",
-                                     bos="<|begin_of_text|>", eos="<|eot_id|>",
-                                     pad="<|end_of_text|>")
+        vocab = byte_level_bpe_vocab(
+            _SPECIALS,
+            LLAMA3_CHAT_TEMPLATE,
+            pre="llama-bpe",
+            bos="<|begin_of_text|>",
+            eos="<|eot_id|>",
+            pad="<|end_of_text|>",
+        )
         # the template ends the prompt with "\n\n": that token must be quiet too
         double_newline = vocab.tokens.index("\u010a\u010a")
-        return dataclasses.replace(vocab, add_bos=True,
-                                   quiet_ids=[*vocab.quiet_ids, double_newline])
+        return dataclasses.replace(
+            vocab, add_bos=True, quiet_ids=[*vocab.quiet_ids, double_newline]
+        )
 
     def text_block(self, p: Planner, spec: AudioModelSpec, shaping: Shaping, blk: str) -> None:
         attention_block(p, spec, shaping, blk, qkv_bias=False)
@@ -85,8 +112,9 @@ class Ultravox(AudioFamily):
         # SwiGLU: twice the width in, one half gates the other
         p.weight("mm.a.mlp.1.weight", (2 * a.proj_ff, stacked), 1.0 / math.sqrt(stacked))
         p.const("mm.a.norm_mid.weight", a.proj_ff, 1.0)
-        p.weight("mm.a.mlp.2.weight", (d_text, a.proj_ff),
-                 shaping.projector_gain / math.sqrt(a.proj_ff))
+        p.weight(
+            "mm.a.mlp.2.weight", (d_text, a.proj_ff), shaping.projector_gain / math.sqrt(a.proj_ff)
+        )
 
 
 FAMILY = Ultravox()
