@@ -3,7 +3,8 @@
 For each audio family, a clip sent through the proxy (a miss, then hits with other text) gets
 the same tokens and top logprobs as the raw clip sent straight to the stock llama-server, with
 its package inline in the JSON and by file reference; another clip changes the answer (the
-negative control). Bad audio gets stock's own answer and never reaches the store.
+negative control). Bad audio gets stock's own answer and never reaches the store. A model that
+takes both gets an image and a clip in one request, and answers as stock does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from tests.support.llama_server import LlamaServer
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic import audio as clips
 from vision_cache.synthetic import models
+from vision_cache.synthetic.images import sample_images
+from vision_cache.synthetic.mixed import generate_mixed
 from vision_cache.synthetic.registry import audio_family_names
 
 pytestmark = pytest.mark.server
@@ -224,3 +227,66 @@ def test_bad_audio_gets_stocks_answer(setup: Setup, case: str) -> None:
         digest = hashlib.sha256(_bad_clips()[case]).hexdigest()
         r = httpx.post(f"{setup.file}/vcache/lookup", json={"digests": [digest, GOOD_DIGEST]})
         assert r.json()["present"] == [GOOD_DIGEST]
+
+
+@pytest.fixture(scope="module")
+def mixed(
+    stock_bin: Path, patched_bin: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """Stock and proxied servers of one model that takes images and audio (gemma3 + qwen2a)."""
+    files = generate_mixed("gemma3", "qwen2audio", models_dir)
+    tmp = tmp_path_factory.mktemp("audio-mixed")
+    args = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        "2",
+        "-c",
+        "4096",
+        "-np",
+        "2",
+        "--no-warmup",
+    ]
+    with (
+        LlamaServer(stock_bin, args, tmp / "stock.log") as stock,
+        LlamaServer(patched_bin, [*args, "--image-embedding"], tmp / "patched.log") as patched,
+    ):
+        caps = httpx.get(f"{patched.base_url}/props").json().get("image_embedding", {})
+        if not {"image", "audio"} <= set(caps.get("modalities", [])):
+            pytest.skip("this patched llama-server takes no audio packages")
+        with ProxyProcess(
+            ["--upstream", patched.base_url, "--store", str(tmp / "store")], tmp / "proxy.log"
+        ) as proxy:
+            yield stock.base_url, proxy.base_url
+
+
+def test_image_and_audio_in_one_request(mixed: tuple[str, str]) -> None:
+    stock, proxy = mixed
+    image = {"type": "image_url", "image_url": {"url": sample_images()[0].data_url()}}
+
+    def both(base: str, clip: clips.SampleClip, text: str) -> httpx.Response:
+        body = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [image, audio_part(clip.base64()), {"type": "text", "text": text}],
+                }
+            ],
+            "temperature": 0,
+            "max_tokens": N,
+            "cache_prompt": False,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
+
+    for i, text in enumerate(("What is this?", "Describe both.")):
+        r = both(proxy, A, text)
+        assert answer(r) == answer(both(stock, A, text))
+        seen = tally(r)
+        assert (seen["hits"], seen["audio_hits"]) == ((0, 0) if i == 0 else (2, 1))
+    other = both(proxy, B, "Describe both.")
+    assert answer(other) == answer(both(stock, B, "Describe both."))
+    assert [t for t, _ in answer(other)] != [t for t, _ in answer(r)]
