@@ -12,8 +12,8 @@ The clip is 29.9 s of 16 kHz audio: one Whisper window. (llama.cpp pads a clip w
 silence and keeps whole 3,000-frame windows, so a clip of exactly 30.0 s already makes two.)
 Writes its section of docs/benchmarks.md::
 
-    python scripts/bench_audio.py --size tiny         # make bench-quick
-    python scripts/bench_audio.py --size realistic    # make bench: Whisper-large encoder
+    python -m scripts.bench_audio --size tiny         # make bench-quick
+    python -m scripts.bench_audio --size realistic    # make bench: Whisper-large encoder
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.support.llama_server import LlamaServer
+from tests.support.proxy_process import ProxyProcess
+from vision_cache.synthetic.audio import SampleClip, window_clip
+from vision_cache.synthetic.models import generate
 
-from tests.support.llama_server import LlamaServer  # noqa: E402
-from tests.support.proxy_process import ProxyProcess  # noqa: E402
-from vision_cache.synthetic.audio import SampleClip, window_clip  # noqa: E402
-from vision_cache.synthetic.models import generate  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "benchmarks.md"
 FAMILY = "qwen2audio"
