@@ -41,8 +41,8 @@ with atheris.instrument_imports():
     from proxy.images.inspection import inspect
     from proxy.images.media import FetchPolicy, MediaLoader, vet_url
     from proxy.images.slots import IMAGE_PATHS, find_images
-    from proxy.web.admin import LookupRequest, WarmRequest
     from proxy.web.body import decode_body, dump_body, parse_body
+    from vision_cache.client.admin_api import LookupRequest, WarmRequest
     from vision_cache.errors import VisionCacheError
     from vision_cache.keys import validate_digest, validate_name
 

@@ -102,3 +102,8 @@ class UpstreamError(ProxyError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """A client's reference as an error message shows it: never a megabyte of base64."""
+    return text if len(text) <= limit else text[:limit] + "..."

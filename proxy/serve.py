@@ -22,6 +22,7 @@ from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
 from proxy.web.app import create_app
 from proxy.web.metrics import Metrics
 from proxy.web.state import Limits, Proxy
+from vision_cache.client.admin_api import ManagedState
 from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
@@ -112,7 +113,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
                 Limits(settings.max_body_mb * MIB, settings.max_images, settings.upstream_idle_s),
                 settings.api_key.get_secret_value() if settings.api_key else None,
                 settings.accept_client_packages,
-                _health_extra(managed),
+                _managed_state(managed),
             )
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
@@ -171,12 +172,10 @@ def _rebase(upstream: Upstream, managed: ManagedServer) -> Callable[[], Any]:
     return on_restart
 
 
-def _health_extra(managed: ManagedServer | None) -> Callable[[], dict[str, Any]] | None:
+def _managed_state(managed: ManagedServer | None) -> Callable[[], ManagedState] | None:
     if managed is None:
         return None
-    return lambda: {
-        "managed": {"healthy": managed.healthy, "restarts": managed.restarts, "pid": managed.pid}
-    }
+    return lambda: ManagedState(healthy=managed.healthy, restarts=managed.restarts, pid=managed.pid)
 
 
 @contextlib.asynccontextmanager

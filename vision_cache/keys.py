@@ -33,8 +33,11 @@ NAMESPACE_SCHEME = "vcache-namespace/1"
 DIGEST_ALGORITHM = "sha256"
 MAX_NAMESPACE_TEXT = 64 * 1024
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# the one spelling of each: content digests (SHA-256) and reference names (vcache://NAME)
+DIGEST_PATTERN = r"[0-9a-f]{64}"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_HEX64 = re.compile(DIGEST_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
 
 Component: TypeAlias = (
     str | int | float | bool | Sequence["Component"] | Mapping[str, "Component"] | None

@@ -18,11 +18,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vision_cache.errors import PackageError
+from vision_cache.keys import DIGEST_PATTERN
 
 FORMAT_VERSION = 1
 DTYPE_SIZES = {"f32": 4, "f16": 2}
 
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Hex64 = Annotated[str, Field(pattern=f"^{DIGEST_PATTERN}$")]
 Modality = Literal["image", "audio"]
 
 

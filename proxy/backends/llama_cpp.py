@@ -19,7 +19,6 @@ proxy's fetch policy (`proxy.images.media`); the handler itself only ever sees d
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -36,6 +35,7 @@ from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ClientError, ProxyError, TooManyImages
 from proxy.images.media import FetchPolicy, MediaLoader
+from vision_cache.data_uri import data_uri
 from vision_cache.llama.libs import load_llama_libs
 from vision_cache.store import Store
 
@@ -157,8 +157,7 @@ class LlamaCppBackend:
             if not isinstance(url, str):
                 raise ClientError("image_url needs a url")
             media = await self._media.load(url)
-            data = base64.b64encode(media.data).decode()
-            part["image_url"] = {"url": f"data:{media.mime or 'image/png'};base64,{data}"}
+            part["image_url"] = {"url": data_uri(media.data, media.mime or "image/png")}
         return messages
 
 

@@ -7,12 +7,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
-
-from vision_cache.client.pack import PackError, export_pack, import_pack
+from vision_cache.client.pack import PackError, export_pack, import_pack, running_namespace
 from vision_cache.client.warmup import DEFAULT_PROXY
 from vision_cache.errors import VisionCacheError
-from vision_cache.keys import Namespace
 from vision_cache.store import Store
 
 if TYPE_CHECKING:
@@ -83,21 +80,6 @@ def run_export(args: argparse.Namespace) -> int:
         f"{len(s.namespaces)} namespaces) to {args.file}"
     )
     return 0
-
-
-def running_namespace(proxy: str, model: str, api_key: str | None) -> Namespace | None:
-    headers = {"X-Vcache-Key": api_key} if api_key else {}
-    try:
-        r = httpx.get(
-            f"{proxy.rstrip('/')}/vcache/namespace",
-            params={"model": model},
-            headers=headers,
-            timeout=30,
-        )
-    except httpx.HTTPError:
-        return None
-    text = r.json().get("text") if r.status_code == 200 else None
-    return Namespace.parse(text) if text else None
 
 
 def run_import(args: argparse.Namespace) -> int:

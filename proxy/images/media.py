@@ -75,13 +75,14 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from proxy.errors import MediaError, MediaFetchFailed, MediaNotAllowed, MediaTooLarge
+from proxy.errors import MediaError, MediaFetchFailed, MediaNotAllowed, MediaTooLarge, shorten
 from proxy.images import ssrf
 from proxy.images.ssrf import FetchPolicy, IPAddress
 
-__all__ = ["FetchPolicy", "Media", "MediaLoader", "vet_url"]
+__all__ = ["SCHEME", "FetchPolicy", "Media", "MediaLoader", "is_locator", "vet_url"]
 
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # base64 has no ':', so never matches
+# a URI scheme; base64 has no ':', so inline bytes never match
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
@@ -100,6 +101,18 @@ class Media:
     data: bytes = dataclasses.field(repr=False)  # a repr of megabytes helps nobody
     mime: str | None
     origin: str
+
+
+def is_locator(ref: str) -> bool:
+    """Anything but inline bytes (a data URI, base64) and vcache:// names: a URL or a path.
+
+    These are loaded here, under the fetch policy, which refuses every scheme but http(s) and
+    file (and, like llama-server, takes whatever starts with "http" for a URL). Upstream must
+    never be handed one: its fetcher has no SSRF guard."""
+    scheme = SCHEME.match(ref)
+    return ref[:4].lower() == "http" or (
+        scheme is not None and scheme.group(1).lower() not in ("data", "vcache")
+    )
 
 
 class MediaLoader:
@@ -130,11 +143,11 @@ class MediaLoader:
             raise RuntimeError("MediaLoader is closed")
         if not ref:
             raise MediaError("empty image reference")
-        match = _SCHEME.match(ref)
+        match = SCHEME.match(ref)
         if match is None and ref[:4].lower() == "http":
             # llama-server downloads anything that starts with "http"; a plain MediaError
             # would leave this to upstream's unguarded fetcher (the package lookup does so).
-            raise MediaNotAllowed(f"{_show(ref)}: not a valid http(s) URL")
+            raise MediaNotAllowed(f"{shorten(ref)}: not a valid http(s) URL")
         if match is None:
             return Media(_decode_base64(ref, self._policy.max_bytes), None, "base64")
         scheme = match.group(1).lower()
@@ -145,7 +158,7 @@ class MediaLoader:
         if scheme == "file":
             return await _load_file(ref, self._policy)
         raise MediaNotAllowed(
-            f"{_show(ref)}: scheme {scheme!r} is not allowed (data, http, https, file)"
+            f"{shorten(ref)}: scheme {scheme!r} is not allowed (data, http, https, file)"
         )
 
     async def aclose(self) -> None:
@@ -168,7 +181,7 @@ class MediaLoader:
 
     async def _load_http(self, ref: str) -> Media:
         url = vet_url(ref, self._policy)
-        shown = _show(str(url))
+        shown = shorten(str(url))
         try:
             async with asyncio.timeout(self._policy.timeout_s):
                 return await self._follow(url)
@@ -180,7 +193,7 @@ class MediaLoader:
             raise MediaFetchFailed(f"{shown}: {_describe(exc)}") from exc
 
     async def _follow(self, url: URL) -> Media:
-        first = _show(str(url))
+        first = shorten(str(url))
         via: URL | None = None  # the URL that redirected here, for messages
         for _ in range(self._policy.max_redirects + 1):
             addresses = await _vetted_addresses(url, self._policy, via)
@@ -221,7 +234,7 @@ class MediaLoader:
 def _load_data_uri(ref: str, max_bytes: int) -> Media:
     comma = ref.find(",")
     header = ref[:comma] if comma >= 0 else ref
-    shown = _show(header)  # the header only: never echo the payload
+    shown = shorten(header)  # the header only: never echo the payload
     if comma < 0:
         raise MediaError(f"{shown}: a data URI needs a ',' before its data")
     mime, *params = header[len("data:") :].split(";")
@@ -273,9 +286,9 @@ async def _vetted_addresses(
         for ip in addresses:
             reason = ssrf.why_not_public(ip)
             if reason is not None:
-                where = f"redirect from {_show(str(via))}: " if via is not None else ""
+                where = f"redirect from {shorten(str(via))}: " if via is not None else ""
                 raise MediaNotAllowed(
-                    f"{where}{_show(str(url))}: {host} resolves to {ip}, {reason}"
+                    f"{where}{shorten(str(url))}: {host} resolves to {ip}, {reason}"
                 )
     return addresses
 
@@ -373,14 +386,14 @@ def vet_url(url: str | URL, policy: FetchPolicy) -> URL:
     except MediaError:
         raise
     except Exception as exc:  # the parser's bugs, translated at the boundary
-        raise MediaNotAllowed(f"{_show(str(url))}: not a valid URL") from exc
+        raise MediaNotAllowed(f"{shorten(str(url))}: not a valid URL") from exc
 
 
 def _redirect_target(resp: aiohttp.ClientResponse, url: URL, policy: FetchPolicy) -> URL | None:
     """The checked URL a redirect points to, or None if `resp` is not a redirect."""
     if resp.status not in _REDIRECTS:
         return None
-    shown = _show(str(url))
+    shown = shorten(str(url))
     location = resp.headers.get("Location")
     if not location:
         raise MediaFetchFailed(f"{shown}: HTTP {resp.status} without a Location")
@@ -396,7 +409,7 @@ def _redirect_target(resp: aiohttp.ClientResponse, url: URL, policy: FetchPolicy
 
 
 async def _media_from(resp: aiohttp.ClientResponse, url: URL, max_bytes: int) -> Media:
-    shown = _show(str(url))
+    shown = shorten(str(url))
     if not 200 <= resp.status < 300:
         raise MediaFetchFailed(f"{shown}: the server answered HTTP {resp.status}")
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
@@ -450,7 +463,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 async def _load_file(ref: str, policy: FetchPolicy) -> Media:
-    shown = _show(ref)
+    shown = shorten(ref)
     if policy.media_root is None:
         raise MediaNotAllowed(f"{shown}: file URLs are off (no media directory is configured)")
     if ref[: len("file://")].lower() != "file://":
@@ -544,8 +557,3 @@ def _read_fd(fd: int, max_bytes: int, shown: str) -> bytes:
     if not data:
         raise MediaError(f"{shown}: the file is empty")
     return bytes(data)
-
-
-def _show(text: str, limit: int = 200) -> str:
-    """A reference as an error message shows it: never a megabyte of base64."""
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from proxy.errors import ClientPackageRefused, TooManyImages
+from vision_cache.data_uri import data_uri
 
 Package = dict[str, Any]
 
@@ -69,10 +70,6 @@ class ImageSlot:
     # an audio package can go here (chat parts, multimodal_data); Anthropic and Responses
     # blocks have no form for one, so a clip there is left as sent
     takes_audio: bool = True
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def find_images(

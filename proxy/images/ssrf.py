@@ -39,7 +39,7 @@ from pathlib import Path
 
 from yarl import URL
 
-from proxy.errors import MediaNotAllowed
+from proxy.errors import MediaNotAllowed, shorten
 
 __all__ = [
     "FetchPolicy",
@@ -268,7 +268,7 @@ def check_url(url: str | URL, policy: FetchPolicy) -> URL:
     'https://cdn.example.com/cat.png'
     """
     parsed = _parse_url(url)
-    shown = _show(str(_without_credentials(parsed)))  # never echo a password
+    shown = shorten(str(_without_credentials(parsed)))  # never echo a password
     if parsed.scheme not in ("http", "https"):
         raise MediaNotAllowed(f"{shown}: scheme {parsed.scheme!r} is not allowed (http, https)")
     if parsed.raw_user is not None or parsed.raw_password is not None:
@@ -286,7 +286,7 @@ def _parse_url(url: str | URL) -> URL:
     try:
         return URL(url)
     except (ValueError, TypeError) as exc:  # yarl: bad port, bad IPv6 literal, ...
-        raise MediaNotAllowed(f"{_show(url)}: not a valid URL") from exc
+        raise MediaNotAllowed(f"{shorten(url)}: not a valid URL") from exc
 
 
 def _without_credentials(url: URL) -> URL:
@@ -311,8 +311,3 @@ def _check_host(host: str, shown: str, policy: FetchPolicy) -> None:
         raise MediaNotAllowed(f"{shown}: {ip} is {reason}, not a public address")
     if ":" not in host and host != str(ip):
         raise MediaNotAllowed(f"{shown}: {host!r} is a non-canonical spelling of {ip}")
-
-
-def _show(text: str, limit: int = 200) -> str:
-    """A reference as an error message shows it: never a megabyte of base64."""
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -35,7 +35,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.images.inspection import inspect
-from proxy.images.media import MediaLoader
+from proxy.images.media import MediaLoader, is_locator
 from proxy.images.modality import Modality, sniff
 from proxy.images.slots import ImageSlot, Package
 from proxy.lookup.local_encoder import LocalEncoder
@@ -180,7 +180,7 @@ class PackageLookup:
         except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
             raise
         except MediaError as e:
-            if _is_locator(slot.ref):
+            if is_locator(slot.ref):
                 # upstream would fetch or read it under its own, weaker rules: never forward
                 raise
             # inline bytes undecodable here; upstream's more lenient decoder has the last word
@@ -506,8 +506,3 @@ def _fleet_package(key: CacheKey, found: SharedEntry) -> StoredPackage:
             f"payload of {found.payload.nbytes} bytes, its header says {stored.header.payload_size}"
         )
     return stored
-
-
-def _is_locator(ref: str) -> bool:
-    """A URL or file path, as opposed to the image bytes themselves."""
-    return ref.lower().startswith(("http:", "https:", "file:"))

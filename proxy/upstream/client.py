@@ -18,6 +18,7 @@ import httpx
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.images.modality import Modality
+from vision_cache.data_uri import data_uri
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
 from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
@@ -178,8 +179,7 @@ class Upstream:
             endpoint = caps.media_endpoint
             body = {"input_audio": {"data": base64.b64encode(image).decode()}}
         else:
-            uri = f"data:{mime or 'image/png'};base64,{base64.b64encode(image).decode()}"
-            body = {"image_url": {"url": uri}}
+            body = {"image_url": {"url": data_uri(image, mime or "image/png")}}
         if model:
             body["model"] = model
         try:

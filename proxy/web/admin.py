@@ -1,5 +1,7 @@
 """The proxy's own endpoints, under /vcache/ (behind the proxy key when one is set).
 
+The messages are `vision_cache.client.admin_api`'s, which the clients use too:
+
 | endpoint | what |
 |---|---|
 | GET /vcache/health | the proxy is up; whether upstream takes packages; managed server state |
@@ -15,39 +17,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from proxy.errors import ClientError
 from proxy.web.body import read_body
 from proxy.web.state import PROXY_KEY, Proxy
+from vision_cache.client import admin_api as api
+from vision_cache.client.admin_api import (
+    HealthResponse,
+    LookupRequest,
+    LookupResponse,
+    NamespaceResponse,
+    ProcessStats,
+    WarmRequest,
+    WarmResponse,
+)
 
-MAX_LOOKUP = 100_000
-
-
-class WarmRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(min_length=1, description="data URI, base64, http(s) or file:// URL")
-    model: str = ""
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    pin: bool = True
-    ttl: float | None = Field(None, gt=0)
-
-
-class LookupRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = ""
-    digests: list[str] = Field(max_length=MAX_LOOKUP)
-
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 def add_routes(app: web.Application) -> None:
@@ -57,21 +48,24 @@ def add_routes(app: web.Application) -> None:
 
         return handler
 
-    app.router.add_get("/vcache/health", bind(health))
-    app.router.add_get("/vcache/metrics", bind(metrics))
-    app.router.add_get("/vcache/stats", bind(stats))
-    app.router.add_get("/vcache/namespace", bind(namespace))
-    app.router.add_post("/vcache/lookup", bind(lookup))
-    app.router.add_post("/vcache/warm", bind(warm))
+    app.router.add_get(api.HEALTH, bind(health))
+    app.router.add_get(api.METRICS, bind(metrics))
+    app.router.add_get(api.STATS, bind(stats))
+    app.router.add_get(api.NAMESPACE, bind(namespace))
+    app.router.add_post(api.LOOKUP, bind(lookup))
+    app.router.add_post(api.WARM, bind(warm))
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body, default=str), status=status, content_type="application/json"
-    )
+def _json(body: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(body, default=str), content_type="application/json")
 
 
-async def _model(request: web.Request, proxy: Proxy, cls: type[BaseModel]) -> Any:
+def _answer(message: BaseModel, *, exclude_none: bool = False) -> web.Response:
+    body = message.model_dump_json(exclude_none=exclude_none)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _request(request: web.Request, proxy: Proxy, cls: type[RequestT]) -> RequestT:
     # under the body limit and budget like any request: aiohttp's own limit is off (proxy.web.app)
     async with proxy.budget.reservation() as held:
         raw = await read_body(request, proxy.limits.max_body_bytes, held)
@@ -83,18 +77,17 @@ async def _model(request: web.Request, proxy: Proxy, cls: type[BaseModel]) -> An
 
 async def health(request: web.Request, proxy: Proxy) -> web.Response:
     caps = await proxy.upstream.capabilities()
-    body: dict[str, Any] = {
-        "status": "ok",
-        "upstream": proxy.upstream.base_url,
-        "packages": caps.packages,
-        "process": _process_stats(),
-    }
-    if proxy.health_extra:
-        body.update(proxy.health_extra())
-    return _json(body)
+    managed = proxy.managed_state() if proxy.managed_state else None
+    answer = HealthResponse(
+        upstream=proxy.upstream.base_url,
+        packages=caps.packages,
+        process=_process_stats(),
+        managed=managed,
+    )
+    return _answer(answer, exclude_none=True)  # no "managed" unless managed
 
 
-def _process_stats() -> dict[str, int]:
+def _process_stats() -> ProcessStats:
     """What a leak would show: asyncio tasks, open file descriptors, resident memory (Linux)."""
     fd_dir = Path("/proc/self/fd")
     fds = len(list(fd_dir.iterdir())) if fd_dir.is_dir() else -1
@@ -102,7 +95,7 @@ def _process_stats() -> dict[str, int]:
         rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         rss = -1
-    return {"tasks": len(asyncio.all_tasks()), "open_fds": fds, "rss_bytes": rss}
+    return ProcessStats(tasks=len(asyncio.all_tasks()), open_fds=fds, rss_bytes=rss)
 
 
 async def metrics(request: web.Request, proxy: Proxy) -> web.Response:
@@ -117,15 +110,15 @@ async def stats(request: web.Request, proxy: Proxy) -> web.Response:
 async def namespace(request: web.Request, proxy: Proxy) -> web.Response:
     caps = await proxy.lookup.capabilities(request.query.get("model", ""))
     ns = caps.namespace
-    return _json(
-        {"packages": caps.packages, "id": ns.id if ns else None, "text": ns.text if ns else None}
+    return _answer(
+        NamespaceResponse(
+            packages=caps.packages, id=ns.id if ns else None, text=ns.text if ns else None
+        )
     )
 
 
 async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
-    req: LookupRequest = await _model(request, proxy, LookupRequest)
-    if not all(_HEX64.match(d) for d in req.digests):
-        raise ClientError("digests must be SHA-256 values as 64 lowercase hex digits")
+    req = await _request(request, proxy, LookupRequest)
     caps = await proxy.lookup.capabilities(req.model)
     ns = caps.namespace
     if ns is None:
@@ -134,30 +127,25 @@ async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
     if caps.audio_namespace is not None:
         # a digest names an image or a clip: clips are keyed in the audio namespace
         present.update(await proxy.lookup.present(caps.audio_namespace, req.digests))
-    return _json(
-        {
-            "namespace": ns.id,
-            "present": sorted(present),
-            "pinned": sorted(d for d, pinned in present.items() if pinned),
-        }
-    )
+    pinned = sorted(d for d, is_pinned in present.items() if is_pinned)
+    return _answer(LookupResponse(namespace=ns.id, present=sorted(present), pinned=pinned))
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:
-    req: WarmRequest = await _model(request, proxy, WarmRequest)
+    req = await _request(request, proxy, WarmRequest)
     image, mime = await proxy.lookup.load_media(req.image)
     result = await proxy.lookup.warm(
         image, mime, req.model, pin=req.pin, name=req.name, ttl=req.ttl
     )
     ref = f"vcache://{req.name}" if req.name else f"vcache://sha256:{result.key.digest}"
-    return _json(
-        {
-            "key": result.key.text,
-            "digest": result.key.digest,
-            "namespace": result.namespace.id,
-            "status": result.status,
-            "encode_ms": result.encode_ms,
-            "bytes": result.nbytes,
-            "ref": ref,
-        }
+    return _answer(
+        WarmResponse(
+            key=result.key.text,
+            digest=result.key.digest,
+            namespace=result.namespace.id,
+            status=result.status,
+            encode_ms=result.encode_ms,
+            bytes=result.nbytes,
+            ref=ref,
+        )
     )

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,8 +23,9 @@ from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, ProxyError, UpstreamError
 from proxy.images.inspection import inspect
+from proxy.images.media import is_locator
 from proxy.images.modality import audio_mime, sniff
-from proxy.images.slots import IMAGE_PATHS, ImageSlot, data_uri, find_images
+from proxy.images.slots import IMAGE_PATHS, ImageSlot, find_images
 from proxy.lookup.package_lookup import RequestTally
 from proxy.upstream.client import Capabilities
 from proxy.upstream.relay import (
@@ -46,11 +46,11 @@ from proxy.web.body import (
 )
 from proxy.web.budget import Reservation
 from proxy.web.state import PROXY_KEY, Proxy
+from vision_cache.data_uri import data_uri
 
 log = logging.getLogger("vcache.proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # base64 has no ':', so never matches
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -222,7 +222,7 @@ async def _with_images(
     if not slots:
         del body  # a second copy of what may be 100 MB, and forwarding needs only the first
         return await _send(request, proxy, _upstream_request(proxy, request, original.take()))
-    if any(_is_locator(s.ref) for s in slots):
+    if any(is_locator(s.ref) for s in slots):
         slots = await _fetch_locators(proxy, slots, held)
         original.replace(dump_body(body))
     model = body.get("model") if isinstance(body.get("model"), str) else ""
@@ -263,7 +263,7 @@ async def _fetch_locators(
 
 
 async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
-    if not _is_locator(slot.ref):
+    if not is_locator(slot.ref):
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type
@@ -274,17 +274,6 @@ async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
     )
     slot.put_image(data, mime)
     return dataclasses.replace(slot, ref=data_uri(data, mime), mime=mime)
-
-
-def _is_locator(ref: str) -> bool:
-    """Anything but inline bytes (a data URI, base64) and vcache:// names: a URL or a path.
-
-    These are loaded here, under the fetch policy, which refuses every scheme but http(s) and
-    file (and, like llama-server, takes whatever starts with "http" for a URL)."""
-    scheme = _SCHEME.match(ref)
-    return ref[:4].lower() == "http" or (
-        scheme is not None and scheme.group(1).lower() not in ("data", "vcache")
-    )
 
 
 async def _rewrite(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -16,6 +15,7 @@ from proxy.lookup.package_lookup import PackageLookup
 from proxy.upstream.client import Upstream
 from proxy.web.budget import BodyBudget
 from proxy.web.metrics import Metrics
+from vision_cache.client.admin_api import ManagedState
 from vision_cache.store import Store
 
 
@@ -42,7 +42,7 @@ class Proxy:
     limits: Limits = dataclasses.field(default_factory=Limits)
     api_key: str | None = None
     accept_client_packages: bool = False
-    health_extra: Callable[[], dict[str, Any]] | None = None
+    managed_state: Callable[[], ManagedState] | None = None  # managed mode: the server's
     budget: BodyBudget = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:

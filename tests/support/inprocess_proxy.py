@@ -4,7 +4,6 @@ DNS) or start many proxies fast. tests/support/proxy_process.py runs it as a sub
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from PIL import Image
 from proxy.cli.config import ServeSettings
 from proxy.serve import running_proxy
 from proxy.web.state import Proxy
+from vision_cache.data_uri import data_uri
 
 IDLE_S = 0.5  # --upstream-idle-s unless a test says otherwise: faults show up fast
 CHAT = "/v1/chat/completions"
@@ -45,7 +45,7 @@ def png_bytes(seed: int = 0) -> bytes:
 
 
 def png(seed: int = 0) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(seed)).decode()
+    return data_uri(png_bytes(seed), "image/png")
 
 
 def chat(stream: bool = False, image: str | None = None, tag: str = "") -> dict[str, Any]:

@@ -9,13 +9,13 @@ compile" setup scripts/install_llama_cpp_python.sh installs; the tiny models com
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
+from vision_cache.data_uri import data_uri
 from vision_cache.llama.libs import LlamaLibs, load_llama_libs
 from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.synthetic.images import sample_image
@@ -31,7 +31,7 @@ def png(name: str) -> bytes:
 
 
 def data_url(image: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(image).decode()
+    return data_uri(image, "image/png")
 
 
 @pytest.fixture(scope="session")

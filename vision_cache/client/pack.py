@@ -22,8 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import xxhash
+from pydantic import ValidationError
 
+from vision_cache.client import admin_api as api
+from vision_cache.client.admin_api import NamespaceResponse, key_headers
 from vision_cache.errors import VisionCacheError
 from vision_cache.keys import CacheKey, Namespace, validate_digest, validate_name
 from vision_cache.store import Store
@@ -171,3 +175,19 @@ def _read(tar: tarfile.TarFile, name: str) -> bytes:
     if f is None:
         raise PackError(f"{name} is not a file in the pack")
     return f.read()
+
+
+def running_namespace(proxy: str, model: str, api_key: str | None) -> Namespace | None:
+    """The namespace the proxy at `proxy` uses for `model`; None if it cannot tell (not
+    running, or its upstream takes no packages)."""
+    try:
+        r = httpx.get(
+            f"{proxy.rstrip('/')}{api.NAMESPACE}",
+            params={"model": model},
+            headers=key_headers(api_key),
+            timeout=30,
+        )
+        answer = NamespaceResponse.model_validate_json(r.content) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValidationError):
+        return None
+    return Namespace.parse(answer.text) if answer is not None and answer.text else None

@@ -17,20 +17,29 @@ warming idempotent and resumable: after Ctrl-C, run it again and only what is mi
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import glob
 import hashlib
 import json
-import mimetypes
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
+from vision_cache.client import admin_api as api
+from vision_cache.client.admin_api import (
+    LookupRequest,
+    LookupResponse,
+    WarmRequest,
+    WarmResponse,
+    error_message,
+    key_headers,
+)
+from vision_cache.data_uri import file_data_uri
 from vision_cache.errors import VisionCacheError
 from vision_cache.keys import validate_name
 
@@ -41,6 +50,8 @@ AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac"})
 LIST_SUFFIXES = frozenset({".txt", ".list", ".lst"})
 
 Status = Literal["encoded", "cached", "skipped", "failed"]
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
+_JSON = {"Content-Type": "application/json"}
 
 
 class WarmError(VisionCacheError):
@@ -191,7 +202,7 @@ def warm(
     given = [s for s in sources if isinstance(s, Source)]
     todo = given + (expand([str(s) for s in plain], recursive=recursive) if plain else [])
     todo += [Source(str(Path(p).expanduser()), validate_name(n)) for n, p in (names or {}).items()]
-    headers = {"X-Vcache-Key": api_key} if api_key else {}
+    headers = key_headers(api_key)
     opts = _Options(proxy.rstrip("/"), pin, model, max(1, jobs), headers)
     return asyncio.run(warm_async(todo, opts, on_item))
 
@@ -242,16 +253,16 @@ async def _lookup(
     """(cached, cached and pinned) among `digests`."""
     if not digests:
         return set(), set()
+    request = LookupRequest(model=opts.model, digests=sorted(digests))
     try:
-        r = await client.post(
-            "/vcache/lookup", json={"model": opts.model, "digests": sorted(digests)}
-        )
+        r = await client.post(api.LOOKUP, content=request.model_dump_json(), headers=_JSON)
     except httpx.HTTPError as e:
         raise WarmError(f"cannot reach the proxy at {opts.proxy}: {e}") from e
     if r.status_code != 200:
-        raise WarmError(f"the proxy refused the lookup ({r.status_code}): {r.text[:300]}")
-    answer = r.json()
-    return set(answer["present"]), set(answer["pinned"])
+        message = error_message(r.status_code, r.content)
+        raise WarmError(f"the proxy refused the lookup ({r.status_code}): {message}")
+    answer = _parse(LookupResponse, r)
+    return set(answer.present), set(answer.pinned)
 
 
 async def _warm_one(
@@ -261,31 +272,24 @@ async def _warm_one(
     if digest in skippable and src.name is None and src.ttl is None:
         return Item(src, "skipped", f"vcache://sha256:{digest}")
     try:
-        image = src.location if src.is_url else _data_uri(Path(src.location))
-        body = {
-            "image": image,
-            "model": opts.model,
-            "pin": opts.pin,
-            "name": src.name,
-            "ttl": src.ttl,
-        }
-        r = await client.post("/vcache/warm", json=body)
-    except (OSError, httpx.HTTPError) as e:
+        image = src.location if src.is_url else file_data_uri(Path(src.location))
+        request = WarmRequest(
+            image=image, model=opts.model, pin=opts.pin, name=src.name, ttl=src.ttl
+        )
+        r = await client.post(api.WARM, content=request.model_dump_json(), headers=_JSON)
+    except (OSError, httpx.HTTPError, ValidationError) as e:
         return Item(src, "failed", error=f"{type(e).__name__}: {e}")
     if r.status_code != 200:
-        return Item(src, "failed", error=_error_message(r))
-    answer = r.json()
-    status: Status = answer["status"]
-    return Item(src, status, answer["ref"], float(answer["encode_ms"]))
-
-
-def _data_uri(path: Path) -> str:
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-def _error_message(r: httpx.Response) -> str:
+        return Item(src, "failed", error=error_message(r.status_code, r.content))
     try:
-        return str(r.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {r.status_code}: {r.text[:200]}"
+        answer = _parse(WarmResponse, r)
+    except WarmError as e:
+        return Item(src, "failed", error=str(e))
+    return Item(src, answer.status, answer.ref, answer.encode_ms)
+
+
+def _parse(cls: type[AnswerT], r: httpx.Response) -> AnswerT:
+    try:
+        return cls.model_validate_json(r.content)
+    except ValidationError as e:
+        raise WarmError(f"the proxy's answer to {r.request.url.path} is not one: {e}") from e

@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vision_cache.errors import PackageError
-from vision_cache.keys import Namespace
+from vision_cache.keys import DIGEST_PATTERN, Namespace
 from vision_cache.llama.libs import load_llama_libs
 from vision_cache.llama.mtmd import (
     EncoderSettings,
@@ -68,7 +68,7 @@ import llama_cpp  # noqa: E402  (after load_llama_libs: the import loads the lib
 from llama_cpp.llama_chat_format import MTMDChatHandler  # noqa: E402
 
 log = logging.getLogger("vcache.chat_handler")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX64 = re.compile(DIGEST_PATTERN)
 _NO_CALLBACK = LIBS.mtmd.mtmd_helper_post_decode_callback(0)  # NULL: no post-decode hook
 
 

@@ -10,6 +10,12 @@ import numpy.typing as npt
 from vision_cache.keys import CacheKey
 
 
+def expired(pinned: bool, expires_at: float | None, now: float) -> bool:
+    """The one expiry rule (the index's SQL for expired rows says the same): a pinned entry
+    never expires, one without an expiry time neither, any other at its expiry time."""
+    return not pinned and expires_at is not None and expires_at <= now
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
     """Where a payload lives, for a reader that maps the file itself.
@@ -54,7 +60,7 @@ class Entry:
         return np.frombuffer(self.payload, dtype=dtype)
 
     def expired(self, now: float) -> bool:
-        return not self.pinned and self.expires_at is not None and self.expires_at <= now
+        return expired(self.pinned, self.expires_at, now)
 
 
 @dataclass(frozen=True, slots=True)

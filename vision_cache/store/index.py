@@ -34,6 +34,7 @@ from vision_cache.errors import (
 )
 from vision_cache.keys import CacheKey
 from vision_cache.store import schema
+from vision_cache.store.entry import expired
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -118,7 +119,7 @@ class IndexRow:
         return expected == self.row_check
 
     def expired(self, now: float) -> bool:
-        return not self.pinned and self.expires_at is not None and self.expires_at <= now
+        return expired(self.pinned, self.expires_at, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -875,7 +876,7 @@ def _evict(conn: sqlite3.Connection, excess: int) -> list[CacheKey]:
 
 
 def _delete_expired(conn: sqlite3.Connection, now: float, limit: int) -> list[CacheKey]:
-    # Served by the partial index entries_expiry; pinned entries never expire.
+    # Served by the partial index entries_expiry; the rule of entry.expired, in SQL.
     rows = conn.execute(
         "SELECT e.id, n.id, e.digest FROM entries e JOIN namespaces n ON n.nsid = e.nsid"
         " WHERE e.expires_at IS NOT NULL AND e.expires_at <= ? AND e.pinned = 0 LIMIT ?",

@@ -16,7 +16,6 @@ meaningless::
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from vision_cache.data_uri import data_uri
 
 Format = Literal["PNG", "JPEG"]
 FORMATS: tuple[Format, ...] = ("PNG", "JPEG")
@@ -54,8 +55,7 @@ class SampleImage:
         return buf.getvalue()
 
     def data_url(self, fmt: Format = "PNG") -> str:
-        payload = base64.b64encode(self.encode(fmt)).decode("ascii")
-        return f"data:{_MIME[fmt]};base64,{payload}"
+        return data_uri(self.encode(fmt), _MIME[fmt])
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
