@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 import vision_cache
-from vision_cache.client.warmup import DEFAULT_PROXY, IMAGE_SUFFIXES
+from vision_cache.client.admin_api import DEFAULT_PROXY
+from vision_cache.client.warmup import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,7 @@ def test_llama_cpp_python_backend_through_the_command(
     ],
 )
 def test_inconsistent_modes_are_refused(args: list[str], message: str) -> None:
-    from proxy.cli.config import load_settings
-    from proxy.cli.main import settings_error
+    from proxy.cli.config import load_settings, settings_error
 
     flags = {a[2:].replace("-", "_"): b for a, b in zip(args[::2], args[1::2], strict=True)}
     with pytest.raises(ValueError) as err:

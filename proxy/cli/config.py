@@ -1,13 +1,26 @@
-"""Configuration of `vcache serve`: one pydantic-settings model for flags, environment and TOML.
+"""Configuration of every `vcache` command, from flags, environment and TOML (pydantic-settings).
 
 Precedence, highest first: command-line flags, ``VCACHE_*`` environment variables, the TOML
 file named by ``--config`` (or ``VCACHE_CONFIG``), the defaults below. The command-line options
-are generated from the fields, so ``vcache serve --help`` documents every one of them with its
-default, and the README's configuration table is checked against the same fields by a test.
+are generated from the fields, so ``--help`` documents every one of them with its default, and
+the README's configuration table is checked against the same fields by a test.
 
-    [serve]          # in vcache.toml
+One file serves every command; each reads the tables it needs::
+
+    [serve]          # vcache serve (and the store the other commands use)
     upstream = "http://127.0.0.1:8080"
+    store = "/data/vcache"
     hot_mb = 1024
+
+    [client]         # vcache warm and import: the proxy they talk to
+    proxy = "http://127.0.0.1:8081"
+
+| settings | commands | reads |
+|---|---|---|
+| `ServeSettings` | serve | ``[serve]`` (or the whole file when it has no tables) |
+| `StoreSettings` | ls, stats, rm, gc, verify, export | ``store`` from ``[serve]`` |
+| `ClientSettings` | warm | ``[client]``, then ``api_key`` from ``[serve]`` |
+| `ImportSettings` | import | ``[client]``, then ``store`` and ``api_key`` from ``[serve]`` |
 """
 
 from __future__ import annotations
@@ -16,9 +29,9 @@ import argparse
 import contextvars
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,18 +39,72 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from vision_cache.client.admin_api import DEFAULT_PROXY
 from vision_cache.shared.tier import SharedTierConfig
 
-DEFAULT_STORE = Path("~/.cache/vcache/store")
+DEFAULT_STORE = Path("~/.cache/vcache/store")  # the one default: serve and every store command
+TABLES = ("serve", "client")
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "vcache_toml", default=None
 )
 
 
-class ServeSettings(BaseSettings):
-    """Settings of one proxy."""
+class VcacheSettings(BaseSettings):
+    """What every command's settings share: the sources, and their precedence."""
 
     model_config = SettingsConfigDict(env_prefix="VCACHE_", extra="forbid", frozen=True)
+    # the TOML tables this command reads, the first that has a key winning
+    toml_tables: ClassVar[tuple[str, ...]] = ("serve",)
+    # read every key of the first table (a misspelt one is an error), or only the keys it knows
+    # (the tables hold other commands' settings too)
+    toml_strict: ClassVar[bool] = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(_TomlTables(settings_cls, toml))
+        return tuple(sources)
+
+
+class StoreSettings(VcacheSettings):
+    """`vcache ls`, `stats`, `rm`, `gc`, `verify`, `export`: the store the proxy uses."""
+
+    store: Path = Field(DEFAULT_STORE, description="cache directory")
+
+    @field_validator("store")
+    @classmethod
+    def _expand_store(cls, v: Path) -> Path:
+        return v.expanduser()
+
+
+class ClientSettings(VcacheSettings):
+    """`vcache warm`: a running proxy."""
+
+    toml_tables = ("client", "serve")
+
+    proxy: str = Field(DEFAULT_PROXY, description="the running vcache proxy")
+    api_key: SecretStr | None = Field(
+        None, description="the proxy's key, if it has one (X-Vcache-Key)"
+    )
+
+
+class ImportSettings(ClientSettings, StoreSettings):
+    """`vcache import`: a running proxy (whose model the pack must match) and its store."""
+
+
+class ServeSettings(StoreSettings):
+    """Settings of one proxy."""
+
+    toml_strict = True
 
     upstream: str | None = Field(None, description="URL of a running llama-server to front")
     llama_server: Path | None = Field(
@@ -52,7 +119,6 @@ class ServeSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0: any free port)")
-    store: Path = Field(DEFAULT_STORE, description="cache directory")
     hot_mb: int = Field(512, ge=0, description="in-memory tier budget in MiB (0 disables it)")
     disk_gb: float = Field(20.0, gt=0, description="disk tier budget in GiB")
     transport: Literal["auto", "file", "inline"] = Field(
@@ -154,22 +220,7 @@ class ServeSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = _toml_path.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml is not None:
-            sources.append(_ServeSection(settings_cls, toml))
-        return tuple(sources)
-
-    @field_validator("store", "media_path", "llama_server", "model", "mmproj", "llama_lib_dir")
+    @field_validator("media_path", "llama_server", "model", "mmproj", "llama_lib_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
@@ -242,15 +293,21 @@ class ServeSettings(BaseSettings):
         return self.transport
 
 
-class _ServeSection(TomlConfigSettingsSource):
-    """The ``[serve]`` table of a TOML file (or the whole file if it has none)."""
+class _TomlTables(TomlConfigSettingsSource):
+    """The tables of a TOML file that one command reads (see the module docstring)."""
 
     def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
         super().__init__(settings_cls, toml_file=path)
-        section = self.toml_data.get("serve")
-        if isinstance(section, dict):
-            self.toml_data = section
-            self.init_kwargs = section
+        assert issubclass(settings_cls, VcacheSettings)
+        data = self.toml_data
+        if not any(isinstance(data.get(t), dict) for t in TABLES):
+            data = {"serve": data}  # a file without tables is the serve settings
+        merged: dict[str, Any] = {}
+        for table in settings_cls.toml_tables:
+            for name, value in (data.get(table) or {}).items():
+                if settings_cls.toml_strict or name in settings_cls.model_fields:
+                    merged.setdefault(name, value)
+        self.toml_data = self.init_kwargs = merged
 
 
 def _arg_value(args: list[str], names: tuple[str, ...]) -> Path | None:
@@ -264,27 +321,53 @@ def _arg_value(args: list[str], names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_settings(flags: dict[str, Any], toml: Path | None = None) -> ServeSettings:
+SettingsT = TypeVar("SettingsT", bound=VcacheSettings)
+
+
+def load(cls: type[SettingsT], flags: dict[str, Any], toml: Path | None = None) -> SettingsT:
     """Settings from command-line `flags` (only those given), env and the TOML file."""
     path = toml or (Path(os.environ["VCACHE_CONFIG"]) if os.environ.get("VCACHE_CONFIG") else None)
     if path is not None and not path.is_file():
         raise ValueError(f"config file not found: {path}")
     token = _toml_path.set(path)
     try:
-        return ServeSettings(**flags)
+        return cls(**{k: v for k, v in flags.items() if k in cls.model_fields})
     finally:
         _toml_path.reset(token)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per field; unset options stay out of the namespace (env/TOML apply)."""
+def load_settings(flags: dict[str, Any], toml: Path | None = None) -> ServeSettings:
+    """`vcache serve`'s settings (see `load`)."""
+    return load(ServeSettings, flags, toml)
+
+
+def settings_from(args: argparse.Namespace, cls: type[SettingsT]) -> SettingsT:
+    """The settings of one command from its parsed arguments (see `add_arguments`)."""
+    return load(cls, vars(args), getattr(args, "config", None))
+
+
+def settings_error(e: Exception) -> str:
+    """What was wrong with the settings, in one line per problem."""
+    if isinstance(e, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+    return str(e)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type[VcacheSettings] = ServeSettings
+) -> None:
+    """`--config` and one option per field of `cls`; unset options stay out of the namespace
+    (env and TOML apply)."""
+    tables = ", ".join(f"[{t}]" for t in cls.toml_tables)
     parser.add_argument(
         "--config",
         type=Path,
         default=argparse.SUPPRESS,
-        help="TOML file with a [serve] table (env: VCACHE_CONFIG)",
+        help=f"TOML file; this command reads its {tables} table (env: VCACHE_CONFIG)",
     )
-    for name, field in ServeSettings.model_fields.items():
+    for name, field in cls.model_fields.items():
         if name == "llama_args":
             continue
         flag = "--" + name.replace("_", "-")

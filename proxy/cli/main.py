@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from proxy.cli.config import add_arguments, load_settings
+from proxy.cli.config import ServeSettings, add_arguments, settings_error, settings_from
 from proxy.cli.pack_commands import add_pack_commands
 from proxy.cli.store_commands import Subparsers, add_store_commands
 from proxy.cli.warm_command import add_warm_command
@@ -42,9 +42,8 @@ def _add_serve(subparsers: Subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config")}
     try:
-        settings = load_settings(flags, getattr(args, "config", None))
+        settings = settings_from(args, ServeSettings)
     except (ValidationError, ValueError) as e:
         print(f"vcache serve: {settings_error(e)}", file=sys.stderr)
         return 2
@@ -55,14 +54,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve(settings))
     return 0
-
-
-def settings_error(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
-        )
-    return str(e)
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:

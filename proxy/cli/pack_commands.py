@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
+from proxy.cli.config import (
+    ImportSettings,
+    StoreSettings,
+    add_arguments,
+    settings_error,
+    settings_from,
+)
 from vision_cache.client.pack import PackError, export_pack, import_pack, running_namespace
-from vision_cache.client.warmup import DEFAULT_PROXY
 from vision_cache.errors import VisionCacheError
 from vision_cache.store import Store
 
 if TYPE_CHECKING:
     from proxy.cli.store_commands import Subparsers
-
-DEFAULT_STORE = "~/.cache/vcache/store"
 
 
 def add_pack_commands(subparsers: Subparsers) -> None:
@@ -33,7 +39,7 @@ def add_pack_commands(subparsers: Subparsers) -> None:
         help="only pinned entries (default: on)",
     )
     exp.add_argument("--namespace", help="only this namespace id")
-    _store_arg(exp)
+    add_arguments(exp, StoreSettings)
     exp.set_defaults(handler=run_export)
 
     imp = subparsers.add_parser(
@@ -43,34 +49,24 @@ def add_pack_commands(subparsers: Subparsers) -> None:
         "than the running proxy's unless --keep-unmatched.",
     )
     imp.add_argument("file", type=Path, help="pack file to read")
-    imp.add_argument(
-        "--proxy",
-        default=os.environ.get("VCACHE_PROXY", DEFAULT_PROXY),
-        help="running proxy whose model the pack must match",
-    )
+    add_arguments(imp, ImportSettings)
     imp.add_argument("--model", default="", help="model name (router mode)")
     imp.add_argument(
         "--keep-unmatched",
         action="store_true",
         help="store packages of other namespaces anyway, for later",
     )
-    imp.add_argument("--api-key", default=os.environ.get("VCACHE_API_KEY"))
-    _store_arg(imp)
     imp.set_defaults(handler=run_import)
-
-
-def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        default=os.environ.get("VCACHE_STORE") or DEFAULT_STORE,
-        metavar="DIR",
-        help=f"cache directory (default: $VCACHE_STORE or {DEFAULT_STORE})",
-    )
 
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        with Store.open(Path(args.store), create=False) as store:
+        settings = settings_from(args, StoreSettings)
+    except (ValidationError, ValueError) as e:
+        print(f"vcache export: {settings_error(e)}", file=sys.stderr)
+        return 2
+    try:
+        with Store.open(settings.store, create=False) as store:
             s = export_pack(store, args.file, pinned_only=args.pinned, namespace_id=args.namespace)
     except VisionCacheError as e:
         print(f"vcache export: {e}")
@@ -83,15 +79,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    expected = running_namespace(args.proxy, args.model, args.api_key)
+    try:
+        settings = settings_from(args, ImportSettings)
+    except (ValidationError, ValueError) as e:
+        print(f"vcache import: {settings_error(e)}", file=sys.stderr)
+        return 2
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    expected = running_namespace(settings.proxy, args.model, api_key)
     if expected is None and not args.keep_unmatched:
         print(
-            f"vcache import: cannot learn the running model's namespace from {args.proxy}; "
+            f"vcache import: cannot learn the running model's namespace from {settings.proxy}; "
             "start the proxy or pass --keep-unmatched"
         )
         return 2
     try:
-        with Store.open(Path(args.store)) as store:
+        with Store.open(settings.store) as store:
             s = import_pack(store, args.file, expected=expected, keep_unmatched=args.keep_unmatched)
     except (PackError, VisionCacheError, OSError) as e:
         print(f"vcache import: {e}")

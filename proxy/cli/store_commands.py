@@ -1,6 +1,7 @@
 """Store commands for the `vcache` CLI: ls, stats, rm, gc, verify.
 
-Each takes `--store DIR` (default: $VCACHE_STORE, else ~/.cache/vcache/store)
+Each takes the store as every command does (`--store DIR`, else $VCACHE_STORE, else the
+`store` of the config file's [serve] table, else ~/.cache/vcache/store: proxy.cli.config)
 and `--json`; without it, output is a human-readable table. Exit status is 0
 on success, 1 when `rm` missed a key or `verify` found problems, 2 when the
 store cannot be opened.
@@ -12,29 +13,25 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any, TypeAlias
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from proxy.cli.config import StoreSettings, add_arguments, settings_error, settings_from
 from vision_cache.errors import InvalidKeyError, VisionCacheError
 from vision_cache.keys import CacheKey
 from vision_cache.store import Store
 from vision_cache.store.check import CheckReport
 from vision_cache.store.entry import EntryInfo
 
-DEFAULT_STORE = "~/.cache/vcache/store"
 Handler = Callable[[argparse.Namespace, Store], int]
 # A string: argparse's class is only subscriptable for type checkers.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def default_store_path() -> str:
-    return os.environ.get("VCACHE_STORE") or DEFAULT_STORE
 
 
 def add_store_commands(subparsers: Subparsers) -> None:
@@ -65,22 +62,21 @@ def add_store_commands(subparsers: Subparsers) -> None:
 
 def _command(subparsers: Subparsers, name: str, help_: str, handler: Handler) -> Any:
     parser = subparsers.add_parser(name, help=help_, description=help_)
-    parser.add_argument(
-        "--store",
-        default=None,
-        metavar="DIR",
-        help=f"store directory (default: $VCACHE_STORE or {DEFAULT_STORE})",
-    )
+    add_arguments(parser, StoreSettings)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=lambda args: _run(args, handler))
     return parser
 
 
 def _run(args: argparse.Namespace, handler: Handler) -> int:
-    path = args.store or default_store_path()
+    try:
+        settings = settings_from(args, StoreSettings)
+    except (ValidationError, ValueError) as exc:
+        print(f"vcache: {settings_error(exc)}", file=sys.stderr)
+        return 2
     try:
         # hot_bytes=0: a one-shot command has no use for an in-memory tier.
-        with Store.open(path, hot_bytes=0, create=False) as store:
+        with Store.open(settings.store, hot_bytes=0, create=False) as store:
             return handler(args, store)
     except VisionCacheError as exc:
         print(f"vcache: {exc}", file=sys.stderr)

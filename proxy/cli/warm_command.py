@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from proxy.cli.config import ClientSettings, add_arguments, settings_error, settings_from
 from vision_cache.client.warmup import (
-    DEFAULT_PROXY,
     Item,
     Source,
     WarmReport,
@@ -41,11 +41,7 @@ def add_warm_command(subparsers: Subparsers) -> None:
         metavar="PATH",
         help="image files, folders, globs, URLs, or .txt files listing them",
     )
-    p.add_argument(
-        "--proxy",
-        default=os.environ.get("VCACHE_PROXY", DEFAULT_PROXY),
-        help=f"the running vcache proxy (default: $VCACHE_PROXY or {DEFAULT_PROXY})",
-    )
+    add_arguments(p, ClientSettings)
     p.add_argument("--recursive", "-r", action="store_true", help="descend into folders")
     p.add_argument("--name", help="name for the single image given (use as vcache://NAME)")
     p.add_argument(
@@ -60,11 +56,6 @@ def add_warm_command(subparsers: Subparsers) -> None:
     p.add_argument("--ttl", type=float, help="expire unpinned images after this many seconds")
     p.add_argument("--model", default="", help="model name (router mode)")
     p.add_argument("--jobs", "-j", type=int, default=2, help="images in flight at once")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("VCACHE_API_KEY"),
-        help="the proxy key, if the proxy has one (default: $VCACHE_API_KEY)",
-    )
     p.set_defaults(handler=run_warm)
 
 
@@ -88,10 +79,15 @@ def _sources(args: argparse.Namespace) -> list[Source]:
 def run_warm(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
+        settings = settings_from(args, ClientSettings)
         sources = _sources(args)
+    except ValidationError as e:
+        console.print(f"[red]error:[/red] {settings_error(e)}")
+        return 2
     except (VisionCacheError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
     columns = (
         TextColumn("warming"),
         BarColumn(),
@@ -111,11 +107,11 @@ def run_warm(args: argparse.Namespace) -> int:
 
             report = warm(
                 sources,
-                proxy=args.proxy,
+                proxy=settings.proxy,
                 pin=args.pin,
                 model=args.model,
                 jobs=args.jobs,
-                api_key=args.api_key,
+                api_key=api_key,
                 on_item=advance,
             )
     except KeyboardInterrupt:

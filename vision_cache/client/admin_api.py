@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vision_cache.keys import DIGEST_PATTERN, NAME_PATTERN
 
 KEY_HEADER = "X-Vcache-Key"
+DEFAULT_PROXY = "http://127.0.0.1:8081"  # where `vcache serve` listens by default
 MAX_LOOKUP = 100_000
 
 HEALTH = "/vcache/health"

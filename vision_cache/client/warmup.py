@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from vision_cache.client import admin_api as api
 from vision_cache.client.admin_api import (
+    DEFAULT_PROXY,
     LookupRequest,
     LookupResponse,
     WarmRequest,
@@ -43,7 +44,6 @@ from vision_cache.data_uri import file_data_uri
 from vision_cache.errors import VisionCacheError
 from vision_cache.keys import validate_name
 
-DEFAULT_PROXY = "http://127.0.0.1:8081"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # what llama-server decodes as audio (miniaudio: WAV, MP3, FLAC)
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac"})
