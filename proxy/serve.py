@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import resource
-import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import web
-
-from proxy.backends.llama_cpp import LlamaCppSettings, serve_llama_cpp
+from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
 from proxy.cli.config import ServeSettings
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
@@ -21,6 +17,7 @@ from proxy.upstream.client import Upstream
 from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
 from proxy.web.app import create_app
 from proxy.web.metrics import Metrics
+from proxy.web.site import run_until_signalled, running_site
 from proxy.web.state import Limits, Proxy
 from vision_cache.client.admin_api import ManagedState
 from vision_cache.llama.mtmd import EncoderSettings
@@ -118,7 +115,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
-                async with _site(create_app(proxy), settings) as url:
+                async with running_site(create_app(proxy), settings.host, settings.port) as url:
                     log.info(
                         "vcache listening on %s, upstream %s, packages by %s",
                         url,
@@ -178,22 +175,6 @@ def _managed_state(managed: ManagedServer | None) -> Callable[[], ManagedState] 
     return lambda: ManagedState(healthy=managed.healthy, restarts=managed.restarts, pid=managed.pid)
 
 
-@contextlib.asynccontextmanager
-async def _site(app: web.Application, settings: ServeSettings) -> AsyncIterator[str]:
-    # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream request (llama-server then stops generating for it)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        # with port 0 the kernel chose: read the real one back
-        port = runner.addresses[0][1] if runner.addresses else settings.port
-        yield f"http://{settings.host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
 def raise_open_file_limit(target: int = 65536) -> int:
     """Raise this process's soft limit on open files towards the hard one; returns the new one.
 
@@ -214,13 +195,8 @@ async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
     log.info("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
-        await serve_llama_cpp(llama_cpp_settings(settings))
-        return
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with running_proxy(settings) as (url, _):
-        print(f"vcache: serving on {url}", flush=True)
-        await stop.wait()
-        log.info("shutting down")
+        backend = llama_cpp_settings(settings)
+        what = f"{backend.model.name} with llama-cpp-python"
+        await run_until_signalled(running_backend(backend), what)
+    else:
+        await run_until_signalled(running_proxy(settings))

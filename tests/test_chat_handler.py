@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 
 from tests.support.llama_cpp_fixtures import OTHER_IMAGE, data_url, png
-from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
-from tests.support.llama_cpp_fixtures import llama_libs as llama_libs  # fixture
 from vision_cache.llama.libs import LlamaLibs
 from vision_cache.package import StoredPackage
 from vision_cache.store import Store

@@ -27,9 +27,6 @@ from proxy.lookup.local_encoder import (
 )
 from proxy.upstream.client import Capabilities
 from tests.support.llama_cpp_fixtures import IMAGES, OTHER_IMAGE, data_url, png
-from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
-from tests.support.llama_cpp_fixtures import local_encoder as local_encoder  # fixture
-from tests.support.llama_cpp_fixtures import runner as runner  # fixture
 from tests.support.llama_server import LlamaServer
 from tests.support.vlm_client import chat, encode, image_part, package_part, perturbed
 from vision_cache.synthetic.models import ModelFiles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,6 @@ import pytest
 
 from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
 from tests.support.llama_cpp_fixtures import OTHER_IMAGE, data_url, png
-from tests.support.llama_cpp_fixtures import lib_dir as lib_dir  # fixture
 from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = pytest.mark.server
@@ -108,11 +108,25 @@ async def test_bad_requests_get_llama_servers_error_shape(settings: LlamaCppSett
             assert reply.json()["error"]["type"] == "invalid_request_error", name
         reply = await client.post("/v1/chat/completions", content=b"{not json")
         assert reply.status_code == 400
+        assert reply.headers["X-Request-Id"]  # the proxy's own middleware answered
         # still serving, and nothing was encoded for the refused requests
         assert _content(
             await client.post("/v1/chat/completions", json=_body(png("stripes_300x900"), n=4))
         )
         assert handler.stats.misses == 1
+
+
+async def test_a_body_over_the_limit_gets_413_in_llama_servers_shape(
+    settings: LlamaCppSettings,
+) -> None:
+    small = dataclasses.replace(settings, max_body_mb=1)
+    async with (
+        running_backend(small) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=120) as client,
+    ):
+        reply = await client.post("/v1/chat/completions", content=b"x" * (2 * 1024 * 1024))
+        assert reply.status_code == 413, reply.text
+        assert reply.json()["error"]["code"] == 413
 
 
 async def test_a_client_leaving_mid_stream_does_not_block_the_next(

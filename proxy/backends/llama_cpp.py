@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator
@@ -33,8 +32,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, ClientError, ProxyError, TooManyImages
+from proxy.errors import ClientError, TooManyImages
 from proxy.images.media import FetchPolicy, MediaLoader
+from proxy.upstream.relay import RESPONSE_STARTED
+from proxy.web.site import request_middleware, run_until_signalled, running_site
 from vision_cache.data_uri import data_uri
 from vision_cache.llama.libs import load_llama_libs
 from vision_cache.store import Store
@@ -109,9 +110,12 @@ class LlamaCppBackend:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = await self._arguments(body)
         loop = asyncio.get_running_loop()
-        result: dict[str, Any] = await loop.run_in_executor(
-            self._thread, lambda: self._llama.create_chat_completion(**kwargs)
-        )
+        try:
+            result: dict[str, Any] = await loop.run_in_executor(
+                self._thread, lambda: self._llama.create_chat_completion(**kwargs)
+            )
+        except ValueError as e:
+            raise _refused(e) from e
         return {**result, "model": self.name}
 
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
@@ -122,6 +126,8 @@ class LlamaCppBackend:
         job = loop.run_in_executor(self._thread, _pump, self._llama, kwargs, queue, loop, stop)
         try:
             while (item := await queue.get()) is not _END:
+                if isinstance(item, ValueError):
+                    raise _refused(item) from item
                 if isinstance(item, BaseException):
                     raise item
                 yield {**item, "model": self.name}
@@ -161,6 +167,12 @@ class LlamaCppBackend:
         return messages
 
 
+def _refused(e: ValueError) -> ClientError:
+    """llama-cpp-python refuses a request (context overflow, a bad image) with a ValueError:
+    the client's error, a 400, as llama-server would answer."""
+    return ClientError(str(e))
+
+
 def _pump(
     llama: Any,
     kwargs: dict[str, Any],
@@ -194,7 +206,7 @@ BACKEND = web.AppKey("backend", LlamaCppBackend)
 
 
 def create_app(backend: LlamaCppBackend, *, max_body_mb: int = 100) -> web.Application:
-    app = web.Application(client_max_size=max_body_mb * MIB, middlewares=[_errors])
+    app = web.Application(client_max_size=max_body_mb * MIB, middlewares=[request_middleware()])
     app[BACKEND] = backend
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/chat/completions", _chat)
@@ -202,24 +214,6 @@ def create_app(backend: LlamaCppBackend, *, max_body_mb: int = 100) -> web.Appli
     app.router.add_get("/models", _models)
     app.router.add_get("/health", _health)
     return app
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Errors in llama-server's shape, whoever answers."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except web.HTTPRequestEntityTooLarge as e:
-        return _error(BodyTooLarge(e.text or "request body too large"))
-    except ProxyError as e:
-        return _error(e)
-    except ValueError as e:  # llama-cpp-python's way of refusing a request (context, image)
-        return _error(ClientError(str(e)))
-
-
-def _error(e: ProxyError) -> web.Response:
-    return web.json_response(e.body(), status=e.status)
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -244,6 +238,7 @@ async def _sse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    request[RESPONSE_STARTED] = response  # a failure from here on cuts the stream short
     try:
         if first is not None:
             await response.write(_event(first))
@@ -291,7 +286,7 @@ async def running_backend(settings: LlamaCppSettings) -> AsyncIterator[tuple[str
             backend = LlamaCppBackend(llama, name, media, settings.max_images)
             try:
                 app = create_app(backend, max_body_mb=settings.max_body_mb)
-                async with _site(app, settings.host, settings.port) as url:
+                async with running_site(app, settings.host, settings.port) as url:
                     yield url, handler
             finally:
                 await asyncio.to_thread(backend.close)
@@ -321,25 +316,7 @@ def _load_model(settings: LlamaCppSettings, store: Store) -> tuple[Any, Any]:
     return llama, handler
 
 
-@contextlib.asynccontextmanager
-async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    # handler_cancellation: a client that disconnects cancels its handler (and its stream)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        yield f"http://{host}:{runner.addresses[0][1]}"  # the port the OS chose for port 0
-    finally:
-        await runner.cleanup()
-
-
 async def serve_llama_cpp(settings: LlamaCppSettings) -> None:
     """Run until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with running_backend(settings) as (url, _):
-        print(f"vcache: serving on {url} ({settings.model.name} with llama-cpp-python)", flush=True)
-        await stop.wait()
-        log.info("shutting down")
+    what = f"{settings.model.name} with llama-cpp-python"
+    await run_until_signalled(running_backend(settings), what)

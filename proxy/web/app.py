@@ -14,14 +14,12 @@ import dataclasses
 import hmac
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 from aiohttp import web
 
-from proxy.errors import AuthError, BodyTooLarge, ClientError, ProxyError, UpstreamError
+from proxy.errors import AuthError, BodyTooLarge, ClientError, UpstreamError
 from proxy.images.inspection import inspect
 from proxy.images.media import is_locator
 from proxy.images.modality import audio_mime, sniff
@@ -29,9 +27,7 @@ from proxy.images.slots import IMAGE_PATHS, ImageSlot, find_images
 from proxy.lookup.package_lookup import RequestTally
 from proxy.upstream.client import Capabilities
 from proxy.upstream.relay import (
-    RESPONSE_STARTED,
     build_request,
-    error_response,
     open_upstream,
     relay,
 )
@@ -45,17 +41,17 @@ from proxy.web.body import (
     stream_body,
 )
 from proxy.web.budget import Reservation
+from proxy.web.site import request_middleware
 from proxy.web.state import PROXY_KEY, Proxy
 from vision_cache.data_uri import data_uri
 
 log = logging.getLogger("vcache.proxy")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def create_app(proxy: Proxy) -> web.Application:
     # the proxy enforces its own limit while streaming; aiohttp's would answer in plain text
-    app = web.Application(client_max_size=2**62, middlewares=[_request_context])
+    middleware = request_middleware(check=_check, record=_record)
+    app = web.Application(client_max_size=2**62, middlewares=[middleware])
     app[PROXY_KEY] = proxy
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", _forward)
@@ -65,55 +61,14 @@ def create_app(proxy: Proxy) -> web.Application:
 # --- middleware ------------------------------------------------------------------------------
 
 
-@web.middleware
-async def _request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, the proxy key on /vcache/, one log line, and no traceback to any client."""
-    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-    started = time.perf_counter()
-    proxy = request.app[PROXY_KEY]
-    try:
-        if request.path.startswith("/vcache/"):
-            check_key(request, proxy.api_key)
-        resp = await handler(request)
-    except web.HTTPException:
-        raise
-    except asyncio.CancelledError:
-        log.info("rid=%s %s %s cancelled (client gone)", rid, request.method, request.path)
-        raise
-    except Exception as e:
-        resp = _failed(request, rid, e)
-    if not resp.prepared:
-        resp.headers["X-Request-Id"] = rid
-    elapsed = (time.perf_counter() - started) * 1000
-    proxy.metrics.requests.labels(_endpoint_label(request.path), f"{resp.status // 100}xx").inc()
-    log.info(
-        "rid=%s %s %s %d %.1fms %s",
-        rid,
-        request.method,
-        request.path,
-        resp.status,
-        elapsed,
-        resp.headers.get("X-Vcache", ""),
-    )
-    return resp
+def _check(request: web.Request) -> None:
+    if request.path.startswith("/vcache/"):
+        check_key(request, request.app[PROXY_KEY].api_key)
 
 
-def _failed(request: web.Request, rid: str, e: Exception) -> web.StreamResponse:
-    started: web.StreamResponse | None = request.get(RESPONSE_STARTED)
-    if started is not None:
-        # Headers (and maybe part of the body) are out: no error answer can follow them, and
-        # a second response written into the stream would desynchronise the connection.
-        # Cutting it is the one signal left: the client sees a response that ends short.
-        log.warning(
-            "rid=%s %s %s broken off after the headers: %s", rid, request.method, request.path, e
-        )
-        if request.transport is not None:
-            request.transport.close()
-        return started
-    if isinstance(e, ProxyError):
-        return error_response(e)
-    log.exception("rid=%s %s %s failed", rid, request.method, request.path)
-    return error_response(ProxyError("internal error in the proxy"))
+def _record(request: web.Request, resp: web.StreamResponse) -> None:
+    metrics = request.app[PROXY_KEY].metrics
+    metrics.requests.labels(_endpoint_label(request.path), f"{resp.status // 100}xx").inc()
 
 
 def check_key(request: web.Request, key: str | None) -> None:
