@@ -145,9 +145,9 @@ async def test_ttl_per_entry_and_none_when_pinned(
     make_tier: TierFactory, raw: redis.Redis, prefix: str
 ) -> None:
     tier = make_tier(ttl_s=3600)
-    await tier.put(key(1), META, b"a" * 100)
-    await tier.put(key(2), META, b"b" * 100, ttl=30)
-    await tier.put(key(3), META, b"c" * 100, pin=True)
+    assert await tier.put(key(1), META, b"a" * 100)
+    assert await tier.put(key(2), META, b"b" * 100, ttl=30)
+    assert await tier.put(key(3), META, b"c" * 100, pin=True)
     assert 3_590_000 < raw.pttl(entry_name(prefix, key(1))) <= 3_600_000
     assert 29_000 < raw.pttl(entry_name(prefix, key(2))) <= 30_000
     assert raw.pttl(entry_name(prefix, key(3))) == -1
@@ -157,7 +157,7 @@ async def test_ttl_per_entry_and_none_when_pinned(
 
 async def test_expired_entry_is_a_miss(make_tier: TierFactory) -> None:
     tier = make_tier()
-    await tier.put(key(1), META, b"a" * 100, ttl=0.2)
+    assert await tier.put(key(1), META, b"a" * 100, ttl=0.2)
     assert await tier.get(key(1)) is not None
     await asyncio.sleep(0.3)
     assert await tier.get(key(1)) is None
@@ -181,7 +181,7 @@ async def test_corrupt_payload_is_a_miss_then_replaced(
 ) -> None:
     tier = make_tier(piece_bytes=64 * KIB)
     payload = os.urandom(300 * KIB)
-    await tier.put(key(1), META, payload)
+    assert await tier.put(key(1), META, payload)
     name = entry_name(prefix, key(1))
     at = HEADER_SIZE + len(META) + 200 * KIB
     raw.setrange(name, at, bytes([payload[200 * KIB] ^ 0x40]))
@@ -198,7 +198,7 @@ async def test_truncated_value_is_a_miss(
 ) -> None:
     """What a half-evicted entry would look like if Redis evicted part of a value."""
     tier = make_tier()
-    await tier.put(key(1), META, os.urandom(10 * KIB))
+    assert await tier.put(key(1), META, os.urandom(10 * KIB))
     name = entry_name(prefix, key(1))
     value = raw.get(name)
     assert isinstance(value, bytes)
@@ -219,7 +219,7 @@ async def test_value_gone_between_round_trips_is_a_plain_miss(
             return first
 
     tier = make_tier(piece_bytes=16 * KIB, window=1)
-    await tier.put(key(1), META, os.urandom(100 * KIB))
+    assert await tier.put(key(1), META, os.urandom(100 * KIB))
     vanishing = Vanishing(
         SharedTierConfig(redis_server.url, prefix=prefix, piece_bytes=16 * KIB, window=1)
     )
@@ -273,7 +273,7 @@ async def test_out_of_memory_fails_the_put_softly(tmp_path: Path, prefix: str) -
 
 async def test_prefixes_keep_deployments_apart(make_tier: TierFactory, prefix: str) -> None:
     a, b = make_tier(prefix=prefix + "a:"), make_tier(prefix=prefix + "b:")
-    await a.put(key(1), META, b"payload")
+    assert await a.put(key(1), META, b"payload")
     await a.set_name(key(1), "logo")
     assert await b.get(key(1)) is None
     assert await b.resolve_name(NS.id, "logo") is None

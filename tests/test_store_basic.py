@@ -211,7 +211,7 @@ def test_iter_entries_by_namespace(store: Store) -> None:
     other = Namespace.from_components({"model": "other"})
     for i in range(5):
         put(store, i)
-    store.put(key(1, other), b"{}", b"payload")
+    assert store.put(key(1, other), b"{}", b"payload") is not None
     assert {info.key for info in store.iter_entries()} == {key(i) for i in range(5)} | {
         key(1, other)
     }

@@ -30,8 +30,16 @@ def store(tmp_path: Path, clock: FakeClock) -> Iterator[Store]:
         yield opened
 
 
-def put(store: Store, i: int, **kwargs: object) -> Entry | None:
-    return store.put(key(i), b"{}", bytes([i % 256]) * SIZE, **kwargs)  # type: ignore[arg-type]
+def try_put(store: Store, i: int, *, pin: bool = False, ttl: float | None = None) -> Entry | None:
+    """A put that may be refused (None): only where a test expects the refusal."""
+    return store.put(key(i), b"{}", bytes([i % 256]) * SIZE, pin=pin, ttl=ttl)
+
+
+def put(store: Store, i: int, *, pin: bool = False, ttl: float | None = None) -> Entry:
+    """A put that must succeed: a refused one would make an eviction test pass for nothing."""
+    entry = try_put(store, i, pin=pin, ttl=ttl)
+    assert entry is not None, f"put of entry {i} was refused"
+    return entry
 
 
 def present(store: Store, count: int) -> set[int]:
@@ -89,7 +97,7 @@ def test_zero_budget_gives_the_null_tier() -> None:
 def test_budget_evicts_least_recently_used(store: Store, clock: FakeClock) -> None:
     for i in range(10):
         clock.advance(1)
-        assert put(store, i) is not None
+        put(store, i)
     clock.advance(1)
     assert store.get(key(0)) is not None  # 0 becomes the most recent
     store.flush()
@@ -104,10 +112,10 @@ def test_a_flood_of_one_off_images_never_evicts_pinned_entries(
     store: Store, clock: FakeClock
 ) -> None:
     for i in range(3):
-        assert put(store, i, pin=True) is not None
+        put(store, i, pin=True)
     for i in range(100, 400):  # 30x the budget of one-off images
         clock.advance(1)
-        assert put(store, i) is not None
+        put(store, i)
     assert present(store, 3) == {0, 1, 2}
     assert store.stats().live_bytes <= 10 * SIZE
     assert store.check().ok
@@ -115,12 +123,12 @@ def test_a_flood_of_one_off_images_never_evicts_pinned_entries(
 
 def test_put_fails_softly_when_pinned_entries_fill_the_budget(store: Store) -> None:
     for i in range(10):
-        assert put(store, i, pin=True) is not None
-    assert put(store, 10) is None
+        put(store, i, pin=True)
+    assert try_put(store, 10) is None
     assert store.stats().process["put_failures"] == 1
     assert store.get(key(0)) is not None
     store.unpin(key(0))
-    assert put(store, 10) is not None
+    put(store, 10)
     assert store.get(key(0)) is None  # the only unpinned entry made room
 
 

@@ -109,13 +109,44 @@ def is_gone(pid: int) -> bool:
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What this process has running and open, to compare with after a stop."""
+
+    children: frozenset[int]
+    tasks: frozenset[asyncio.Task[Any]]
+
+    @classmethod
+    def take(cls) -> Snapshot:
+        children = frozenset(p.pid for p in psutil.Process().children(recursive=True))
+        return cls(children, frozenset(asyncio.all_tasks()))
+
+
+def assert_nothing_left(before: Snapshot, workdir: Path, files: set[str]) -> None:
+    """No new child process (running or zombie), no task of the supervisor's still running,
+    no file under `workdir` still open, and no file there but `files`."""
+    children = [
+        p for p in psutil.Process().children(recursive=True) if p.pid not in before.children
+    ]
+    assert children == []
+    tasks = [t for t in asyncio.all_tasks() - before.tasks if t is not asyncio.current_task()]
+    assert [t.get_name() for t in tasks] == []
+    still_open = [
+        f.path for f in psutil.Process().open_files() if Path(f.path).is_relative_to(workdir)
+    ]
+    assert still_open == []
+    assert {p.name for p in workdir.iterdir()} == files
+
+
 # --- starting and stopping ------------------------------------------------------------------
 
 
 async def test_start_serves_on_loopback_then_stop_leaves_nothing(
-    make_binary: BinaryFactory,
+    make_binary: BinaryFactory, tmp_path: Path
 ) -> None:
-    server = ManagedServer(fast_config(make_binary(), "-m", "model.gguf"))
+    before = Snapshot.take()
+    log = tmp_path / "llama-server.log"
+    server = ManagedServer(fast_config(make_binary(), "-m", "model.gguf", log_path=log))
     await server.start()
     pid = server.pid
     assert pid is not None
@@ -130,6 +161,8 @@ async def test_start_serves_on_loopback_then_stop_leaves_nothing(
     assert server.pid is None
     assert not psutil.pid_exists(pid)  # reaped, not a zombie
     assert not await server.wait_healthy(0.1)
+    assert_nothing_left(before, tmp_path, {"llama-server", "llama-server.log"})
+    assert "listening" in log.read_text()  # the child's output went to the log, and stopped
     assert not server.healthy
 
 
@@ -353,13 +386,27 @@ async def test_requests_can_wait_out_a_restart(make_binary: BinaryFactory, tmp_p
         assert (await props(server))["pid"] == server.pid
 
 
-async def test_stop_during_the_backoff_leaves_nothing(make_binary: BinaryFactory) -> None:
+async def test_stop_during_the_backoff_leaves_nothing(
+    make_binary: BinaryFactory, tmp_path: Path
+) -> None:
+    before = Snapshot.take()
     config = fast_config(
-        make_binary(), "--crash-after", "0.1", backoff_initial_s=30.0, backoff_max_s=30.0
+        make_binary(),
+        "--crash-after",
+        "0.1",
+        backoff_initial_s=30.0,
+        backoff_max_s=30.0,
+        log_path=tmp_path / "llama-server.log",
     )
+    began = time.monotonic()
     async with ManagedServer(config) as server:
+        crashed = server.pid
+        assert crashed is not None
         await eventually(lambda: not server.healthy)
-    assert server.restarts == 0
+    assert time.monotonic() - began < 10  # the stop cut the 30 s backoff short
+    assert server.restarts == 0 and server.pid is None
+    assert not psutil.pid_exists(crashed)  # the crashed child was reaped
+    assert_nothing_left(before, tmp_path, {"llama-server", "llama-server.log"})
 
 
 def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:

@@ -279,7 +279,7 @@ def test_import_refuses_a_foreign_namespace(
     )
     with Store.open(store_dir) as store:
         store.register_namespace(ns)
-        store.put(ns.key("a" * 64), b"{}", b"\0" * 64, pin=True)
+        assert store.put(ns.key("a" * 64), b"{}", b"\0" * 64, pin=True) is not None
         export_pack(store, tmp_path / "foreign.vcpack")
     imp = subprocess.run(
         [
