@@ -231,3 +231,59 @@ def _logical_lines(code: str) -> list[str]:
             out.append(buf)
         buf = ""
     return out
+
+
+# --- docs/architecture.md and the tree ---------------------------------------------------------
+
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+ROW = re.compile(r"^\| `([\w/.]+)` \|(.*)\|$", re.M)
+
+
+def _packages() -> list[Path]:
+    """Every package of proxy/ and vision_cache/, the two roots included."""
+    return sorted(
+        init.parent
+        for top in ("proxy", "vision_cache")
+        for init in (ROOT / top).rglob("__init__.py")
+    )
+
+
+def _rows() -> dict[str, str]:
+    """The architecture tables: the path in the first cell -> the rest of its row."""
+    return {m.group(1): m.group(2) for m in ROW.finditer(ARCHITECTURE)}
+
+
+def test_architecture_names_every_subpackage_and_its_modules() -> None:
+    rows = _rows()
+    for package in _packages():
+        relative = f"{package.relative_to(ROOT)}/"
+        if package.parent == ROOT:
+            assert f"`{relative}`" in ARCHITECTURE, relative
+            modules = [m for m in package.glob("*.py") if not m.name.startswith("__")]
+            for module in modules:  # the top-level modules have rows of their own
+                assert f"{relative}{module.name}" in rows, f"{relative}{module.name}"
+            continue
+        assert relative in rows, f"docs/architecture.md has no row for {relative}"
+        named = set(re.findall(r"`([\w.]+)`", rows[relative]))
+        for module in package.glob("*.py"):
+            if not module.name.startswith("__"):
+                assert module.stem in named, f"{relative}{module.name} is not in its row"
+
+
+def test_every_path_in_architecture_exists() -> None:
+    paths = set(re.findall(r"`((?:proxy|vision_cache|tests|scripts|docs)/[\w/.]*)`", ARCHITECTURE))
+    paths |= set(re.findall(r"\b((?:proxy|vision_cache)/[\w/]+\.py)\b", ARCHITECTURE))
+    assert paths, "no paths found: the pattern or the document changed"
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert missing == []
+
+
+def test_every_module_named_in_a_row_exists() -> None:
+    """A row's lowercase `name` is a module (or subpackage) of that row's package."""
+    for path, row in _rows().items():
+        if not path.endswith("/"):
+            continue
+        for name in re.findall(r"`([a-z_0-9]+)`", row):
+            assert (ROOT / path / f"{name}.py").exists() or (ROOT / path / name).is_dir(), (
+                f"{path}: `{name}` is not a module there"
+            )
