@@ -64,9 +64,9 @@ lint: venv
 typecheck: venv llama-cpp-python
 	$(VENV)/bin/mypy
 
-# the line coverage of proxy/ and vision_cache/ the suite reached (the vcache processes it
-# starts included); a change that drops below it fails `make test`
-COVERAGE_FLOOR ?= 0
+# the line coverage of proxy/ and vision_cache/ (93.0% reached; the vcache processes it
+# starts included; a point below, since timing decides a few lines): under it fails `make test`
+COVERAGE_FLOOR ?= 92
 
 unit: venv
 	$(VENV)/bin/pytest -q --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
