@@ -20,7 +20,6 @@ streamed chunks direct vs through vcache. Writes its section of docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import io
 import itertools
@@ -41,6 +40,7 @@ from PIL import Image
 
 from tests.support.llama_server import LlamaServer
 from tests.support.proxy_process import ProxyProcess
+from vision_cache.data_uri import data_uri
 from vision_cache.synthetic.images import sample_image
 from vision_cache.synthetic.models import generate
 
@@ -150,7 +150,7 @@ def fresh_image(i: int, size: tuple[int, int]) -> str:
     img = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_uri(buf.getvalue(), "image/png")
 
 
 # --- arms ------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import statistics
@@ -37,6 +36,7 @@ import httpx
 
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from tests.support.llama_server import LlamaServer
+from vision_cache.data_uri import data_uri
 from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.synthetic.images import sample_image
 from vision_cache.synthetic.models import ModelFiles, generate
@@ -120,7 +120,7 @@ async def text_while(
 
 async def bench(args: argparse.Namespace, files: ModelFiles, server_bin: Path) -> dict[str, Any]:
     png = sample_image("shapes_640x480").encode("PNG")
-    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    url = data_uri(png, "image/png")
     log = Path(tempfile.mkdtemp(prefix="vcache-bench-")) / "llama-server.log"
     server_args = [
         "-m",

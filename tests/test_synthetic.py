@@ -8,17 +8,27 @@ import pytest
 
 from vision_cache.synthetic import registry
 from vision_cache.synthetic.__main__ import main
+from vision_cache.synthetic.audio_family import AudioFamily
 from vision_cache.synthetic.family import Family
-from vision_cache.synthetic.registry import UnknownFamilyError, family_names, get_family
+from vision_cache.synthetic.registry import (
+    UnknownFamilyError,
+    audio_family_names,
+    family_names,
+    get_family,
+    vision_family,
+    vision_family_names,
+)
 
 
 def test_every_registered_family_loads_under_its_name() -> None:
     assert family_names() == tuple(registry.FAMILIES)
     for name in family_names():
         family = get_family(name)
-        assert isinstance(family, Family) and family.name == name
+        assert isinstance(family, Family | AudioFamily) and family.name == name
+    assert set(vision_family_names()) | set(audio_family_names()) == set(family_names())
+    for name in vision_family_names():
         for size in ("tiny", "demo", "realistic"):
-            spec = family.spec(size)
+            spec = vision_family(name).spec(size)
             assert (spec.arch, spec.size) == (name, size)
 
 
