@@ -64,9 +64,9 @@ lint: venv
 typecheck: venv llama-cpp-python
 	$(VENV)/bin/mypy
 
-# the line coverage of proxy/ and vision_cache/ (93.0% reached; the vcache processes it
-# starts included; a point below, since timing decides a few lines): under it fails `make test`
-COVERAGE_FLOOR ?= 92
+# the line coverage of proxy/ and vision_cache/ (93.6% reached; the vcache processes it
+# starts included; the floor is the whole percent reached): under it fails `make test`
+COVERAGE_FLOOR ?= 93
 
 unit: venv
 	$(VENV)/bin/pytest -q --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
