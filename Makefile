@@ -10,48 +10,72 @@ MODELS    ?= $(BUILD)/models
 LLAMA_CPP ?=
 LLAMA_SRC := $(if $(LLAMA_CPP),--source $(LLAMA_CPP),)
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+# the builds the tests use; LLAMA_BACKEND=cuda for NVIDIA GPUs (the tests run either way)
+LLAMA_BACKEND ?= cpu
+VCACHE    := $(VENV)/bin/vcache
 
 export VCACHE_MODELS_DIR := $(abspath $(MODELS))
+# `vcache build-server` keeps its builds here rather than in the user's cache directory
+export VCACHE_LLAMA_CACHE := $(abspath $(BUILD)/llama)
 
-.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo demo-deps test check lint typecheck unit bench bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
 	@echo "make test         build everything and run lint, type checks and the test suite"
 	@echo "make bench        end-to-end benchmarks on the realistic vision and audio models -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
-	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout)"
+	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout,"
+	@echo "                  LLAMA_BACKEND=cuda for NVIDIA GPUs)"
+	@echo "make gpu-check    on a machine with an NVIDIA GPU: CUDA builds, model tests and benchmarks"
 
 # --- set-up -----------------------------------------------------------------------------------
 
-# system packages the build and the tests use; installed only when missing (needs root or sudo)
-SYSTEM_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server
+# system packages, installed only when missing (that needs root or sudo; with everything
+# present, nothing does). `?`: optional, skipped when it cannot be installed.
+DEMO_TOOLS := cmake:cmake g++:g++ git:git ?ccache:ccache
+TEST_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server
 system-deps:
-	@$(PYTHON) scripts/system_deps.py $(SYSTEM_TOOLS)
+	@$(PYTHON) scripts/system_deps.py $(TEST_TOOLS)
+
+demo-deps:
+	@$(PYTHON) scripts/system_deps.py $(DEMO_TOOLS)
+
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+# the demo's share of the virtualenv: vcache itself, and gguf to write the demo model
+$(VENV)/.demo-installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e . 'gguf==0.19.0'
+	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,redis]'
-	touch $@
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[dev,redis]'
+	touch $@ $(VENV)/.demo-installed
 
 venv: $(VENV)/.installed
 
-llama: system-deps
-	$(PYTHON) scripts/build_llama_server.py --variant both --jobs $(JOBS) $(LLAMA_SRC)
+llama: system-deps venv
+	$(VCACHE) build-server --$(LLAMA_BACKEND) --variant patched --jobs $(JOBS) $(LLAMA_SRC)
+	$(VCACHE) build-server --$(LLAMA_BACKEND) --variant stock --jobs $(JOBS) $(LLAMA_SRC)
 
 # the bindings run on the patched build's shared libraries: one compile of llama.cpp
 llama-cpp-python: venv llama
-	scripts/install_llama_cpp_python.sh $(VENV)
+	scripts/install_llama_cpp_python.sh $(VENV) \
+	    "$$(dirname "$$($(VCACHE) build-server --$(LLAMA_BACKEND) $(LLAMA_SRC))")"
 
 models: venv
 	$(PY) -m vision_cache.synthetic --all --out $(MODELS)
 
 # --- the two README commands ------------------------------------------------------------------
 
-demo: system-deps venv
-	$(PYTHON) scripts/build_llama_server.py --variant patched --jobs $(JOBS) $(LLAMA_SRC)
-	$(PY) scripts/demo.py
+# builds the patched server only (for CUDA when an NVIDIA GPU is present); no Redis, no root
+# when the tools are there
+demo: demo-deps $(VENV)/.demo-installed
+	$(PY) scripts/demo.py --jobs $(JOBS) $(LLAMA_SRC)
 
 test: system-deps venv llama llama-cpp-python models check
 
@@ -88,6 +112,10 @@ bench-encoder: llama-cpp-python
 
 bench-store: venv
 	$(PY) scripts/bench_store.py
+
+# on a machine with an NVIDIA GPU: CUDA builds, conformance tests and benchmarks on the GPU
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

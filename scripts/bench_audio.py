@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic.audio import SampleClip, window_clip
 from vision_cache.synthetic.models import generate
@@ -58,16 +58,7 @@ PLANS = {"tiny": Plan("tiny", 5, 10), "realistic": Plan("realistic", 3, 10)}
 
 def binary(variant: str) -> Path:
     """VCACHE_LLAMA_SERVER_<VARIANT> if set (another build), else this repository's."""
-    env = os.environ.get(f"VCACHE_LLAMA_SERVER_{variant.upper()}")
-    if env:
-        return Path(env)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
+    return built_binary(variant)
 
 
 _ASKED = itertools.count()

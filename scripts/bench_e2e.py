@@ -15,6 +15,10 @@ streamed chunks direct vs through vcache. Writes its section of docs/benchmarks.
 
     python -m scripts.bench_e2e --size tiny         # make bench-quick
     python -m scripts.bench_e2e --size realistic    # make bench (the encoder dominates: slow)
+    python -m scripts.bench_e2e --size realistic --label gpu --server-arg=-ngl --server-arg=all
+
+``--label`` names the section (and plots) written, so a GPU run sits beside the CPU ones;
+$VCACHE_LLAMA_SERVER_PATCHED / _STOCK pick the binaries (scripts/gpu_check.sh passes CUDA builds).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.data_uri import data_uri
 from vision_cache.synthetic.images import sample_image
@@ -47,7 +51,6 @@ from vision_cache.synthetic.models import generate
 ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "benchmarks.md"
-PLOTS = ROOT / "docs" / "plots"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +68,16 @@ class Plan:
     fast: int  # requests per arm that hit
     text: int  # text-only requests per side
     threads: int = 0  # llama-server's -t (0: default_threads())
+    server_args: tuple[str, ...] = ()  # more llama-server arguments (-ngl all)
+    label: str = ""  # the section's name in docs/benchmarks.md (default: the size)
+    note: str = ""  # a line for the section's header (the GPU, say)
+    measure_workload: bool = False  # measure the image-reuse curve (else: from the medians)
 
 
-PLANS = {"tiny": Plan("tiny", 30, 60, 200), "realistic": Plan("realistic", 3, 30, 200)}
+PLANS = {
+    "tiny": Plan("tiny", 30, 60, 200, measure_workload=True),
+    "realistic": Plan("realistic", 3, 30, 200),
+}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -205,16 +215,6 @@ def chunk_delays(base: str, runs: int = 3) -> list[float]:
 # --- the setup -------------------------------------------------------------------------------
 
 
-def binary(variant: str) -> Path:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
-
-
 @dataclasses.dataclass
 class Setup:
     stock: LlamaServer
@@ -233,31 +233,32 @@ def default_threads() -> int:
 
 
 @contextmanager
-def setup(size: str, tmp: Path, threads: int) -> Iterator[Setup]:
+def setup(plan: Plan, tmp: Path) -> Iterator[Setup]:
     models = Path(os.environ.get("VCACHE_MODELS_DIR", ROOT / ".build" / "models"))
-    files = generate("gemma3", size, 0, models)  # type: ignore[arg-type]
+    files = generate("gemma3", plan.size, 0, models)  # type: ignore[arg-type]
     common = [
         "-m",
         str(files.model),
         "--mmproj",
         str(files.mmproj),
         "-t",
-        str(threads),
+        str(plan.threads),
         "-c",
         "8192",
         "-np",
         "1",
         "--no-warmup",
+        *plan.server_args,
     ]
     file_store = tmp / "store-file"
     (file_store / "segments").mkdir(parents=True)
     with ExitStack() as stack:
         stock = stack.enter_context(
-            LlamaServer(binary("stock"), common, tmp / "stock.log", startup_timeout=900)
+            LlamaServer(built_binary("stock"), common, tmp / "stock.log", startup_timeout=900)
         )
         patched = stack.enter_context(
             LlamaServer(
-                binary("patched"),
+                built_binary("patched"),
                 [*common, "--image-embedding-dir", str(file_store / "segments")],
                 tmp / "patched.log",
                 startup_timeout=900,
@@ -282,8 +283,7 @@ def setup(size: str, tmp: Path, threads: int) -> Iterator[Setup]:
 
 @dataclasses.dataclass
 class Results:
-    size: str
-    threads: int
+    plan: Plan
     commit: str  # git describe --dirty at the start, before this run writes its plots
     arms: dict[str, list[Sample]]
     text_direct: list[float]
@@ -314,10 +314,7 @@ def run(plan: Plan) -> Results:
     def new(i: int) -> str:
         return fresh_image(i, ref.size)
 
-    with (
-        tempfile.TemporaryDirectory(prefix="vcache-bench-") as tmp,
-        setup(plan.size, Path(tmp), plan.threads) as s,
-    ):
+    with tempfile.TemporaryDirectory(prefix="vcache-bench-") as tmp, setup(plan, Path(tmp)) as s:
         slow, fast = plan.slow, plan.fast
         arms: dict[str, list[Sample]] = {}
         arms[ARMS[0]] = run_arm(s.patched.base_url, slow, same, "floor")
@@ -330,11 +327,9 @@ def run(plan: Plan) -> Results:
         arms[ARMS[5]] = run_arm(s.by_file.base_url, fast, same, "hit file")
         text_d, text_p = text_overhead(s.patched.base_url, s.inline.base_url, plan.text)
         gaps_d, gaps_p = chunk_delays(s.patched.base_url), chunk_delays(s.inline.base_url)
-        measured = plan.size == "tiny"
+        measured = plan.measure_workload
         workload = measure_workload(s) if measured else model_workload(arms)
-    return Results(
-        plan.size, plan.threads, commit, arms, text_d, text_p, gaps_d, gaps_p, workload, measured
-    )
+    return Results(plan, commit, arms, text_d, text_p, gaps_d, gaps_p, workload, measured)
 
 
 ARMS = (
@@ -446,13 +441,18 @@ def targets(r: Results) -> list[str]:
     ]
 
 
-def plots(r: Results) -> list[Path]:
-    import matplotlib
+def plots(r: Results, plots_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine may lack it: the tables are the results
+        print("matplotlib is not installed: no plots", flush=True)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    PLOTS.mkdir(parents=True, exist_ok=True)
+    label = r.plan.label or r.plan.size
+    plots_dir.mkdir(parents=True, exist_ok=True)
     names = list(r.arms)
     meds = [statistics.median(s.ttft_ms for s in r.arms[n]) for n in names]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -460,10 +460,10 @@ def plots(r: Results) -> list[Path]:
     ax.barh([n.split(" ", 1)[1] for n in names], meds, color=colours)
     ax.set_xscale("log")
     ax.set_xlabel("time to first token, median (ms, log scale)")
-    ax.set_title(f"vcache vs llama-server, {r.size} model")
+    ax.set_title(f"vcache vs llama-server, {r.plan.size} model, {label}")
     ax.invert_yaxis()
     fig.tight_layout()
-    arms_png = PLOTS / f"ttft-arms-{r.size}.png"
+    arms_png = plots_dir / f"ttft-arms-{label}.png"
     fig.savefig(arms_png, dpi=110)
     plt.close(fig)
 
@@ -475,29 +475,38 @@ def plots(r: Results) -> list[Path]:
     ax.set_ylabel("mean time to first token (ms)")
     ax.set_yscale("log")
     how = "measured" if r.workload_measured else "from this run's medians"
-    ax.set_title(f"TTFT with image reuse, {r.size} model ({how})")
+    ax.set_title(f"TTFT with image reuse, {r.plan.size} model, {label} ({how})")
     ax.legend()
     fig.tight_layout()
-    work_png = PLOTS / f"ttft-reuse-{r.size}.png"
+    work_png = plots_dir / f"ttft-reuse-{label}.png"
     fig.savefig(work_png, dpi=110)
     plt.close(fig)
     return [arms_png, work_png]
 
 
 def section(r: Results, pngs: list[Path]) -> str:
-    head = r.commit
+    plan = r.plan
     how = (
         "measured in this run"
         if r.workload_measured
         else "computed from this run's "
         "medians: each image's first use costs a miss, later uses a hit"
     )
+    title = f"### End to end, {plan.size} model" + (f", {plan.label}" if plan.label else "")
+    command = " ".join(
+        [
+            "python -m scripts.bench_e2e",
+            f"--size {plan.size}",
+            *([f"--label {plan.label}"] if plan.label else []),
+            *(f"--server-arg={a}" for a in plan.server_args),
+        ]
+    )
     lines = [
-        f"### End to end, {r.size} model",
+        title,
         "",
-        f"`python -m scripts.bench_e2e --size {r.size}` at {head}, {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} CPU cores, llama-server `-t {r.threads}`, Gemma 3 test VLM "
-        f"({r.size}), one run, medians and p90.",
+        f"`{command}` at {r.commit}, {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} CPU cores, llama-server `-t {plan.threads}`, Gemma 3 test VLM "
+        f"({plan.size}), one run, medians and p90." + (f" {plan.note}" if plan.note else ""),
         "",
         *table(r),
         "",
@@ -517,15 +526,15 @@ def section(r: Results, pngs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, size: str) -> None:
-    start, end = f"<!-- bench_e2e:{size}:start -->", f"<!-- bench_e2e:{size}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+def write_section(text: str, label: str, doc_path: Path) -> None:
+    start, end = f"<!-- bench_e2e:{label}:start -->", f"<!-- bench_e2e:{label}:end -->"
+    doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
     block = f"{start}\n{text}\n{end}"
     if start in doc and end in doc:
         doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
+    doc_path.write_text(doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,20 +542,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(PLANS), default="tiny")
     p.add_argument("--slow", type=int, help="requests per encoding arm (default by size)")
     p.add_argument("--fast", type=int, help="requests per hit arm (default by size)")
+    p.add_argument("--text", type=int, help="text-only requests per side (default by size)")
     p.add_argument(
         "--threads",
         type=int,
         default=default_threads(),
         help="llama-server threads (default: all cores but one)",
     )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="more llama-server arguments, repeatable (--server-arg=-ngl)",
+    )
+    p.add_argument("--label", default="", help="section name in the doc (default: the size)")
+    p.add_argument("--note", default="", help="a sentence for the section's header")
+    p.add_argument(
+        "--workload",
+        choices=("measure", "model"),
+        help="measure the image-reuse curve, or compute it from the medians "
+        "(default: measured on tiny, computed on realistic)",
+    )
+    p.add_argument("--doc", type=Path, default=DOC, help="the file to write (plots beside it)")
     args = p.parse_args(argv)
     plan = PLANS[args.size]
+    measure = plan.measure_workload if args.workload is None else args.workload == "measure"
     plan = dataclasses.replace(
-        plan, slow=args.slow or plan.slow, fast=args.fast or plan.fast, threads=args.threads
+        plan,
+        slow=args.slow or plan.slow,
+        fast=args.fast or plan.fast,
+        text=args.text or plan.text,
+        threads=args.threads,
+        server_args=tuple(args.server_arg),
+        label=args.label,
+        note=args.note,
+        measure_workload=measure,
     )
     results = run(plan)
-    write_section(section(results, plots(results)), plan.size)
-    print(f"wrote {DOC}")
+    pngs = plots(results, args.doc.parent / "plots")
+    write_section(section(results, pngs), plan.label or plan.size, args.doc)
+    print(f"wrote {args.doc}")
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import httpx
 
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from vision_cache.data_uri import data_uri
 from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.synthetic.images import sample_image
@@ -66,22 +66,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def patched_server(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    import subprocess
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "build_llama_server.py"),
-            "--print-path",
-            "patched",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
+    return arg if arg is not None else built_binary("patched")
 
 
 async def timed(aw: Awaitable[T]) -> tuple[T, float]:

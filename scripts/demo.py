@@ -7,13 +7,18 @@ hit and the time to first token, then the speedup. With no model given, it gener
 test VLM with random weights whose vision tower has SigLIP-so400m's width at 896 px (fewer layers
 than the real 27, so the demo stays short); answers are gibberish, timings are real.
 
+The patched llama-server comes from `vcache build-server` (built once, then cached; for CUDA
+when an NVIDIA GPU is present), or from $LLAMA_SERVER.
+
     python scripts/demo.py                                  # generated model
     MODEL=model.gguf MMPROJ=mmproj.gguf python scripts/demo.py
     IMAGE=photo.jpg python scripts/demo.py
+    python scripts/demo.py --source ~/src/llama.cpp --jobs 8
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import mimetypes
@@ -72,18 +77,17 @@ def image_url() -> tuple[str, str]:
     return sample_image("gradient_text_800x600").data_url("PNG"), "generated 800x600 PNG"
 
 
-def llama_server() -> Path:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "build_llama_server.py"),
-            "--print-path",
-            "patched",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+def llama_server(args: argparse.Namespace) -> Path:
+    if os.environ.get("LLAMA_SERVER"):
+        return Path(os.environ["LLAMA_SERVER"])
+    say("vcache build-server: the patched llama-server (built once, then reused)")
+    cmd = [sys.executable, "-m", "proxy", "build-server", "--jobs", str(args.jobs)]
+    if args.source:
+        cmd += ["--source", args.source]
+    # progress and errors reach the terminal on stderr; stdout is the binary's path
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit("[demo] the llama-server build failed (see above)")
     return Path(out.stdout.strip())
 
 
@@ -214,10 +218,18 @@ def _ms(ms: float) -> str:
     return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
 
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compile jobs")
+    p.add_argument("--source", help="a llama.cpp checkout to build instead of the pinned one")
+    return p.parse_args()
+
+
 def main() -> int:
+    args = parse_args()
+    binary = llama_server(args)
     model, mmproj, model_label = model_files()
     url, image_label = image_url()
-    binary = llama_server()
     with (
         tempfile.TemporaryDirectory(prefix="vcache-demo-") as tmp,
         proxy(binary, model, mmproj, Path(tmp) / "store") as base,

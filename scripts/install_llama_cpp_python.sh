@@ -4,29 +4,30 @@
 # The bindings are pure Python over ctypes; built with LLAMA_BUILD=OFF and LLAVA_BUILD=OFF the
 # wheel holds no libraries at all, and vcache points them at the shared libraries of its own
 # llama.cpp build (the patched llama-server's bin/ directory) through LLAMA_CPP_LIB_PATH and
-# MTMD_CPP_LIB (vision_cache/llama_libs.py sets both). One compile, one llama.cpp version.
+# MTMD_CPP_LIB (vision_cache/llama/libs.py sets both). One compile, one llama.cpp version.
 # Details and the measured times: docs/llama-cpp-python.md.
 #
 # Usage: scripts/install_llama_cpp_python.sh [VENV] [LIB_DIR]
 #   VENV     the virtualenv (default .venv)
-#   LIB_DIR  the llama.cpp build's library directory (default: the patched build's bin/,
-#            built first if missing)
+#   LIB_DIR  the llama.cpp build's library directory (default: the patched CPU build's bin/,
+#            from `vcache build-server`, built first if missing)
 # Idempotent: does nothing when the pinned version is installed and loads LIB_DIR's libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSION=0.3.36
+export VCACHE_LLAMA_CACHE=${VCACHE_LLAMA_CACHE:-$PWD/.build/llama}
 VENV=${1:-.venv}
 PY="$VENV/bin/python"
 if [[ $# -ge 2 ]]; then
     LIB_DIR=$2
 else
-    LIB_DIR=$(dirname "$("$PY" scripts/build_llama_server.py --print-path patched)")
+    LIB_DIR=$(dirname "$("$VENV/bin/vcache" build-server --cpu)")
 fi
 
 if [[ ! -f $LIB_DIR/libllama.so || ! -f $LIB_DIR/libmtmd.so ]]; then
     echo "error: $LIB_DIR has no libllama.so and libmtmd.so (build llama.cpp with" \
-         "BUILD_SHARED_LIBS=ON: scripts/build_llama_server.py does)" >&2
+         "BUILD_SHARED_LIBS=ON: vcache build-server does)" >&2
     exit 1
 fi
 
@@ -53,7 +54,7 @@ if loads_our_build; then
 fi
 
 # the sdist the llama.cpp build already downloaded, else the package index
-SDIST=.build/llama/downloads/llama_cpp_python-$VERSION.tar.gz
+SDIST=${VCACHE_LLAMA_CACHE:-.build/llama}/downloads/llama_cpp_python-$VERSION.tar.gz
 SOURCE=$([[ -f $SDIST ]] && echo "$SDIST" || echo "llama-cpp-python==$VERSION")
 
 echo "installing llama-cpp-python $VERSION without its own llama.cpp (from $SOURCE)"

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic.models import generate
 
@@ -258,21 +257,6 @@ def plot(load: Load, minutes: float, out: Path, figures: dict[str, Any]) -> None
     fig.savefig(out, dpi=100)
 
 
-def llama_server_binary() -> Path:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "build_llama_server.py"),
-            "--print-path",
-            "patched",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -309,7 +293,7 @@ def main() -> int:
             *args.server_arg,
         ]
         with (
-            LlamaServer(llama_server_binary(), server_args, Path(tmp) / "llama.log") as server,
+            LlamaServer(built_binary("patched"), server_args, Path(tmp) / "llama.log") as server,
             ProxyProcess(
                 [
                     "--upstream",

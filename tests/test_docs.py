@@ -78,7 +78,7 @@ def test_configuration_table_matches_the_options() -> None:
 
 def test_every_vcache_command_in_the_readme_exists() -> None:
     code = " ".join(c for _, c in blocks()) + " ".join(re.findall(r"`([^`\n]+)`", README))
-    commands = set(re.findall(r"vcache (\w+)", code)) - {"serve"}
+    commands = set(re.findall(r"vcache ([\w-]+)", code)) - {"serve"}
     assert {"warm", "export", "import", "ls", "stats", "rm", "gc", "verify"} <= commands
     for command in commands | {"serve"}:
         r = subprocess.run(
@@ -113,7 +113,8 @@ class Shell:
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         if line.startswith("LLAMA_SERVER="):
             self.env["LLAMA_SERVER"] = subprocess.run(
-                ["bash", "-c", f'{line}; echo "$LLAMA_SERVER"'],
+                # a newline, not "; ": the line may end in a comment
+                ["bash", "-c", f'{line}\necho "$LLAMA_SERVER"'],
                 cwd=self.cwd,
                 env=self.env,
                 capture_output=True,
@@ -174,6 +175,8 @@ def shell(
         "MMPROJ": str(files.mmproj),
         "IMAGE_URL": sample_image("stripes_300x900").data_url(),
         "REDIS_URL": redis_server.url,
+        # `vcache build-server` finds the builds `make llama` made (HOME is a fresh one)
+        "VCACHE_LLAMA_CACHE": os.environ.get("VCACHE_LLAMA_CACHE", str(ROOT / ".build" / "llama")),
         "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
     }
     for link in (

@@ -32,6 +32,7 @@ The store's exception hierarchy:
   x LlamaLibsError (vision_cache.llama.libs: llama.cpp's libraries cannot be loaded)
   x EncoderError (vision_cache.llama.mtmd: the vision encoder failed)
     - ImageRejected (the bytes are not an image it takes)
+  x BuildError (vision_cache.llama.server_build: llama-server cannot be built; its tree there)
 
 Classes marked with a module live beside the code that raises them, but join this tree.
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from proxy.cli.build_server_command import add_build_server_command
 from proxy.cli.config import ServeSettings, add_arguments, settings_error, settings_from
 from proxy.cli.pack_commands import add_pack_commands
 from proxy.cli.store_commands import Subparsers, add_store_commands
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_warm_command(subparsers)
     add_pack_commands(subparsers)
     add_store_commands(subparsers)
+    add_build_server_command(subparsers)
     return parser
 
 

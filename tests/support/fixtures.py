@@ -1,8 +1,8 @@
 """Shared fixtures: the llama-server builds, the generated test VLMs, real servers on free ports.
 
 A pytest plugin (tests/conftest.py loads it): its fixtures reach every test module. Everything
-is real: the servers are built from source by scripts/build_llama_server.py (make test builds
-them first; a fixture that finds none builds it), and the models are random-weight VLMs
+is real: the servers are built from source by `vcache build-server` (make test builds them
+first; a fixture that finds none builds it), and the models are random-weight VLMs
 written by vision_cache.synthetic. Set VCACHE_LLAMA_SERVER_PATCHED/_STOCK to test other
 binaries, VCACHE_MODELS_DIR to keep models elsewhere.
 """
@@ -10,14 +10,13 @@ binaries, VCACHE_MODELS_DIR to keep models elsewhere.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.redis_server import RedisServer
 from vision_cache.synthetic.models import ModelFiles, generate
 
@@ -27,28 +26,14 @@ ARCHS = ("gemma3", "qwen2vl")
 SERVER_THREADS = "2"
 
 
-def llama_server_binary(variant: str) -> Path:
-    """The binary for `variant` (patched or stock), building it if needed."""
-    env = os.environ.get(f"VCACHE_LLAMA_SERVER_{variant.upper()}")
-    if env:
-        return Path(env)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
-
-
 @pytest.fixture(scope="session")
 def patched_bin() -> Path:
-    return llama_server_binary("patched")
+    return built_binary("patched")
 
 
 @pytest.fixture(scope="session")
 def stock_bin() -> Path:
-    return llama_server_binary("stock")
+    return built_binary("stock")
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +55,9 @@ def tiny_model(models_dir: Path) -> Callable[[str], ModelFiles]:
 
 
 def server_args(files: ModelFiles, *extra: str) -> list[str]:
+    """llama-server's arguments for the test servers; $VCACHE_TEST_SERVER_ARGS adds more
+    (scripts/gpu_check.sh puts model and mmproj on the GPU with ``-ngl all``)."""
+    more = shlex.split(os.environ.get("VCACHE_TEST_SERVER_ARGS", ""))
     return [
         "-m",
         str(files.model),
@@ -82,6 +70,7 @@ def server_args(files: ModelFiles, *extra: str) -> list[str]:
         "-np",
         "2",
         "--no-warmup",
+        *more,
         *extra,
     ]
 

@@ -7,11 +7,18 @@
 The server binds port 0 (the kernel picks a free port; no race between choosing and
 binding) and the real port is read back from its log. A server that dies or does not become
 healthy in time raises `ServerExited` / `ServerTimeout` (tests.support.child_process).
+
+`built_binary(variant)` finds the binary to run: the one $VCACHE_LLAMA_SERVER_PATCHED / _STOCK
+names, else this checkout's build (`vcache build-server --cpu` into $VCACHE_LLAMA_CACHE,
+default .build/llama), built if missing.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +26,26 @@ import httpx
 
 from tests.support.child_process import ChildProcess, ServerStartError
 
+ROOT = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"listening on (https?://[^\s]+?:\d+)\s")
+
+
+def built_binary(variant: str) -> Path:
+    """The llama-server binary for `variant` (patched or stock), building it if needed."""
+    given = os.environ.get(f"VCACHE_LLAMA_SERVER_{variant.upper()}")
+    if given:
+        return Path(given)
+    env = {**os.environ}
+    env.setdefault("VCACHE_LLAMA_CACHE", str(ROOT / ".build" / "llama"))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "build-server", "--cpu", "--variant", variant],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    return Path(out.stdout.strip())
 
 
 class LlamaServer(ChildProcess):

@@ -27,14 +27,17 @@ class ProxyProcess(ChildProcess):
         startup_timeout: float = 120.0,
         env: dict[str, str] | None = None,
         health_path: str = "/vcache/health",
+        vcache: list[str] | None = None,
     ) -> None:
+        """`vcache`: the command to run (default: this Python's ``-m proxy``)."""
         super().__init__(log_path, startup_timeout=startup_timeout, env=env or {})
+        self.vcache = vcache or [sys.executable, "-m", "proxy"]
         self.args = args
         self.health_path = health_path
         self.base_url = ""
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "proxy", "serve", "--port", "0", *self.args]
+        return [*self.vcache, "serve", "--port", "0", *self.args]
 
     def wait_ready(self, deadline: float) -> None:
         self.base_url = self.wait_until(self._serving_url, deadline, "did not start serving")

@@ -3,7 +3,7 @@
 llama-cpp-python finds its libraries through two environment variables read once, when its
 modules are first imported: ``LLAMA_CPP_LIB_PATH`` (libllama and, through it, ggml) and
 ``MTMD_CPP_LIB`` (libmtmd). vcache points both at the ``bin/`` directory of its own llama.cpp
-build (scripts/build_llama_server.py), so the bindings and the patched llama-server share one
+build (`vcache build-server`), so the bindings and the patched llama-server share one
 compile and one version (docs/llama-cpp-python.md)::
 
     libs = load_llama_libs(Path(".build/llama/patched-<key>/bin"))
