@@ -211,6 +211,24 @@ def raise_open_file_limit(target: int = 65536) -> int:
     return soft
 
 
+def run(settings: ServeSettings) -> None:
+    """`serve` on a fresh event loop: uvloop's where it is installed.
+
+    uvloop's loop runs the proxy's own work per relayed request in about two thirds of the
+    CPU time of asyncio's (0.65 against 0.93-1.0 ms, measured on a text request against an
+    upstream that answers at once), which is most of what the proxy adds to a request."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: asyncio's own loop
+        return None
+    return uvloop.new_event_loop
+
+
 async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
     log.info("open files: up to %d", raise_open_file_limit())

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, ProxyError, UpstreamError
@@ -30,7 +30,10 @@ from proxy.lookup.package_lookup import RequestTally
 from proxy.upstream.client import Capabilities
 from proxy.upstream.relay import (
     RESPONSE_STARTED,
+    Body,
+    UpstreamRequest,
     build_request,
+    close_upstream,
     error_response,
     open_upstream,
     relay,
@@ -148,19 +151,20 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 
 def _upstream_request(
-    proxy: Proxy, request: web.Request, content: Any, extra: dict[str, str] | None = None
-) -> httpx.Request:
-    return build_request(
-        proxy.upstream.client, request, content, extra, proxy.limits.upstream_idle_s
-    )
+    proxy: Proxy, request: web.Request, content: Body, extra: dict[str, str] | None = None
+) -> UpstreamRequest:
+    return build_request(proxy.upstream, request, content, extra, proxy.limits.upstream_idle_s)
 
 
 async def _send(
-    request: web.Request, proxy: Proxy, req: Any, extra_headers: dict[str, str] | None = None
+    request: web.Request,
+    proxy: Proxy,
+    req: UpstreamRequest,
+    extra_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     try:
-        upstream = await open_upstream(proxy.upstream.client, req)
+        upstream = await open_upstream(proxy.upstream, req)
     except UpstreamError:
         proxy.metrics.upstream_errors.inc()
         proxy.upstream.forget_capabilities()
@@ -312,9 +316,11 @@ async def _send_with_fallback(
 ) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original."""
     upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
-    if upstream.status_code == 400 and not original.has_vcache_refs():
-        detail = await upstream.aread()
-        await upstream.aclose()
+    if upstream.status == 400 and not original.has_vcache_refs():
+        try:
+            detail = await upstream.read()
+        finally:
+            close_upstream(upstream)
         if b"image_embedding" in detail:
             log.warning(
                 "upstream refused packages (%s); forwarding the images instead",
@@ -325,13 +331,13 @@ async def _send_with_fallback(
             # a refusal, not a processed request: the one path that sends a request twice
             upstream = await _open(proxy, _upstream_request(proxy, request, original.take()))
         else:
-            return _replay(upstream.status_code, upstream.headers, detail, tally)
+            return _replay(upstream.status, upstream.headers, detail, tally)
     return await relay(request, upstream, {"X-Vcache": tally.header()})
 
 
-async def _open(proxy: Proxy, req: Any) -> Any:
+async def _open(proxy: Proxy, req: UpstreamRequest) -> aiohttp.ClientResponse:
     try:
-        return await open_upstream(proxy.upstream.client, req)
+        return await open_upstream(proxy.upstream, req)
     except UpstreamError:
         proxy.metrics.upstream_errors.inc()
         proxy.upstream.forget_capabilities()
