@@ -13,9 +13,9 @@ one (or the reverse) is noticed without restarting the proxy.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,6 +23,7 @@ import orjson
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.images.image_bytes import ImageBytes
 from proxy.images.modality import Modality
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
@@ -221,31 +222,32 @@ class Upstream:
         return props if isinstance(props, dict) else {}
 
     async def encode(
-        self,
-        caps: Capabilities,
-        image: bytes,
-        mime: str | None,
-        model: str = "",
-        modality: Modality = "image",
+        self, caps: Capabilities, image: ImageBytes, model: str = "", modality: Modality = "image"
     ) -> Encoded:
-        """Ask upstream's encode endpoint for the package of one image or audio clip."""
-        body: dict[str, Any]
+        """Ask upstream's encode endpoint for the package of one image or audio clip.
+
+        The media's base64 goes out as the client sent it (a view of the request's body, for
+        media sent inline): never decoded, encoded again or copied into a JSON string."""
         endpoint = caps.endpoint
         if modality == "audio":
             if caps.media_endpoint is None:
                 raise UpstreamError("upstream takes no audio packages")
             endpoint = caps.media_endpoint
-            body = {"input_audio": {"data": base64.b64encode(image).decode()}}
+            head = b'{"input_audio":{"data":"'
         else:
-            uri = f"data:{mime or 'image/png'};base64,{base64.b64encode(image).decode()}"
-            body = {"image_url": {"url": uri}}
-        if model:
-            body["model"] = model
+            head = (
+                b'{"image_url":{"url":"data:' + (image.mime or "image/png").encode() + b";base64,"
+            )
+        tail = b'"}' + (b',"model":' + orjson.dumps(model) if model else b"") + b"}"
+        pieces = [head, image.base64(), tail]
         try:
             async with self.session.post(
                 URL(self._base_url + endpoint),
-                data=orjson.dumps(body),
-                headers={"Content-Type": "application/json"},
+                data=_stream(pieces),
+                headers={
+                    "Content-Type": "application/json",
+                    "Content-Length": str(sum(memoryview(p).nbytes for p in pieces)),
+                },
                 timeout=self._encode_timeout,
             ) as resp:
                 answer = await resp.read()
@@ -258,7 +260,7 @@ class Upstream:
                 f"upstream encode answered {resp.status}: {answer[:300].decode(errors='replace')}"
             )
         try:
-            return _encoded(orjson.loads(answer))
+            return await asyncio.to_thread(_encoded, orjson.loads(answer))
         except orjson.JSONDecodeError as e:
             raise UpstreamError(f"upstream encode answered something that is not JSON: {e}") from e
 
@@ -266,6 +268,15 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _stream(
+    pieces: list[bytes | memoryview], chunk: int = 256 * 1024
+) -> AsyncIterator[memoryview]:
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, view.nbytes, chunk):
+            yield view[start : start + chunk]
 
 
 def _encoded(body: Any) -> Encoded:
