@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.backends.llama_cpp import LlamaCppSettings, serve_llama_cpp
 from proxy.cli.config import ServeSettings
+from proxy.errors import UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from proxy.lookup.package_lookup import PackageLookup
@@ -134,8 +135,14 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
 
 @contextlib.asynccontextmanager
 async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder | None]:
-    """Encoder worker processes, with --encoder local; else upstream encodes."""
-    if settings.encoder != "local":
+    """Encoder worker processes when they encode (see ServeSettings.resolved_encoder), else
+    None: upstream's /vision/embedding encodes. Said at startup, either way."""
+    if settings.resolved_encoder != "local":
+        log.info(
+            "encoder: llama-server's /vision/embedding (every other request waits while "
+            "it encodes; --encoder local, or llama-cpp-python in managed mode, moves it "
+            "into worker processes)"
+        )
         yield None
         return
     assert settings.encoder_mmproj is not None and settings.encoder_model is not None
@@ -147,9 +154,26 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
         timeout_s=settings.encoder_timeout_s,
         settings=EncoderSettings(n_threads=settings.encoder_threads, use_gpu=settings.encoder_gpu),
     )
-    log.info("starting %d local encoder worker(s) for %s", config.workers, config.mmproj)
-    async with LocalEncoder(config) as encoder:
+    encoder = LocalEncoder(config)
+    try:
+        await encoder.start()
+    except (UpstreamError, OSError) as e:
+        await encoder.aclose()
+        if settings.encoder == "local":
+            raise
+        log.warning("encoder: the local encoder did not start (%s); llama-server encodes", e)
+        yield None
+        return
+    log.info(
+        "encoder: %d local worker process(es) for %s (llama-server only decodes "
+        "packages; --encoder server to have it encode)",
+        config.workers,
+        config.mmproj,
+    )
+    try:
         yield encoder
+    finally:
+        await encoder.aclose()
 
 
 @contextlib.asynccontextmanager

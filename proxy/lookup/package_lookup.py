@@ -149,6 +149,11 @@ class PackageLookup:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vcache-store")
         self._registered: set[str] = set()
 
+    @property
+    def encoder(self) -> Literal["local", "server"]:
+        """Who encodes on a miss: the local encoder's workers, or upstream's server."""
+        return "server" if self._encoder is None else "local"
+
     async def capabilities(self, model: str = "") -> Capabilities:
         """Upstream's capabilities, with the namespace of whoever encodes on a miss.
 

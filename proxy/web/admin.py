@@ -87,6 +87,7 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
         "status": "ok",
         "upstream": proxy.upstream.base_url,
         "packages": caps.packages,
+        "encoder": proxy.lookup.encoder,
         "process": _process_stats(),
     }
     if proxy.health_extra:
