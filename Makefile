@@ -23,7 +23,7 @@ export VCACHE_LLAMA_CACHE := $(abspath $(BUILD)/llama)
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
 	@echo "make test         build everything and run lint, type checks and the test suite"
-	@echo "make bench        end-to-end benchmarks on the realistic vision and audio models -> docs/benchmarks.md"
+	@echo "make bench        end-to-end (vision, audio), against-stock and load benchmarks -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout,"
 	@echo "                  LLAMA_BACKEND=cuda for NVIDIA GPUs)"
@@ -97,14 +97,20 @@ unit: venv
 
 # --- benchmarks -------------------------------------------------------------------------------
 
+# end to end, then against stock llama-server at its best and where its prompt cache cannot
+# help, then text latency while other clients send big images (each writes its own section)
 bench: llama venv
 	$(PY) -m vision_cache.synthetic --all --size realistic --out $(MODELS)
 	$(PY) -m scripts.bench_e2e --size realistic
 	$(PY) -m scripts.bench_audio --size realistic
+	$(PY) -m scripts.bench_stock --size realistic
+	$(PY) -m scripts.bench_load
 
 bench-quick: llama models
 	$(PY) -m scripts.bench_e2e --size tiny
 	$(PY) -m scripts.bench_audio --size tiny
+	$(PY) -m scripts.bench_stock --size tiny
+	$(PY) -m scripts.bench_load --clients 4 --seconds 5 --no-write
 
 bench-encoder: llama-cpp-python
 	$(PY) -m vision_cache.synthetic --family gemma3 --size realistic --out $(MODELS)

@@ -38,10 +38,10 @@ with atheris.instrument_imports():
     from pydantic import ValidationError
 
     from proxy.errors import ProxyError
+    from proxy.images import json_body
     from proxy.images.inspection import inspect
     from proxy.images.media import FetchPolicy, MediaLoader, vet_url
     from proxy.images.slots import IMAGE_PATHS, find_images
-    from proxy.web.body import decode_body, dump_body, parse_body
     from vision_cache.client.admin_api import LookupRequest, WarmRequest
     from vision_cache.errors import VisionCacheError
     from vision_cache.keys import validate_digest, validate_name
@@ -60,15 +60,19 @@ def one_input(data: bytes) -> None:
     if path.startswith("/vcache/"):
         _proxy_endpoint(path, raw)
         return
-    try:  # what the proxy does with a body sent to an image endpoint
-        body = parse_body(decode_body(bytearray(raw)))
+    try:  # what the proxy does with a body sent to an image endpoint (small spans: found)
+        body = json_body.parse(bytearray(raw), min_span=16)
         slots = find_images(path, body, max_images=32)
     except ProxyError:
         return
     for slot in slots:
-        _reference(slot.ref)
-        slot.put_image(b"\x89PNG\r\n\x1a\n", "image/png")
-    dump_body(body)  # rewritten bodies are written back
+        if slot.span is None:
+            _reference(slot.ref)
+        else:
+            with contextlib.suppress(ProxyError):  # an image sent inline, read in place
+                inspect(_LOADER.inline(slot.span).head)
+        slot.put_image(b"\x89PNG\r\n\x1a\n", "image/png", body.insert)
+    body.dumps().join()  # rewritten bodies are written back
 
 
 def _reference(ref: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
@@ -10,6 +11,7 @@ from typing import Any
 
 from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
 from proxy.cli.config import ServeSettings
+from proxy.errors import UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from proxy.lookup.package_lookup import PackageLookup
@@ -132,8 +134,14 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
 
 @contextlib.asynccontextmanager
 async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder | None]:
-    """Encoder worker processes, with --encoder local; else upstream encodes."""
-    if settings.encoder != "local":
+    """Encoder worker processes when they encode (see ServeSettings.resolved_encoder), else
+    None: upstream's /vision/embedding encodes. Said at startup, either way."""
+    if settings.resolved_encoder != "local":
+        log.info(
+            "encoder: llama-server's /vision/embedding (every other request waits while "
+            "it encodes; --encoder local, or llama-cpp-python in managed mode, moves it "
+            "into worker processes)"
+        )
         yield None
         return
     assert settings.encoder_mmproj is not None and settings.encoder_model is not None
@@ -145,9 +153,26 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
         timeout_s=settings.encoder_timeout_s,
         settings=EncoderSettings(n_threads=settings.encoder_threads, use_gpu=settings.encoder_gpu),
     )
-    log.info("starting %d local encoder worker(s) for %s", config.workers, config.mmproj)
-    async with LocalEncoder(config) as encoder:
+    encoder = LocalEncoder(config)
+    try:
+        await encoder.start()
+    except (UpstreamError, OSError) as e:
+        await encoder.aclose()
+        if settings.encoder == "local":
+            raise
+        log.warning("encoder: the local encoder did not start (%s); llama-server encodes", e)
+        yield None
+        return
+    log.info(
+        "encoder: %d local worker process(es) for %s (llama-server only decodes "
+        "packages; --encoder server to have it encode)",
+        config.workers,
+        config.mmproj,
+    )
+    try:
         yield encoder
+    finally:
+        await encoder.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -189,6 +214,24 @@ def raise_open_file_limit(target: int = 65536) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = wanted
     return soft
+
+
+def run(settings: ServeSettings) -> None:
+    """`serve` on a fresh event loop: uvloop's where it is installed.
+
+    uvloop's loop runs the proxy's own work per relayed request in about two thirds of the
+    CPU time of asyncio's (0.65 against 0.93-1.0 ms, measured on a text request against an
+    upstream that answers at once), which is most of what the proxy adds to a request."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: asyncio's own loop
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve(settings: ServeSettings) -> None:

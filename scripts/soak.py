@@ -207,6 +207,7 @@ def summary(load: Load, started: float, minutes: float, warmup: float) -> dict[s
             k: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
             for k, v in kinds.items()
         },
+        "rss_last_half": _level(load.samples, minutes),
         "all_p50_ms": percentile([o.seconds * 1000 for o in outcomes], 0.5),
         "all_p99_ms": percentile([o.seconds * 1000 for o in outcomes], 0.99),
         "after_warmup": {
@@ -220,6 +221,18 @@ def summary(load: Load, started: float, minutes: float, warmup: float) -> dict[s
         else {},
         "load_average": os.getloadavg(),
     }
+
+
+def _level(samples: list[Any], minutes: float) -> dict[str, float]:
+    """RSS over the run's second half (its last hour on a two-hour run): lowest, highest, and
+    the spread between them as a share of the lowest. A leak keeps climbing there; a bounded
+    cache filling up has levelled off (spread within 5 %)."""
+    if not samples:
+        return {}
+    start = samples[0].at + minutes * 30
+    late = [s.rss_mib for s in samples if s.at >= start] or [samples[-1].rss_mib]
+    low, high = min(late), max(late)
+    return {"min_mib": low, "max_mib": high, "spread": (high - low) / low if low else 0.0}
 
 
 def plot(load: Load, minutes: float, out: Path, figures: dict[str, Any]) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from proxy.images.json_body import JsonBody, parse
 from proxy.images.modality import audio_mime, sniff
 from proxy.images.slots import find_images, package_kind
 from proxy.lookup.package_lookup import RequestTally
@@ -76,22 +78,29 @@ def test_chat_input_audio_slots_take_a_media_embedding() -> None:
             }
         ]
     }
-    slots = find_images("/v1/chat/completions", body, max_images=8)
-    assert [s.ref for s in slots] == [b64, "https://example.com/a.wav"]
+    doc = parsed(body)
+    slots = find_images("/v1/chat/completions", doc, max_images=8)
+    # the clip's base64 is long enough to stay in the body as a span: its slot says so
+    assert [s.span.text() if s.span else s.ref for s in slots] == [b64, "https://example.com/a.wav"]
     pkg = _audio_package()
     slots[0].put_package(pkg)
-    slots[1].put_image(WAV, "audio/wav")
-    parts = body["messages"][0]["content"]
+    slots[1].put_image(WAV, "audio/wav", doc.insert)
+    parts = json.loads(doc.dumps().join())["messages"][0]["content"]
     assert parts[1] == {"type": "media_embedding", "media_embedding": pkg}
     assert parts[2]["input_audio"] == {"url": "data:audio/wav;base64," + b64}
 
 
+def parsed(body: dict[str, Any]) -> JsonBody:
+    return parse(json.dumps(body).encode())
+
+
 def test_multimodal_data_clip_and_image_packages_take_their_own_forms() -> None:
     body: dict[str, Any] = {"prompt": {"prompt_string": "x", "multimodal_data": ["AAAA", "BBBB"]}}
-    slots = find_images("/completion", body, max_images=8)
+    doc = parsed(body)
+    slots = find_images("/completion", doc, max_images=8)
     slots[0].put_package(_audio_package())
     slots[1].put_package({"id": "b" * 64})
-    data = body["prompt"]["multimodal_data"]
+    data = doc.tree["prompt"]["multimodal_data"]
     assert list(data[0]) == ["media_embedding"] and list(data[1]) == ["image_embedding"]
     assert package_kind({"modality": "image"}) == "image_embedding"
 
@@ -103,7 +112,7 @@ def test_client_media_embedding_parts_are_refused_like_image_embedding_ones() ->
         ]
     }
     with pytest.raises(Exception, match="not accepted from clients"):
-        find_images("/v1/chat/completions", body, max_images=8)
+        find_images("/v1/chat/completions", parsed(body), max_images=8)
 
 
 def test_anthropic_blocks_have_no_audio_form() -> None:
@@ -120,7 +129,7 @@ def test_anthropic_blocks_have_no_audio_form() -> None:
             }
         ]
     }
-    (slot,) = find_images("/v1/messages", body, max_images=8)
+    (slot,) = find_images("/v1/messages", parsed(body), max_images=8)
     assert not slot.takes_audio
 
 

@@ -121,3 +121,45 @@ def test_managed_mode_takes_encoder_files_from_llama_args() -> None:
     assert s.encoder_model == Path("model.gguf")
     assert s.encoder_mmproj == Path("mmproj.gguf")
     assert s.lib_dir == Path("/bin")
+
+
+@pytest.mark.parametrize(("encoder", "expected"), [(None, "local"), ("server", "server")])
+def test_managed_mode_encodes_locally_unless_told_otherwise(
+    patched_bin: Path,
+    tiny_model: Callable[[str], ModelFiles],
+    tmp_path: Path,
+    encoder: str | None,
+    expected: str,
+) -> None:
+    """With llama-cpp-python installed (make test installs it), managed mode knows the model,
+    the mmproj and the build: misses are encoded in its own workers by default, never by the
+    LLM server; `--encoder server` keeps the server encoding. Startup says which."""
+    files = tiny_model("gemma3")
+    args = [
+        "--store",
+        str(tmp_path / "s"),
+        *(["--encoder", encoder] if encoder else []),
+        "--llama-server",
+        str(patched_bin),
+        "--",
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        "1",
+        "-np",
+        "1",
+    ]
+    url = sample_image("stripes_300x900").data_url()
+    with ProxyProcess(args, tmp_path / "p.log") as proxy:
+        health = httpx.get(f"{proxy.base_url}/vcache/health", timeout=10).json()
+        miss = chat(proxy.base_url, [image_part(url)], "Who encoded this?")
+        log = proxy.log()
+    assert health["encoder"] == expected
+    assert f"encoder: {'llama-server' if expected == 'server' else '1 local worker'}" in log
+    assert "misses=1" in miss.headers["x-vcache"]
+    # the server decodes a package either way; it encoded the image only when told to
+    assert miss.timings["media_embedding_n"] > 0
+    server_log = (tmp_path / "s" / "llama-server.log").read_text(errors="replace")
+    assert ("image_embedding: encoded image" in server_log) == (expected == "server")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -185,10 +186,12 @@ class ServeSettings(StoreSettings):
         None,
         description="Redis password, when the URL has none (best set as VCACHE_SHARED_PASSWORD)",
     )
-    encoder: Literal["upstream", "local"] = Field(
-        "upstream",
-        description="who encodes on a miss: upstream's POST /vision/embedding, or "
-        "local encoder worker processes (text requests then never wait behind an encode)",
+    encoder: Literal["auto", "local", "server", "upstream"] = Field(
+        "auto",
+        description="who encodes on a miss: local encoder worker processes (text requests then "
+        "never wait behind an encode), llama-server's POST /vision/embedding (server; "
+        "`upstream` is its former name), or auto: local in managed mode when "
+        "llama-cpp-python is installed, else server",
     )
     encoder_workers: int = Field(1, ge=1, description="local encoder worker processes")
     encoder_threads: int = Field(2, ge=1, description="threads per local encoder worker")
@@ -285,6 +288,24 @@ class ServeSettings(StoreSettings):
     @property
     def managed(self) -> bool:
         return self.llama_server is not None
+
+    @property
+    def resolved_encoder(self) -> Literal["local", "server"]:
+        """Who encodes on a miss. In managed mode vcache knows the model, the mmproj and the
+        build, so it encodes in its own workers when it can: llama-server, encoding, makes
+        every other request wait out the encode (75 s on a CPU for a SigLIP-sized tower)."""
+        if self.encoder == "local":
+            return "local"
+        if (
+            self.encoder == "auto"
+            and self.managed
+            and self.backend == "llama-server"
+            and self.encoder_model is not None
+            and self.encoder_mmproj is not None
+            and importlib.util.find_spec("llama_cpp") is not None
+        ):
+            return "local"
+        return "server"
 
     @property
     def resolved_transport(self) -> Literal["file", "inline"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from typing import Any
@@ -52,9 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from proxy.serve import serve  # heavy imports only for the command that needs them
+    from proxy.serve import run  # heavy imports only for the command that needs them
 
-    asyncio.run(serve(settings))
+    run(settings)
     return 0
 
 

@@ -19,9 +19,9 @@ MediaError means "undecodable here", which a caller may leave to upstream, and n
 reach upstream's fetcher, which has no SSRF guard. Where we differ from llama-server:
 
 * base64: llama-server's decoder stops at the first character outside the alphabet and
-  needs no padding. Ours (``binascii`` strict mode) refuses whitespace, URL-safe ``-_``,
-  missing or misplaced padding and trailing data: an input llama-server would decode only a
-  prefix of is refused with a message instead of encoded as some other image.
+  needs no padding. Ours (pybase64, validating) refuses whitespace, URL-safe ``-_``,
+  missing, misplaced or excess padding and trailing data: an input llama-server would decode
+  only a prefix of is refused with a message instead of encoded as some other image.
 * data URIs: ``data:``, the media type and ``;base64`` match case-insensitively
   (llama-server: exactly ``data:image/``, ``data:audio/`` or ``data:video/``).
   ``data:video/...`` is MediaError: video has no package, so there is nothing to cache.
@@ -56,7 +56,6 @@ timeouts are translated here, with messages that name the reference and the reas
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextvars
 import dataclasses
 import errno
@@ -77,13 +76,14 @@ from yarl import URL
 
 from proxy.errors import MediaError, MediaFetchFailed, MediaNotAllowed, MediaTooLarge, shorten
 from proxy.images import ssrf
+from proxy.images.image_bytes import MEDIA_TYPE, ImageBytes, read_reference
+from proxy.images.json_body import Span
 from proxy.images.ssrf import FetchPolicy, IPAddress
 
 __all__ = ["SCHEME", "FetchPolicy", "Media", "MediaLoader", "is_locator", "vet_url"]
 
 # a URI scheme; base64 has no ':', so inline bytes never match
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 _FILE_CHUNK = 1024 * 1024
@@ -132,6 +132,14 @@ class MediaLoader:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
+    def inline(self, ref: Span | str) -> ImageBytes:
+        """The image a data URI or bare base64 holds, read where it lies (a `Span` of the
+        request body, or a string): hashed in pieces, never held decoded. Slow on megabytes
+        (a worker thread's job). Raises MediaTooLarge or MediaError, as `load` does."""
+        if self._closed:
+            raise RuntimeError("MediaLoader is closed")
+        return read_reference(ref, self._policy.max_bytes)
+
     async def load(self, ref: str) -> Media:
         """The image `ref` names: a data URI, raw base64, an http(s) URL or a file URL.
 
@@ -149,10 +157,10 @@ class MediaLoader:
             # would leave this to upstream's unguarded fetcher (the package lookup does so).
             raise MediaNotAllowed(f"{shorten(ref)}: not a valid http(s) URL")
         if match is None:
-            return Media(_decode_base64(ref, self._policy.max_bytes), None, "base64")
+            return _load_inline(ref, self._policy.max_bytes, "base64")
         scheme = match.group(1).lower()
         if scheme == "data":
-            return _load_data_uri(ref, self._policy.max_bytes)
+            return _load_inline(ref, self._policy.max_bytes, "data-uri")
         if scheme in ("http", "https"):
             return await self._load_http(ref)
         if scheme == "file":
@@ -231,42 +239,9 @@ class MediaLoader:
 # --- data URIs and base64 ----------------------------------------------------------------
 
 
-def _load_data_uri(ref: str, max_bytes: int) -> Media:
-    comma = ref.find(",")
-    header = ref[:comma] if comma >= 0 else ref
-    shown = shorten(header)  # the header only: never echo the payload
-    if comma < 0:
-        raise MediaError(f"{shown}: a data URI needs a ',' before its data")
-    mime, *params = header[len("data:") :].split(";")
-    mime = mime.strip().lower()
-    if not params or params[-1].strip().lower() != "base64":
-        raise MediaError(f"{shown}: only base64 data URIs are accepted")
-    if not _MIME.fullmatch(mime):
-        raise MediaError(f"{shown}: the data URI has no valid media type")
-    if not mime.startswith(("image/", "audio/")):
-        raise MediaError(f"{shown}: media type {mime!r} is not an image or audio")
-    # sized before it is sliced out: a copy of 100 MB of base64 only to refuse it is a waste
-    _check_base64_size(len(ref) - comma - 1, max_bytes)
-    return Media(_decode_base64(ref[comma + 1 :], max_bytes), mime, "data-uri")
-
-
-def _decode_base64(text: str, max_bytes: int) -> bytes:
-    if not text:
-        raise MediaError("empty base64 image data")
-    _check_base64_size(len(text), max_bytes)
-    try:
-        data = binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII characters
-        raise MediaError(f"image data is not valid base64: {exc}") from exc
-    if len(data) > max_bytes:
-        raise MediaTooLarge(f"base64 image data is over the {max_bytes}-byte cap")
-    return data
-
-
-def _check_base64_size(n_chars: int, max_bytes: int) -> None:
-    # Four characters carry three bytes: refuse before decoding megabytes we would drop.
-    if n_chars // 4 * 3 - 2 > max_bytes:
-        raise MediaTooLarge(f"base64 image data is over the {max_bytes}-byte cap")
+def _load_inline(ref: str, max_bytes: int, origin: str) -> Media:
+    image = read_reference(ref, max_bytes)
+    return Media(image.data(), image.mime, origin)
 
 
 # --- http(s): the guard ------------------------------------------------------------------
@@ -437,7 +412,7 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int, shown: str)
 
 def _mime(content_type: str | None) -> str | None:
     mime = (content_type or "").split(";")[0].strip().lower()
-    return mime if _MIME.fullmatch(mime) else None
+    return mime if MEDIA_TYPE.fullmatch(mime) else None
 
 
 # aiohttp's own messages name our resolver, sockets and addresses; the client gets these.

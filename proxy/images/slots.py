@@ -10,6 +10,10 @@ image-only spelling), chosen by the package's own ``modality``.
 `ImageSlot.put_image` puts image bytes where the client named the image by URL or path: the
 proxy fetches such images itself (under its SSRF policy) and upstream must never fetch them.
 
+Bodies come parsed by `proxy.images.json_body`: an image sent inline is a big string left in the
+raw body, a `Span`, and its slot says so (`ImageSlot.span`, `ref` then holding its first
+characters).
+
 A client that sends ``image_embedding`` parts itself is refused unless the proxy is told to
 trust them: a package names its own id, and a forged one could poison the server's prompt cache
 for the image it claims to be.
@@ -17,15 +21,33 @@ for the image it claims to be.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pybase64
+
 from proxy.errors import ClientPackageRefused, TooManyImages
-from vision_cache.data_uri import data_uri
+from proxy.images.json_body import JsonBody, Span
+from vision_cache.data_uri import data_uri_bytes
 
 Package = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class InlinePayload:
+    """A package's payload, in place of its ``data`` string until the request is written out
+    (`proxy.web.app` puts its base64 into the body as it is, never through the JSON encoder)."""
+
+    payload: bytes | memoryview
+
+    def base64(self) -> bytes:
+        return pybase64.b64encode(self.payload)
+
+
+# puts a string value whose JSON text is the given bytes (no escaping needed) in the body,
+# written out as it is (JsonBody.insert)
+Insert = Callable[[bytes], str]
 
 CHAT_PATHS = frozenset(
     {
@@ -61,24 +83,28 @@ IMAGE_PATHS = CHAT_PATHS | PROMPT_PATHS | ANTHROPIC_PATHS | RESPONSES_PATHS
 @dataclasses.dataclass(frozen=True)
 class ImageSlot:
     """One image in a request: what the client sent, and how to replace it by a package
-    (`put_package`) or by the image's bytes and media type (`put_image`)."""
+    (`put_package`) or by the image's bytes and media type (`put_image`).
+
+    `span` is the client's reference where it is a big string left in the body (an image sent
+    inline); `ref` then holds its first characters, enough to tell what it is."""
 
     ref: str
     mime: str | None
     put_package: Callable[[Package], None]
-    put_image: Callable[[bytes, str], None]
+    put_image: Callable[[bytes, str, Insert], None]
     # an audio package can go here (chat parts, multimodal_data); Anthropic and Responses
     # blocks have no form for one, so a clip there is left as sent
     takes_audio: bool = True
+    span: Span | None = None
 
 
 def find_images(
-    path: str, body: Any, *, max_images: int, allow_client_packages: bool = False
+    path: str, body: JsonBody, *, max_images: int, allow_client_packages: bool = False
 ) -> list[ImageSlot]:
     """Every image in `body`, in request order; raises on a refused or oversized request."""
-    if not isinstance(body, dict) or path not in IMAGE_PATHS:
+    if not isinstance(body.tree, dict) or path not in IMAGE_PATHS:
         return []
-    found = list(_slots(path, body))
+    found = [_with_span(s, body) if s is not None else None for s in _slots(path, body.tree)]
     if not allow_client_packages and any(s is None for s in found):
         raise ClientPackageRefused(
             "image_embedding inputs are not accepted from clients; send the image itself"
@@ -87,6 +113,11 @@ def find_images(
     if len(slots) > max_images:
         raise TooManyImages(f"{len(slots)} images in one request, the limit is {max_images}")
     return slots
+
+
+def _with_span(slot: ImageSlot, body: JsonBody) -> ImageSlot:
+    span = body.span(slot.ref)
+    return slot if span is None else dataclasses.replace(slot, ref=span.head(), span=span)
 
 
 # walkers yield None for a package the client sent itself (an image_embedding input)
@@ -149,20 +180,22 @@ def _audio_part(part: dict[str, Any]) -> Iterator[Found]:
         yield ImageSlot(ref, None, _chat_replacer(part), _audio_bytes(audio, key))
 
 
-def _audio_bytes(audio: dict[str, Any], key: str) -> Callable[[bytes, str], None]:
-    def put(data: bytes, mime: str) -> None:
+def _audio_bytes(audio: dict[str, Any], key: str) -> Callable[[bytes, str, Insert], None]:
+    def put(data: bytes, mime: str, insert: Insert) -> None:
         audio.pop("url" if key == "data" else "data", None)
-        audio[key] = data_uri(data, mime) if key == "url" else base64.b64encode(data).decode()
+        audio[key] = insert(
+            data_uri_bytes(data, mime) if key == "url" else pybase64.b64encode(data)
+        )
 
     return put
 
 
-def _chat_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
-    def put(data: bytes, mime: str) -> None:
+def _chat_image(part: dict[str, Any]) -> Callable[[bytes, str, Insert], None]:
+    def put(data: bytes, mime: str, insert: Insert) -> None:
         if isinstance(part.get("image_url"), dict):
-            part["image_url"]["url"] = data_uri(data, mime)
+            part["image_url"]["url"] = insert(data_uri_bytes(data, mime))
         else:
-            part["image_url"] = data_uri(data, mime)
+            part["image_url"] = insert(data_uri_bytes(data, mime))
 
     return put
 
@@ -189,9 +222,9 @@ def _list_replacer(items: list[Any], i: int) -> Callable[[Package], None]:
     return put
 
 
-def _list_image(items: list[Any], i: int) -> Callable[[bytes, str], None]:
-    def put(data: bytes, mime: str) -> None:
-        items[i] = base64.b64encode(data).decode()  # multimodal_data holds bare base64
+def _list_image(items: list[Any], i: int) -> Callable[[bytes, str, Insert], None]:
+    def put(data: bytes, mime: str, insert: Insert) -> None:
+        items[i] = insert(pybase64.b64encode(data))  # multimodal_data holds bare base64
 
     return put
 
@@ -237,12 +270,12 @@ def _source_replacer(block: dict[str, Any]) -> Callable[[Package], None]:
     return put
 
 
-def _source_image(block: dict[str, Any]) -> Callable[[bytes, str], None]:
-    def put(data: bytes, mime: str) -> None:
+def _source_image(block: dict[str, Any]) -> Callable[[bytes, str, Insert], None]:
+    def put(data: bytes, mime: str, insert: Insert) -> None:
         block["source"] = {
             "type": "base64",
             "media_type": mime,
-            "data": base64.b64encode(data).decode(),
+            "data": insert(pybase64.b64encode(data)),
         }
 
     return put
@@ -266,9 +299,9 @@ def _responses_slots(items: Any) -> Iterator[Found]:
                     )
 
 
-def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str], None]:
-    def put(data: bytes, mime: str) -> None:
-        part["image_url"] = data_uri(data, mime)
+def _responses_image(part: dict[str, Any]) -> Callable[[bytes, str, Insert], None]:
+    def put(data: bytes, mime: str, insert: Insert) -> None:
+        part["image_url"] = insert(data_uri_bytes(data, mime))
 
     return put
 

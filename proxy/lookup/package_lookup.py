@@ -34,10 +34,11 @@ from proxy.errors import (
     UnknownReference,
     UpstreamError,
 )
+from proxy.images.image_bytes import ImageBytes
 from proxy.images.inspection import inspect
 from proxy.images.media import MediaLoader, is_locator
 from proxy.images.modality import Modality, sniff
-from proxy.images.slots import ImageSlot, Package
+from proxy.images.slots import ImageSlot, InlinePayload, Package
 from proxy.lookup.local_encoder import LocalEncoder
 from proxy.upstream.client import Capabilities, Encoded, Upstream
 from proxy.web.metrics import Metrics
@@ -148,6 +149,11 @@ class PackageLookup:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vcache-store")
         self._registered: set[str] = set()
 
+    @property
+    def encoder(self) -> Literal["local", "server"]:
+        """Who encodes on a miss: the local encoder's workers, or upstream's server."""
+        return "server" if self._encoder is None else "local"
+
     async def capabilities(self, model: str = "") -> Capabilities:
         """Upstream's capabilities, with the namespace of whoever encodes on a miss.
 
@@ -159,14 +165,12 @@ class PackageLookup:
             return caps
         return dataclasses.replace(caps, namespace=self._encoder.namespace())
 
-    async def _encode(
-        self, image: bytes, mime: str | None, model: str, modality: Modality
-    ) -> Encoded:
+    async def _encode(self, image: ImageBytes, model: str, modality: Modality) -> Encoded:
         # the local encoder (llama-cpp-python) has no audio path: clips go to upstream's
         if self._encoder is not None and modality == "image":
-            return await self._encoder.encode(image, mime)
+            return await self._encoder.encode(await asyncio.to_thread(image.data), image.mime)
         caps = await self._upstream.capabilities(model)
-        return await self._upstream.encode(caps, image, mime, model, modality)
+        return await self._upstream.encode(caps, image, model, modality)
 
     async def resolve(
         self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
@@ -176,7 +180,7 @@ class PackageLookup:
         if slot.ref.startswith(REFERENCE_PREFIX):
             return await self._named(slot.ref, caps, tally)
         try:
-            media = await self._media.load(slot.ref)
+            image = await self._image(slot)
         except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
             raise
         except MediaError as e:
@@ -186,28 +190,37 @@ class PackageLookup:
             # inline bytes undecodable here; upstream's more lenient decoder has the last word
             log.info("media left to upstream: %s", e)
             return self._fallback(tally, "image")
-        modality = sniff(media.data)
+        modality = sniff(image.head)
         namespace = caps.namespace_for(modality)
         if modality == "audio" and (namespace is None or not slot.takes_audio):
             # no audio packages upstream, or no form for one here: the clip goes as sent
             return self._fallback(tally, "audio")
         if modality == "image":
             # a bomb or a broken file must never reach upstream's decoder: 400 here
-            await asyncio.to_thread(inspect, media.data)
+            await asyncio.to_thread(_check_header, image)
         # a clip upstream cannot decode fails its encode, and goes out as sent: the client gets
         # upstream's own answer to it, and nothing is stored
         assert namespace is not None
-        key = namespace.key_for_image(media.data)
-        return await self._by_key(
-            key, namespace, media.data, media.mime or slot.mime, model, tally, modality
-        )
+        key = namespace.key(image.digest)
+        return await self._by_key(key, namespace, image, model, tally, modality)
+
+    async def _image(self, slot: ImageSlot) -> ImageBytes:
+        """The slot's media, read and hashed on a worker thread: a 10 MB image costs tens of
+        milliseconds, which the event loop owes everyone else."""
+        if slot.span is not None or not is_locator(slot.ref):
+            image = await asyncio.to_thread(self._media.inline, slot.span or slot.ref)
+        else:
+            media = await self._media.load(slot.ref)
+            image = await asyncio.to_thread(ImageBytes.of, media.data, media.mime or slot.mime)
+        if image.mime is None and slot.mime is not None:
+            image = dataclasses.replace(image, mime=slot.mime)
+        return image
 
     async def _by_key(
         self,
         key: CacheKey,
         namespace: Namespace,
-        image: bytes,
-        mime: str | None,
+        image: ImageBytes,
         model: str,
         tally: RequestTally,
         modality: Modality = "image",
@@ -217,7 +230,7 @@ class PackageLookup:
             if entry is not None:
                 return self._hit(entry, tally)
             filled = await self._flight.run(
-                key.text, lambda: self._fill(key, namespace, image, mime, model, modality=modality)
+                key.text, lambda: self._fill(key, namespace, image, model, modality=modality)
             )
             entry = await self._run(self._store.get, key)
             if filled.from_fleet:
@@ -229,7 +242,7 @@ class PackageLookup:
             if entry is not None:
                 return self._part(entry)
             # not stored (disk full, unwritable): still spares upstream a second encode
-            return filled.header.inline(filled.payload)
+            return _inline(filled.header, filled.payload)
         except (UpstreamError, VisionCacheError, OSError) as e:
             log.warning("cache path failed, forwarding the %s: %s", modality, e)
             return self._fallback(tally, modality)
@@ -238,8 +251,7 @@ class PackageLookup:
         self,
         key: CacheKey,
         namespace: Namespace,
-        image: bytes,
-        mime: str | None,
+        image: ImageBytes,
         model: str,
         *,
         pin: bool = False,
@@ -247,7 +259,7 @@ class PackageLookup:
         modality: Modality = "image",
     ) -> Encoded:
         with self._metrics.encode_seconds.time():
-            encoded = await self._encode(image, mime, model, modality)
+            encoded = await self._encode(image, model, modality)
         self._metrics.encode_ms.inc(encoded.encode_ms)
         stored = StoredPackage(encoded.header, encoded.encode_ms)
         await self._register(namespace)
@@ -262,8 +274,7 @@ class PackageLookup:
         self,
         key: CacheKey,
         namespace: Namespace,
-        image: bytes,
-        mime: str | None,
+        image: ImageBytes,
         model: str,
         *,
         pin: bool = False,
@@ -284,7 +295,7 @@ class PackageLookup:
                     return found
             # the lock is best effort: past the wait's bound, or without Redis, encode anyway
             encoded = await self._encode_and_store(
-                key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality
+                key, namespace, image, model, pin=pin, ttl=ttl, modality=modality
             )
         return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
 
@@ -337,7 +348,8 @@ class PackageLookup:
                 f"upstream takes no {modality} packages: nothing to warm "
                 "(a patched llama-server started with --image-embedding?)"
             )
-        key = namespace.key_for_image(image)
+        held = await asyncio.to_thread(ImageBytes.of, image, mime)
+        key = namespace.key(held.digest)
         entry = await self._run(self._store.get, key)
         encode_ms = 0.0
         status_: Literal["cached", "encoded"] = "cached"
@@ -345,7 +357,7 @@ class PackageLookup:
             filled = await self._flight.run(
                 key.text,
                 lambda: self._fill(
-                    key, namespace, image, mime, model, pin=pin, ttl=ttl, modality=modality
+                    key, namespace, held, model, pin=pin, ttl=ttl, modality=modality
                 ),
             )
             if not filled.from_fleet:
@@ -451,7 +463,7 @@ class PackageLookup:
         if entry is not None:
             return self._part(entry)
         self._metrics.package_bytes.inc(memoryview(filled.payload).nbytes)
-        return filled.header.inline(filled.payload)
+        return _inline(filled.header, filled.payload)
 
     def _count_hit(self, encode_ms: float, tally: RequestTally, modality: Modality) -> None:
         tally.count("hit", modality)
@@ -474,7 +486,7 @@ class PackageLookup:
         # checks itself; inline ones are ours to check (cheap beside the base64 encoding).
         if xxhash.xxh3_64_hexdigest(entry.payload) != entry.ref.checksum:
             raise PackageError(f"payload of {entry.key.text} changed since it was stored")
-        return header.inline(entry.payload)
+        return _inline(header, entry.payload)
 
     def _fallback(self, tally: RequestTally, modality: Modality) -> Package | None:
         """Count a fallback; the medium stays as the client sent it (hence None)."""
@@ -506,3 +518,20 @@ def _fleet_package(key: CacheKey, found: SharedEntry) -> StoredPackage:
             f"payload of {found.payload.nbytes} bytes, its header says {stored.header.payload_size}"
         )
     return stored
+
+
+def _inline(header: PackageHeader, payload: bytes | memoryview) -> Package:
+    """An inline package whose payload is base64'd only as the request is written out: an
+    18.6 MB payload in a Python string would then be scanned again by the JSON encoder."""
+    return {**header.to_wire(), "data": InlinePayload(payload)}
+
+
+def _check_header(image: ImageBytes) -> None:
+    try:
+        inspect(image.head)
+    except MediaTooLarge:
+        raise
+    except MediaError:
+        if image.complete():
+            raise
+        inspect(image.data())  # a header longer than the first piece (a huge EXIF block)

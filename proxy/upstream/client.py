@@ -1,4 +1,8 @@
-"""The side that faces llama-server: one pooled httpx client, capability discovery, encodes.
+"""The side that faces llama-server: one pooled HTTP client, capability discovery, encodes.
+
+The client is aiohttp's (`Upstream.session`): a relayed text request cost the proxy about
+1.2 ms of CPU through httpx and 0.5 ms through aiohttp's client (its parser is C, and it does
+without httpx's anyio cancellation scopes), the largest part of the proxy's own overhead.
 
 Capabilities come from ``GET /props`` (``image_embedding``, see docs/wire-format.md) and are
 cached for a short time, per model in router mode. They are read again after that time, after
@@ -9,16 +13,19 @@ one (or the reverse) is noticed without restarting the proxy.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
+from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.images.image_bytes import ImageBytes
 from proxy.images.modality import Modality
-from vision_cache.data_uri import data_uri
+from vision_cache.data_uri import data_uri_bytes
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
 from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
@@ -94,6 +101,42 @@ class Encoded:
     encode_ms: float
 
 
+class _Response(aiohttp.ClientResponse):
+    """A response whose connection is never pooled after an event stream or a bodiless answer.
+
+    After an event stream: llama-server closes the connection after every one (its stream
+    provider ends by returning false, which cpp-httplib takes for an error) while announcing
+    keep-alive, and a request sent on it before the FIN arrives fails unsent, a 502 nobody
+    caused. After a bodiless answer (204, 304, the answer to HEAD), which ends with its
+    headers whatever they say: bytes a broken server sends after them (llama-server's
+    /cors-proxy answers 204 with a chunked body) would be read as the answer to the next
+    request on the connection, someone else's.
+
+    Decided here, as the headers arrive: the client hands a connection back to its pool the
+    moment a body is complete, which for a short stream is before anyone has seen its headers.
+    """
+
+    async def start(self, connection: aiohttp.connector.Connection) -> _Response:
+        protocol = connection.protocol
+        await super().start(connection)
+        if protocol is None or not self._ends_connection():
+            return self
+        if self.connection is None:
+            # its body is all here and the connection back in the pool (nothing ran
+            # meanwhile: no await since): a closed socket is dropped when next picked
+            protocol.close()
+        else:
+            protocol.force_close()  # closed when the body ends, instead of pooled
+        return self
+
+    def _ends_connection(self) -> bool:
+        return (
+            self.method == "HEAD"
+            or self.status in (204, 304)
+            or "text/event-stream" in self.headers.get("Content-Type", "")
+        )
+
+
 class Upstream:
     """A llama-server (patched or stock) at `base_url`."""
 
@@ -101,30 +144,44 @@ class Upstream:
         self, base_url: str, *, connect_timeout_s: float = 5.0, encode_timeout_s: float = 600.0
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        # generation can stream for minutes: no read timeout on forwarded requests
-        self.client = httpx.AsyncClient(
-            base_url=self._base_url,
-            timeout=httpx.Timeout(None, connect=connect_timeout_s),
-            # idle connections go well before llama-server's own 5 s keep-alive timeout: at
-            # the same 5 s (httpx's default) a request could go out on a connection the server
-            # was closing, a 502 nobody caused (a few a minute in scripts/soak.py)
-            limits=httpx.Limits(
-                max_connections=256, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S
-            ),
-            follow_redirects=False,
+        self.connect_timeout_s = connect_timeout_s
+        self._encode_timeout = aiohttp.ClientTimeout(
+            total=encode_timeout_s, sock_connect=connect_timeout_s
         )
-        self._encode_timeout = httpx.Timeout(encode_timeout_s, connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
         self._caps: dict[str, tuple[float, Capabilities]] = {}
         self._caps_lock = asyncio.Lock()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client, made on first use (a session belongs to the running loop)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                # idle connections go well before llama-server's own 5 s keep-alive timeout:
+                # at the same 5 s a request could go out on a connection the server was
+                # closing, a 502 nobody caused (a few a minute in scripts/soak.py)
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE_S),
+                # a transparent proxy: no cookies kept, nothing decompressed, no headers of
+                # its own added to what the client sent, no proxy from the environment
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                response_class=_Response,
+            )
+        return self._session
 
     @property
     def base_url(self) -> str:
         return self._base_url
 
+    def url(self, raw_path: str) -> URL:
+        """Upstream's URL for `raw_path`, its query and escapes exactly as the client wrote them."""
+        return URL(self._base_url + raw_path, encoded=True)
+
     def rebase(self, base_url: str) -> None:
         """Point at another address (a managed server restarted on a new port)."""
         self._base_url = base_url.rstrip("/")
-        self.client.base_url = httpx.URL(self._base_url)
         self.forget_capabilities()
 
     def forget_capabilities(self) -> None:
@@ -154,46 +211,71 @@ class Upstream:
 
     async def _props(self, model: str | None) -> dict[str, Any]:
         """GET /props; an empty dict when upstream cannot say (asked again after the TTL)."""
-        params = {"model": model} if model else None
+        url = URL(self._base_url + "/props")
         try:
-            resp = await self.client.get("/props", params=params, timeout=10.0)
-            props = resp.json() if resp.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
+            async with self.session.get(
+                url.with_query(model=model) if model else url,
+                timeout=aiohttp.ClientTimeout(total=10.0),
+            ) as resp:
+                props = orjson.loads(await resp.read()) if resp.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return {}
         return props if isinstance(props, dict) else {}
 
     async def encode(
-        self,
-        caps: Capabilities,
-        image: bytes,
-        mime: str | None,
-        model: str = "",
-        modality: Modality = "image",
+        self, caps: Capabilities, image: ImageBytes, model: str = "", modality: Modality = "image"
     ) -> Encoded:
-        """Ask upstream's encode endpoint for the package of one image or audio clip."""
-        body: dict[str, Any]
+        """Ask upstream's encode endpoint for the package of one image or audio clip.
+
+        The media's base64 goes out as the client sent it (a view of the request's body, for
+        media sent inline): never decoded, encoded again or copied into a JSON string."""
         endpoint = caps.endpoint
         if modality == "audio":
             if caps.media_endpoint is None:
                 raise UpstreamError("upstream takes no audio packages")
             endpoint = caps.media_endpoint
-            body = {"input_audio": {"data": base64.b64encode(image).decode()}}
+            head = b'{"input_audio":{"data":"'
         else:
-            body = {"image_url": {"url": data_uri(image, mime or "image/png")}}
-        if model:
-            body["model"] = model
+            head = b'{"image_url":{"url":"' + data_uri_bytes(b"", image.mime or "image/png")
+        tail = b'"}' + (b',"model":' + orjson.dumps(model) if model else b"") + b"}"
+        pieces = [head, image.base64(), tail]
         try:
-            resp = await self.client.post(endpoint, json=body, timeout=self._encode_timeout)
-        except httpx.TimeoutException as e:
+            async with self.session.post(
+                URL(self._base_url + endpoint),
+                data=_stream(pieces),
+                headers={
+                    "Content-Type": "application/json",
+                    "Content-Length": str(sum(memoryview(p).nbytes for p in pieces)),
+                },
+                timeout=self._encode_timeout,
+            ) as resp:
+                answer = await resp.read()
+        except TimeoutError as e:  # before aiohttp.ClientError: its timeouts are both
             raise UpstreamTimeout(f"upstream encode timed out: {e!r}") from e
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise UpstreamError(f"upstream encode failed: {e!r}") from e
-        if resp.status_code != 200:
-            raise UpstreamError(f"upstream encode answered {resp.status_code}: {resp.text[:300]}")
-        return _encoded(resp.json())
+        if resp.status != 200:
+            raise UpstreamError(
+                f"upstream encode answered {resp.status}: {answer[:300].decode(errors='replace')}"
+            )
+        try:
+            return await asyncio.to_thread(_encoded, orjson.loads(answer))
+        except orjson.JSONDecodeError as e:
+            raise UpstreamError(f"upstream encode answered something that is not JSON: {e}") from e
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _stream(
+    pieces: list[bytes | memoryview], chunk: int = 256 * 1024
+) -> AsyncIterator[memoryview]:
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, view.nbytes, chunk):
+            yield view[start : start + chunk]
 
 
 def _encoded(body: Any) -> Encoded:

@@ -14,17 +14,23 @@ proxy.web.app cuts the connection for any other failure past that point (`RESPON
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.upstream.client import Upstream
+
+# what a request body may be: nothing, bytes, views of bytes in order (sent as they are, with
+# their total length), or an async stream of chunks (sent chunked)
+Piece = bytes | bytearray | memoryview
+Body = Piece | Iterable[Piece] | AsyncIterable[Piece] | None
 
 log = logging.getLogger("vcache.forwarding")
 
@@ -65,12 +71,15 @@ def request_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in incoming.items() if k.lower() not in drop]
 
 
-def response_headers(upstream: httpx.Headers) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(upstream) | {"content-length"}
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    """Upstream's headers less the hop-by-hop ones, names in upstream's own case (clients
+    that read headers into a plain dict look names up as llama-server writes them)."""
+    drop = HOP_BY_HOP | _connection_tokens(upstream.headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in upstream.multi_items():
-        if k.lower() not in drop:
-            out.add(k, v)
+    for name, value in upstream.raw_headers:
+        text = name.decode("latin-1")
+        if text.lower() not in drop:
+            out.add(text, value.decode("latin-1"))
     return out
 
 
@@ -83,56 +92,92 @@ def error_response(err: ProxyError, headers: Mapping[str, str] | None = None) ->
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class UpstreamRequest:
+    """One request for upstream, ready to send."""
+
+    method: str
+    url: Any  # yarl.URL
+    headers: list[tuple[str, str]]
+    body: Any
+    timeout: aiohttp.ClientTimeout
+
+
 def build_request(
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     request: web.Request,
-    content: Any,
+    body: Body,
     extra_headers: Mapping[str, str] | None = None,
     idle_s: float | None = None,
-) -> httpx.Request:
+) -> UpstreamRequest:
     """The request for upstream; `idle_s` bounds each wait for upstream (None: no bound).
 
-    httpx applies the read timeout to every read, so `idle_s` is the longest silence before
-    the headers and between two chunks of the body, not a limit on the whole response."""
+    The bound is on every read from upstream's socket, so `idle_s` is the longest silence
+    before the headers and between two chunks of the body, not a limit on the whole response.
+    A body in bytes or pieces goes out in slices of CHUNK with its length declared: handed
+    over whole, 100 MB would be copied again into the socket's buffer."""
     headers = request_headers(request.headers)
     if extra_headers:
         headers.extend(extra_headers.items())
-    if isinstance(content, bytes) and len(content) > CHUNK:
-        # in slices, its length declared (so httpx does not chunk it): handed over whole, a
-        # 100 MB body is copied twice more on its way out (h11 joins what it sends, asyncio
-        # buffers what the socket does not take at once)
-        headers.append(("Content-Length", str(len(content))))
-        content = _slices(content)
-    timeout = httpx.Timeout(idle_s, connect=client.timeout.connect)
-    # raw_path: the query string and its encoding exactly as the client wrote them
-    return client.build_request(
-        request.method, request.raw_path, headers=headers, content=content, timeout=timeout
+    if isinstance(body, bytes | bytearray | memoryview):
+        body = [body]
+    if isinstance(body, list | tuple):
+        headers.append(("Content-Length", str(sum(memoryview(b).nbytes for b in body))))
+        body = _slices(body)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=upstream.connect_timeout_s, sock_read=idle_s
     )
+    # raw_path: the query string and its encoding exactly as the client wrote them
+    return UpstreamRequest(request.method, upstream.url(request.raw_path), headers, body, timeout)
 
 
-async def _slices(data: bytes) -> AsyncIterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        yield bytes(view[start : start + CHUNK])
+async def _slices(parts: Iterable[Piece]) -> AsyncIterator[memoryview]:
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, view.nbytes, CHUNK):
+            yield view[start : start + CHUNK]
 
 
-async def open_upstream(client: httpx.AsyncClient, req: httpx.Request) -> httpx.Response:
+async def open_upstream(upstream: Upstream, req: UpstreamRequest) -> aiohttp.ClientResponse:
     """Send and wait for the response headers; map transport failures to 502/504."""
     try:
-        return await client.send(req, stream=True)
-    except httpx.TimeoutException as e:
+        return await upstream.session.request(
+            req.method,
+            req.url,
+            headers=req.headers,
+            data=req.body,
+            timeout=req.timeout,
+            allow_redirects=False,
+            compress=None,
+        )
+    except TimeoutError as e:  # before ClientError: aiohttp's timeouts are both
         raise UpstreamTimeout(f"upstream did not answer in time: {type(e).__name__}") from e
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, OSError) as e:
+        ours = _own_error(e)
+        if ours is not None:  # the body failed on our side (over the limit, say): not upstream
+            raise ours from None
         raise UpstreamError(f"upstream is unreachable: {type(e).__name__}: {e}") from e
 
 
+def _own_error(e: BaseException) -> ProxyError | None:
+    """The proxy's own error behind a client error (aiohttp wraps what a body stream raises)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ProxyError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 async def relay(
-    request: web.Request, upstream: httpx.Response, extra_headers: Mapping[str, str] | None = None
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Copy upstream's response to the client as it arrives; closes `upstream`."""
     try:
-        resp = web.StreamResponse(status=upstream.status_code, reason=upstream.reason_phrase)
-        resp.headers.update(response_headers(upstream.headers))
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        resp.headers.update(response_headers(upstream))
         if extra_headers:
             resp.headers.update(extra_headers)
         length = upstream.headers.get("content-length")
@@ -140,58 +185,42 @@ async def relay(
             resp.content_length = int(length)
         await resp.prepare(request)
         request[RESPONSE_STARTED] = resp
-        if not _has_body(request.method, upstream.status_code):
-            await _drop_connection(upstream)
-        else:
+        if _has_body(request.method, upstream.status):
             await _copy_body(resp, upstream)
-            if "text/event-stream" in upstream.headers.get("content-type", ""):
-                await _drop_connection(upstream)
         await resp.write_eof()
         return resp
     finally:
-        await close_upstream(upstream)
+        close_upstream(upstream)
 
 
-async def _drop_connection(upstream: httpx.Response) -> None:
-    """Never pool the connection of a bodiless response or of an event stream.
+def close_upstream(upstream: aiohttp.ClientResponse) -> None:
+    """Let go of upstream's response: its connection goes back to the pool if the body was
+    read to its end, and is closed otherwise.
 
-    A 204, a 304 or an answer to HEAD ends with its headers, whatever they say; bytes a broken
-    server sends after them (llama-server's /cors-proxy answers 204 with a chunked body) would
-    be read as the response to the next request on the connection, someone else's. And
-    llama-server closes the connection after every event stream (its stream provider ends by
-    returning false, which cpp-httplib takes for an error) while announcing keep-alive: a
-    request sent on it before the FIN arrives fails unsent, a 502 nobody caused. Closing the
-    socket makes the pool discard the connection (a closed socket reads as expired).
+    A client that disconnects cancels the handler mid-body; the close must reach the socket
+    (it does: closing is synchronous here), or llama-server goes on generating into a
+    connection nobody reads.
     """
-    stream = upstream.extensions.get("network_stream")
-    if stream is not None:
-        await asyncio.shield(stream.aclose())
-
-
-async def close_upstream(upstream: httpx.Response) -> None:
-    """Close upstream's response, and so its connection, even inside a cancelled task.
-
-    A client that disconnects cancels the handler; the close must still reach the socket, or
-    llama-server goes on generating into a connection nobody reads. A second cancellation
-    (aiohttp may deliver one) must not interrupt it, hence the shield.
-    """
-    await asyncio.shield(upstream.aclose())
+    if upstream.content.at_eof() and not upstream.closed:
+        upstream.release()
+    else:
+        upstream.close()
 
 
 def _has_body(method: str, status: int) -> bool:
     return method != "HEAD" and status not in (204, 304) and not 100 <= status < 200
 
 
-async def _copy_body(resp: web.StreamResponse, upstream: httpx.Response) -> None:
+async def _copy_body(resp: web.StreamResponse, upstream: aiohttp.ClientResponse) -> None:
     events = _EventFramer() if _is_event_stream(upstream.headers) else None
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.content.iter_any():
             out = events.feed(chunk) if events else chunk
             if out:
                 await resp.write(out)
         if events and events.tail:
             await resp.write(events.tail)  # upstream's last bytes, complete or not: its stream
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, TimeoutError) as e:
         # headers are gone: all that is left is to say so in the stream, or to cut it
         log.warning("upstream broke off mid-response: %s: %s", type(e).__name__, e)
         if events is None:
@@ -199,15 +228,15 @@ async def _copy_body(resp: web.StreamResponse, upstream: httpx.Response) -> None
         await resp.write(events.broken_off() + _error_event(e))
 
 
-def _is_event_stream(headers: httpx.Headers) -> bool:
+def _is_event_stream(headers: Mapping[str, str]) -> bool:
     # compressed bytes have no event boundaries to find: such a stream is passed as it comes
     encoding = headers.get("content-encoding", "identity").lower()
     return "text/event-stream" in headers.get("content-type", "") and encoding == "identity"
 
 
-def _error_event(e: httpx.HTTPError) -> bytes:
+def _error_event(e: Exception) -> bytes:
     err: UpstreamError
-    if isinstance(e, httpx.TimeoutException):
+    if isinstance(e, TimeoutError):
         err = UpstreamTimeout(f"upstream went silent mid-stream: {type(e).__name__}")
     else:
         err = UpstreamError(f"upstream broke off mid-stream: {type(e).__name__}")

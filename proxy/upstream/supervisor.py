@@ -563,27 +563,30 @@ async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent_hook(),
-            # Its own process group: a Ctrl-C in the terminal reaches only the proxy, which
-            # then stops llama-server itself, instead of racing the monitor to restart it.
-            process_group=0,
+            preexec_fn=_child_setup(),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise UpstreamError(f"cannot run llama-server ({argv[0]}): {exc}") from exc
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the child when we die (Linux only).
+def _child_setup() -> Callable[[], None]:
+    """The preexec_fn of every child: its own process group, and dying with us.
 
-    SIGKILL rather than SIGTERM: with the proxy gone there is nobody left to escalate, and
-    llama-server holds nothing that a clean shutdown would save.
+    Its own process group: a Ctrl-C in the terminal reaches only the proxy, which then stops
+    llama-server itself, instead of racing the monitor to restart it. (Set here rather than
+    with ``process_group=0``, which uvloop's subprocess support does not take.)
+
+    Dying with us (Linux only): the kernel SIGKILLs the child when we die. SIGKILL rather than
+    SIGTERM: with the proxy gone there is nobody left to escalate, and llama-server holds
+    nothing that a clean shutdown would save.
     """
     if not sys.platform.startswith("linux"):
-        return None
+        return lambda: os.setpgid(0, 0)
     prctl = _prctl()  # looked up here, before fork, not in the child
     parent = os.getpid()
 
     def hook() -> None:
+        os.setpgid(0, 0)
         if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:

@@ -81,6 +81,7 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
     answer = HealthResponse(
         upstream=proxy.upstream.base_url,
         packages=caps.packages,
+        encoder=proxy.lookup.encoder,
         process=_process_stats(),
         managed=managed,
     )

@@ -14,38 +14,38 @@ import dataclasses
 import hmac
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, UpstreamError
+from proxy.images import json_body
 from proxy.images.inspection import inspect
+from proxy.images.json_body import JsonBody
 from proxy.images.media import is_locator
 from proxy.images.modality import audio_mime, sniff
-from proxy.images.slots import IMAGE_PATHS, ImageSlot, find_images
+from proxy.images.slots import IMAGE_PATHS, ImageSlot, InlinePayload, find_images
 from proxy.lookup.package_lookup import RequestTally
 from proxy.upstream.client import Capabilities
 from proxy.upstream.relay import (
+    Body,
+    UpstreamRequest,
     build_request,
+    close_upstream,
     open_upstream,
     relay,
 )
 from proxy.web import admin
-from proxy.web.body import (
-    check_declared_length,
-    decode_body,
-    dump_body,
-    parse_body,
-    read_body,
-    stream_body,
-)
+from proxy.web.body import check_declared_length, read_body, stream_body
 from proxy.web.budget import Reservation
 from proxy.web.site import request_middleware
 from proxy.web.state import PROXY_KEY, Proxy
-from vision_cache.data_uri import data_uri
 
 log = logging.getLogger("vcache.proxy")
+
+T = TypeVar("T")
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -103,19 +103,20 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 
 def _upstream_request(
-    proxy: Proxy, request: web.Request, content: Any, extra: dict[str, str] | None = None
-) -> httpx.Request:
-    return build_request(
-        proxy.upstream.client, request, content, extra, proxy.limits.upstream_idle_s
-    )
+    proxy: Proxy, request: web.Request, content: Body, extra: dict[str, str] | None = None
+) -> UpstreamRequest:
+    return build_request(proxy.upstream, request, content, extra, proxy.limits.upstream_idle_s)
 
 
 async def _send(
-    request: web.Request, proxy: Proxy, req: Any, extra_headers: dict[str, str] | None = None
+    request: web.Request,
+    proxy: Proxy,
+    req: UpstreamRequest,
+    extra_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     try:
-        upstream = await open_upstream(proxy.upstream.client, req)
+        upstream = await open_upstream(proxy.upstream, req)
     except UpstreamError:
         proxy.metrics.upstream_errors.inc()
         proxy.upstream.forget_capabilities()
@@ -126,48 +127,32 @@ async def _send(
     return await relay(request, upstream, extra_headers)
 
 
-class _Original:
-    """The body as the client sent it, held in one place: `take` hands it over and lets go.
-
-    A body may be 100 MB, and every name that keeps one form of it alive while the next is
-    made costs that much again: the bytes read become text (nothing keeps the bytes), the
-    text is parsed, and whatever is forwarded as sent is encoded from the text here, which
-    drops it. After the images named by URL are fetched, "as sent" means with their bytes.
-    """
-
-    def __init__(self, text: str) -> None:
-        self._data: str | bytes = text
-
-    def text(self) -> str:
-        assert isinstance(self._data, str), "read before anything replaced it"
-        return self._data
-
-    def replace(self, data: bytes) -> None:
-        self._data = data
-
-    def has_vcache_refs(self) -> bool:
-        # a named reference has no image to fall back to: upstream's answer stands
-        data = self._data
-        return "vcache://" in data if isinstance(data, str) else b"vcache://" in data
-
-    def take(self) -> bytes:
-        data, self._data = self._data, b""
-        return data.encode() if isinstance(data, str) else data
-
-
 async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.StreamResponse:
     # the body's bytes count against the budget until the response is over: they live that long
     async with proxy.budget.reservation() as held:
-        body = await read_body(request, proxy.limits.max_body_bytes, held)
-        original = _Original(decode_body(body))
-        del body
-        return await _with_images(request, proxy, original, held)
+        raw = await read_body(request, proxy.limits.max_body_bytes, held)
+        # read even when it holds no image: what the proxy cannot read it refuses, for a body
+        # forwarded unread could reach a more lenient parser upstream (THREAT_MODEL.md)
+        body = await _off_loop(len(raw), json_body.parse, raw)
+        return await _with_images(request, proxy, raw, body, held)
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread when it deals with a big body, so that no client waits
+    for another's: small ones are quicker done here than handed over."""
+    if size < json_body.MIN_SPAN:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 async def _with_images(
-    request: web.Request, proxy: Proxy, original: _Original, held: Reservation
+    request: web.Request, proxy: Proxy, raw: bytearray, body: JsonBody, held: Reservation
 ) -> web.StreamResponse:
-    body = parse_body(original.text())
+    """Images swapped for packages where upstream takes them; the body otherwise as sent.
+
+    "As sent" is the client's bytes, or, once the images named by URL are fetched, the body
+    with their bytes in their place. Either way the big strings of the body (an image's
+    base64, a long document) go out as they came in, never parsed or written again."""
     slots = find_images(
         request.path,
         body,
@@ -175,30 +160,27 @@ async def _with_images(
         allow_client_packages=proxy.accept_client_packages,
     )
     if not slots:
-        del body  # a second copy of what may be 100 MB, and forwarding needs only the first
-        return await _send(request, proxy, _upstream_request(proxy, request, original.take()))
-    if any(is_locator(s.ref) for s in slots):
-        slots = await _fetch_locators(proxy, slots, held)
-        original.replace(dump_body(body))
-    model = body.get("model") if isinstance(body.get("model"), str) else ""
+        return await _send(request, proxy, _upstream_request(proxy, request, raw))
+    original: Body = raw
+    if any(s.span is None and is_locator(s.ref) for s in slots):
+        slots = await _fetch_locators(proxy, body, slots, held)
+        original = (await _off_loop(len(raw), body.dumps)).parts
+    model = body.tree.get("model") if isinstance(body.tree.get("model"), str) else ""
     caps = await proxy.lookup.capabilities(model)
     tally = RequestTally()
-    rewritten = await _rewrite(proxy, slots, caps, model, tally) if caps.packages else False
+    rewritten = await _rewrite(proxy, body, slots, caps, model, tally) if caps.packages else False
     if not caps.packages:
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
     if not rewritten:
-        del body, slots
-        return await _send(
-            request, proxy, _upstream_request(proxy, request, original.take()), headers
-        )
-    new_body = dump_body(body)
-    del body, slots
-    return await _send_with_fallback(request, proxy, new_body, original, tally)
+        return await _send(request, proxy, _upstream_request(proxy, request, original), headers)
+    named = any(s.ref.startswith("vcache://") for s in slots)
+    new_body = (await _off_loop(len(raw), body.dumps)).parts
+    return await _send_with_fallback(request, proxy, new_body, original, named, tally)
 
 
 async def _fetch_locators(
-    proxy: Proxy, slots: list[ImageSlot], held: Reservation
+    proxy: Proxy, body: JsonBody, slots: list[ImageSlot], held: Reservation
 ) -> list[ImageSlot]:
     """Fetch the images named by URL or path, under the SSRF policy, into the request.
 
@@ -206,8 +188,12 @@ async def _fetch_locators(
     package): its fetcher has no SSRF guard, and its own DNS lookup could answer otherwise
     than the one the guard vetted (rebinding). An image that cannot be fetched is a 400.
     """
-    fetched = await asyncio.gather(*(_fetch(proxy, s) for s in slots))
-    added = sum(len(new.ref) for new, old in zip(fetched, slots, strict=True) if new is not old)
+    fetched = await asyncio.gather(*(_fetch(proxy, body, s) for s in slots))
+    added = sum(
+        len(new.span)
+        for new, old in zip(fetched, slots, strict=True)
+        if new is not old and new.span is not None
+    )
     if held.held + added > proxy.limits.max_body_bytes:
         raise BodyTooLarge(
             "the request with its fetched images is over the "
@@ -217,8 +203,8 @@ async def _fetch_locators(
     return fetched
 
 
-async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
-    if not is_locator(slot.ref):
+async def _fetch(proxy: Proxy, body: JsonBody, slot: ImageSlot) -> ImageSlot:
+    if slot.span is not None or not is_locator(slot.ref):
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type
@@ -227,16 +213,33 @@ async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
         if sniff(data) == "audio"
         else ("image/" + (await asyncio.to_thread(inspect, data)).format.lower())
     )
-    slot.put_image(data, mime)
-    return dataclasses.replace(slot, ref=data_uri(data, mime), mime=mime)
+    placed: list[str] = []
+
+    def insert(text: bytes) -> str:
+        placed.append(body.insert(text))
+        return placed[-1]
+
+    await asyncio.to_thread(slot.put_image, data, mime, insert)
+    span = body.span(placed[0])
+    assert span is not None  # just inserted
+    return dataclasses.replace(slot, ref=span.head(), mime=mime, span=span)
 
 
 async def _rewrite(
-    proxy: Proxy, slots: list[ImageSlot], caps: Capabilities, model: str, tally: RequestTally
+    proxy: Proxy,
+    body: JsonBody,
+    slots: list[ImageSlot],
+    caps: Capabilities,
+    model: str,
+    tally: RequestTally,
 ) -> bool:
     packages = await asyncio.gather(*(proxy.lookup.resolve(s, caps, model, tally) for s in slots))
     for slot, pkg in zip(slots, packages, strict=True):
         if pkg is not None:
+            data = pkg.get("data")
+            if isinstance(data, InlinePayload):
+                # base64 written into the body as it is: the JSON encoder never scans it
+                pkg["data"] = body.insert(await _off_loop(len(data.payload), data.base64))
             slot.put_package(pkg)
     return any(p is not None for p in packages)
 
@@ -252,13 +255,23 @@ def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> N
 
 
 async def _send_with_fallback(
-    request: web.Request, proxy: Proxy, new_body: bytes, original: _Original, tally: RequestTally
+    request: web.Request,
+    proxy: Proxy,
+    new_body: Body,
+    original: Body,
+    named: bool,
+    tally: RequestTally,
 ) -> web.StreamResponse:
-    """Send the rewritten request; if upstream refuses its packages, send the original."""
+    """Send the rewritten request; if upstream refuses its packages, send the original.
+
+    Not when the request names images by reference (`named`): a vcache:// name has no image
+    to fall back to, and upstream's answer stands."""
     upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
-    if upstream.status_code == 400 and not original.has_vcache_refs():
-        detail = await upstream.aread()
-        await upstream.aclose()
+    if upstream.status == 400 and not named:
+        try:
+            detail = await upstream.read()
+        finally:
+            close_upstream(upstream)
         if b"image_embedding" in detail:
             log.warning(
                 "upstream refused packages (%s); forwarding the images instead",
@@ -267,15 +280,15 @@ async def _send_with_fallback(
             proxy.upstream.forget_capabilities()
             tally.all_fallback()
             # a refusal, not a processed request: the one path that sends a request twice
-            upstream = await _open(proxy, _upstream_request(proxy, request, original.take()))
+            upstream = await _open(proxy, _upstream_request(proxy, request, original))
         else:
-            return _replay(upstream.status_code, upstream.headers, detail, tally)
+            return _replay(upstream.status, upstream.headers, detail, tally)
     return await relay(request, upstream, {"X-Vcache": tally.header()})
 
 
-async def _open(proxy: Proxy, req: Any) -> Any:
+async def _open(proxy: Proxy, req: UpstreamRequest) -> aiohttp.ClientResponse:
     try:
-        return await open_upstream(proxy.upstream.client, req)
+        return await open_upstream(proxy.upstream, req)
     except UpstreamError:
         proxy.metrics.upstream_errors.inc()
         proxy.upstream.forget_capabilities()

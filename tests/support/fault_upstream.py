@@ -545,3 +545,28 @@ async def refused_port() -> AsyncIterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+async def _serve_forever(packages: bool, n_embd: int) -> None:
+    async with FaultUpstream(packages=packages, n_embd=n_embd) as fake:
+        print(fake.url, flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the fake in a process of its own (benchmarks): its URL on stdout, until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the fault upstream, answering OK")
+    parser.add_argument("--packages", action="store_true", help="play a patched server")
+    parser.add_argument("--n-embd", type=int, default=N_EMBD, help="package width")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args.packages, args.n_embd))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

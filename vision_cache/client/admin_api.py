@@ -117,6 +117,7 @@ class HealthResponse(_Response):
     status: Literal["ok"] = "ok"
     upstream: str
     packages: bool
+    encoder: Literal["local", "server"]  # who encodes on a miss: vcache's workers, or upstream
     process: ProcessStats
     managed: ManagedState | None = None
 
