@@ -10,8 +10,6 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import web
-
 from proxy.backends.llama_cpp import LlamaCppSettings, serve_llama_cpp
 from proxy.cli.config import ServeSettings
 from proxy.images.media import FetchPolicy, MediaLoader
@@ -20,6 +18,7 @@ from proxy.lookup.package_lookup import PackageLookup
 from proxy.upstream.client import Upstream
 from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
 from proxy.web.app import create_app
+from proxy.web.listen import listening
 from proxy.web.metrics import Metrics
 from proxy.web.state import Limits, Proxy
 from vision_cache.llama.mtmd import EncoderSettings
@@ -55,7 +54,7 @@ def fetch_policy(settings: ServeSettings) -> FetchPolicy:
         allow_private=settings.allow_private_urls,
         max_bytes=settings.url_max_mb * MIB,
         timeout_s=settings.url_timeout_s,
-        media_root=settings.media_path,
+        media_root=settings.media_root,
     )
 
 
@@ -117,7 +116,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
-                async with _site(create_app(proxy), settings) as url:
+                async with listening(create_app(proxy), settings.hosts, settings.port) as url:
                     log.info(
                         "vcache listening on %s, upstream %s, packages by %s",
                         url,
@@ -177,22 +176,6 @@ def _health_extra(managed: ManagedServer | None) -> Callable[[], dict[str, Any]]
     return lambda: {
         "managed": {"healthy": managed.healthy, "restarts": managed.restarts, "pid": managed.pid}
     }
-
-
-@contextlib.asynccontextmanager
-async def _site(app: web.Application, settings: ServeSettings) -> AsyncIterator[str]:
-    # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream request (llama-server then stops generating for it)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        # with port 0 the kernel chose: read the real one back
-        port = runner.addresses[0][1] if runner.addresses else settings.port
-        yield f"http://{settings.host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def raise_open_file_limit(target: int = 65536) -> int:

@@ -36,6 +36,7 @@ from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ClientError, ProxyError, TooManyImages
 from proxy.images.media import FetchPolicy, MediaLoader
+from proxy.web.listen import listening, parse_hosts
 from vision_cache.llama.libs import load_llama_libs
 from vision_cache.store import Store
 
@@ -292,7 +293,7 @@ async def running_backend(settings: LlamaCppSettings) -> AsyncIterator[tuple[str
             backend = LlamaCppBackend(llama, name, media, settings.max_images)
             try:
                 app = create_app(backend, max_body_mb=settings.max_body_mb)
-                async with _site(app, settings.host, settings.port) as url:
+                async with listening(app, parse_hosts(settings.host), settings.port) as url:
                     yield url, handler
             finally:
                 await asyncio.to_thread(backend.close)
@@ -320,18 +321,6 @@ def _load_model(settings: LlamaCppSettings, store: Store) -> tuple[Any, Any]:
     )
     log.info("loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
     return llama, handler
-
-
-@contextlib.asynccontextmanager
-async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    # handler_cancellation: a client that disconnects cancels its handler (and its stream)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        yield f"http://{host}:{runner.addresses[0][1]}"  # the port the OS chose for port 0
-    finally:
-        await runner.cleanup()
 
 
 async def serve_llama_cpp(settings: LlamaCppSettings) -> None:

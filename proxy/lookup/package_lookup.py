@@ -175,6 +175,9 @@ class PackageLookup:
             return None
         if slot.ref.startswith(REFERENCE_PREFIX):
             return await self._named(slot.ref, caps, tally)
+        if self._media.leaves_to_upstream(slot.ref):
+            # unread, so of unknown kind: counted where every forwarded medium is, as an image
+            return self._fallback(tally, "image")
         try:
             media = await self._media.load(slot.ref)
         except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
@@ -368,6 +371,16 @@ class PackageLookup:
         await self._shared.put(entry.key, entry.meta, entry.payload, pin=pin, ttl=ttl)
         if name:
             await self._shared.set_name(entry.key, name)
+
+    def leaves_to_upstream(self, ref: str) -> bool:
+        """A file URL only upstream can read (see `MediaLoader.leaves_to_upstream`)."""
+        if not self._media.leaves_to_upstream(ref):
+            return False
+        log.info(
+            "file URL forwarded as it came, not cached: upstream reads it under its own "
+            "--media-path (start vcache with the same --media-path to cache it)"
+        )
+        return True
 
     async def load_media(self, ref: str) -> tuple[bytes, str | None]:
         media = await self._media.load(ref)

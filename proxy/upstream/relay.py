@@ -66,11 +66,18 @@ def request_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 
 
 def response_headers(upstream: httpx.Headers) -> CIMultiDict[str]:
+    """Upstream's end-to-end response headers, names spelt as upstream spelt them.
+
+    HTTP says names are case-insensitive, but clients that read headers into a plain dict
+    (llama.cpp's own server tests among them) look for `Access-Control-Allow-Origin`, not
+    `access-control-allow-origin`: `raw` keeps the case that `multi_items()` lowercases.
+    """
     drop = HOP_BY_HOP | _connection_tokens(upstream) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in upstream.multi_items():
-        if k.lower() not in drop:
-            out.add(k, v)
+    for raw_name, raw_value in upstream.raw:
+        name = raw_name.decode("latin-1")
+        if name.lower() not in drop:
+            out.add(name, raw_value.decode(upstream.encoding))
     return out
 
 

@@ -250,6 +250,8 @@ async def _fetch_locators(
     Upstream must never fetch them, on any path (a stock server, a fallback, a refused
     package): its fetcher has no SSRF guard, and its own DNS lookup could answer otherwise
     than the one the guard vetted (rebinding). An image that cannot be fetched is a 400.
+    The one exception is a file URL when the proxy has no media directory: only upstream
+    knows its ``--media-path``, so the URL goes on as it came and upstream's rule decides.
     """
     fetched = await asyncio.gather(*(_fetch(proxy, s) for s in slots))
     added = sum(len(new.ref) for new, old in zip(fetched, slots, strict=True) if new is not old)
@@ -263,7 +265,7 @@ async def _fetch_locators(
 
 
 async def _fetch(proxy: Proxy, slot: ImageSlot) -> ImageSlot:
-    if not _is_locator(slot.ref):
+    if not _is_locator(slot.ref) or proxy.lookup.leaves_to_upstream(slot.ref):
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type
