@@ -8,12 +8,10 @@ import logging
 import resource
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxy.backends.llama_cpp import LlamaCppSettings, serve_llama_cpp
 from proxy.cli.config import ServeSettings
 from proxy.images.media import FetchPolicy, MediaLoader
-from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from proxy.lookup.package_lookup import PackageLookup
 from proxy.upstream.client import Upstream
 from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
@@ -21,15 +19,20 @@ from proxy.web.app import create_app
 from proxy.web.listen import listening
 from proxy.web.metrics import Metrics
 from proxy.web.state import Limits, Proxy
-from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
+
+if TYPE_CHECKING:  # imported where used: a proxy in front of llama-server loads neither
+    from proxy.backends.llama_cpp import LlamaCppSettings
+    from proxy.lookup.local_encoder import LocalEncoder
 
 log = logging.getLogger("vcache.serve")
 MIB = 1024 * 1024
 
 
 def llama_cpp_settings(settings: ServeSettings) -> LlamaCppSettings:
+    from proxy.backends.llama_cpp import LlamaCppSettings
+
     assert settings.model is not None and settings.mmproj is not None
     return LlamaCppSettings(
         model=settings.model,
@@ -137,6 +140,9 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
     if settings.encoder != "local":
         yield None
         return
+    from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
+    from vision_cache.llama.mtmd import EncoderSettings
+
     assert settings.encoder_mmproj is not None and settings.encoder_model is not None
     config = LocalEncoderConfig(
         mmproj=settings.encoder_mmproj,
@@ -198,6 +204,8 @@ async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
     log.info("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
+        from proxy.backends.llama_cpp import serve_llama_cpp
+
         await serve_llama_cpp(llama_cpp_settings(settings))
         return
     stop = asyncio.Event()

@@ -21,7 +21,7 @@ import functools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import xxhash
 
@@ -38,7 +38,6 @@ from proxy.images.inspection import inspect
 from proxy.images.media import MediaLoader
 from proxy.images.modality import Modality, sniff
 from proxy.images.slots import ImageSlot, Package
-from proxy.lookup.local_encoder import LocalEncoder
 from proxy.upstream.client import Capabilities, Encoded, Upstream
 from proxy.web.metrics import Metrics
 from vision_cache.errors import PackageError, VisionCacheError
@@ -48,6 +47,9 @@ from vision_cache.shared.tier import NullSharedTier, SharedEntry, SharedTier
 from vision_cache.singleflight import SingleFlight
 from vision_cache.store import Store
 from vision_cache.store.entry import Entry
+
+if TYPE_CHECKING:  # workers of their own, imported only by `--encoder local`
+    from proxy.lookup.local_encoder import LocalEncoder
 
 log = logging.getLogger("vcache.lookup")
 
