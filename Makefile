@@ -13,11 +13,12 @@ JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 
 export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 
-.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo test conformance check lint typecheck unit bench bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
 	@echo "make test         build everything and run lint, type checks and the test suite"
+	@echo "make conformance  llama.cpp's server tests, direct and through vcache, compared"
 	@echo "make bench        end-to-end benchmarks on the realistic vision and audio models -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout)"
@@ -53,7 +54,12 @@ demo: system-deps venv
 	$(PYTHON) scripts/build_llama_server.py --variant patched --jobs $(JOBS) $(LLAMA_SRC)
 	$(PY) scripts/demo.py
 
-test: system-deps venv llama llama-cpp-python models check
+test: system-deps venv llama llama-cpp-python models check conformance
+
+# llama.cpp's own server tests, straight at llama-server and through vcache, compared test by
+# test (stock and patched upstreams); fails on any test that passes direct only
+conformance: venv llama
+	nice -n 10 $(PY) scripts/conformance.py
 
 check: lint typecheck unit
 
