@@ -58,11 +58,15 @@ def hf_cache_layout(models: Path, gemma: Path) -> dict[str, dict[str, Path]]:
         "ggml-org/test-model-stories260K": {"stories260K-F32.gguf": llama},
         "ggml-org/test-model-stories260K-infill": {"stories260K-infill-F32.gguf": llama},
         "ggml-org/stories15M_MOE": {"stories15M_MOE-F16.gguf": llama},
-        "ggml-org/models": {"tinyllamas/stories260K.gguf": llama,
-                            "bert-bge-small/ggml-model-f16.gguf": bert,
-                            "jina-reranker-v1-tiny-en/ggml-model-f16.gguf": rerank},
-        "ggml-org/tinygemma3-GGUF": {"tinygemma3-Q8_0.gguf": gemma / "model.gguf",
-                                     "mmproj-tinygemma3.gguf": gemma / "mmproj.gguf"},
+        "ggml-org/models": {
+            "tinyllamas/stories260K.gguf": llama,
+            "bert-bge-small/ggml-model-f16.gguf": bert,
+            "jina-reranker-v1-tiny-en/ggml-model-f16.gguf": rerank,
+        },
+        "ggml-org/tinygemma3-GGUF": {
+            "tinygemma3-Q8_0.gguf": gemma / "model.gguf",
+            "mmproj-tinygemma3.gguf": gemma / "mmproj.gguf",
+        },
     }
 
 
@@ -101,8 +105,9 @@ def prepare(root: Path, source: str | None) -> Workspace:
     images.mkdir(parents=True, exist_ok=True)
     for name in IMAGES:
         (images / f"{name}.png").write_bytes(sample_image(name).encode("PNG"))
-    return Workspace(root, tree, suite_venv(root / "venv", tree), root / "hf-cache", images,
-                     stand_ins["llama"])
+    return Workspace(
+        root, tree, suite_venv(root / "venv", tree), root / "hf-cache", images, stand_ins["llama"]
+    )
 
 
 def suite_venv(venv: Path, tree: Path) -> Path:
@@ -111,8 +116,17 @@ def suite_venv(venv: Path, tree: Path) -> Path:
     stamp = venv / ".installed"
     if not stamp.exists() or stamp.read_text() != requirements.read_text():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
-                        "--disable-pip-version-check", "-r", str(requirements)], check=True)
+        subprocess.run(
+            [
+                str(venv / "bin" / "pip"),
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+                str(requirements),
+            ],
+            check=True,
+        )
         stamp.write_text(requirements.read_text())
     return venv / "bin" / "python"
 
@@ -139,12 +153,13 @@ def suite_copy(ws: Workspace, run_dir: Path) -> Path:
     shutil.copy(ws.tree / "tools" / "mtmd" / "test-1.jpeg", run_dir / "tools" / "mtmd")
     # runs side by side need their own ports: the suite hard-codes 8080 + 10 per worker
     conftest = tests / "conftest.py"
-    fixed = 'str(8080 + worker_num * 10)'
+    fixed = "str(8080 + worker_num * 10)"
     text = conftest.read_text()
     if fixed not in text:
         raise SystemExit(f"{conftest}: no {fixed!r} to give a base port (suite changed?)")
-    conftest.write_text(text.replace(
-        fixed, 'str(int(os.environ["CONFORMANCE_PORT_BASE"]) + worker_num * 10)'))
+    conftest.write_text(
+        text.replace(fixed, 'str(int(os.environ["CONFORMANCE_PORT_BASE"]) + worker_num * 10)')
+    )
     (tests / "tmp").mkdir()
     shutil.copy(ws.draft, tests / "tmp" / "stories15M-q4_0.gguf")
     return tests
@@ -154,26 +169,46 @@ def run_suite(ws: Workspace, run: Run, server: Path, args: argparse.Namespace) -
     run_dir = ws.root / "runs" / run.name
     tests = suite_copy(ws, run_dir)
     vcache = Path(sys.executable).with_name("vcache")
-    env = {**os.environ,
-           "LLAMA_SERVER_BIN_PATH": str(CONFORMANCE / "shim.py"),
-           "CONFORMANCE_SERVER": str(server),
-           "CONFORMANCE_SERVER_ARGS": UPSTREAM_ARGS[run.upstream],
-           "CONFORMANCE_FRONT": "none" if run.front == "direct" else "upstream",
-           "CONFORMANCE_VCACHE": str(vcache),
-           "CONFORMANCE_TMP": str(run_dir),
-           "CONFORMANCE_PORT_BASE": str(run.port_base), "PORT": str(run.port_base),
-           "CONFORMANCE_IMAGES": str(ws.images),
-           "LLAMA_CACHE": str(ws.hf_cache), "LLAMA_ARG_OFFLINE": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}"}
+    env = {
+        **os.environ,
+        "LLAMA_SERVER_BIN_PATH": str(CONFORMANCE / "shim.py"),
+        "CONFORMANCE_SERVER": str(server),
+        "CONFORMANCE_SERVER_ARGS": UPSTREAM_ARGS[run.upstream],
+        "CONFORMANCE_FRONT": "none" if run.front == "direct" else "upstream",
+        "CONFORMANCE_VCACHE": str(vcache),
+        "CONFORMANCE_TMP": str(run_dir),
+        "CONFORMANCE_PORT_BASE": str(run.port_base),
+        "PORT": str(run.port_base),
+        "CONFORMANCE_IMAGES": str(ws.images),
+        "LLAMA_CACHE": str(ws.hf_cache),
+        "LLAMA_ARG_OFFLINE": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}",
+    }
     junit = run_dir / "junit.xml"
-    cmd = [str(ws.python), "-m", "pytest", "-p", "tests.conformance.suite_plugin",
-           "-p", "no:cacheprovider", "-q", "-rN", "--junitxml", str(junit),
-           "-m", "not slow", "-n", str(args.workers), "--dist", "worksteal", *args.pytest_args]
+    cmd = [
+        str(ws.python),
+        "-m",
+        "pytest",
+        "-p",
+        "tests.conformance.suite_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rN",
+        "--junitxml",
+        str(junit),
+        "-m",
+        "not slow",
+        "-n",
+        str(args.workers),
+        "--dist",
+        "worksteal",
+        *args.pytest_args,
+    ]
     started = time.monotonic()
     with open(run_dir / "pytest.log", "w") as log:
         subprocess.run(cmd, cwd=tests, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    print(f"{run.name}: {time.monotonic() - started:.0f} s ({run_dir / 'pytest.log'})",
-          flush=True)
+    print(f"{run.name}: {time.monotonic() - started:.0f} s ({run_dir / 'pytest.log'})", flush=True)
     return junit
 
 
@@ -185,15 +220,20 @@ def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 state = "skipped" if child.tag == "skipped" else "failed"
-                message = (child.get("message") or "").splitlines()[0][:200] if child.get(
-                    "message") else ""
+                message = (
+                    (child.get("message") or "").splitlines()[0][:200]
+                    if child.get("message")
+                    else ""
+                )
         test_id = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
         results[test_id] = (state, message)
     return results
 
 
-def compare(direct: dict[str, tuple[str, str]], via: dict[str, tuple[str, str]],
-            ) -> dict[str, list[str]]:
+def compare(
+    direct: dict[str, tuple[str, str]],
+    via: dict[str, tuple[str, str]],
+) -> dict[str, list[str]]:
     """Each test id sorted into passed both / failed both / skipped / regressed / ..."""
     groups: dict[str, list[str]] = {}
     for test_id in sorted(set(direct) | set(via)):
@@ -231,12 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     args.pytest_args = args.pytest_args or ["unit"]
     ws = prepare(args.workdir.resolve(), args.source)
     upstreams = ("stock", "patched") if args.upstream == "both" else (args.upstream,)
-    runs = [Run(u, f, 18080 + 200 * i) for i, (u, f) in
-            enumerate((u, f) for u in upstreams for f in FRONTS)]
+    runs = [
+        Run(u, f, 18080 + 200 * i)
+        for i, (u, f) in enumerate((u, f) for u in upstreams for f in FRONTS)
+    ]
     servers = {u: llama_server_binary(u) for u in upstreams}
     with ThreadPoolExecutor(len(runs)) as pool:
-        junits = dict(zip(runs, pool.map(lambda r: run_suite(ws, r, servers[r.upstream], args),
-                                         runs), strict=True))
+        junits = dict(
+            zip(
+                runs,
+                pool.map(lambda r: run_suite(ws, r, servers[r.upstream], args), runs),
+                strict=True,
+            )
+        )
     by_name = {r.name: j for r, j in junits.items()}
     ok, summary = True, {}
     for upstream in upstreams:

@@ -27,13 +27,27 @@ def test_outcomes_read_junit(tmp_path: Path) -> None:
 
 
 def test_compare_finds_what_passes_direct_only() -> None:
-    direct = {"a": ("passed", ""), "b": ("failed", ""), "c": ("passed", ""), "d": ("failed", ""),
-              "e": ("skipped", "")}
-    via = {"a": ("passed", ""), "b": ("failed", ""), "c": ("failed", "x"), "d": ("passed", ""),
-           "e": ("skipped", "")}
+    direct = {
+        "a": ("passed", ""),
+        "b": ("failed", ""),
+        "c": ("passed", ""),
+        "d": ("failed", ""),
+        "e": ("skipped", ""),
+    }
+    via = {
+        "a": ("passed", ""),
+        "b": ("failed", ""),
+        "c": ("failed", "x"),
+        "d": ("passed", ""),
+        "e": ("skipped", ""),
+    }
     assert compare(direct, via) == {
-        "passed both": ["a"], "failed both": ["b"], "passed direct, not through vcache": ["c"],
-        "passed through vcache only": ["d"], "skipped": ["e"]}
+        "passed both": ["a"],
+        "failed both": ["b"],
+        "passed direct, not through vcache": ["c"],
+        "passed through vcache only": ["d"],
+        "skipped": ["e"],
+    }
 
 
 def test_a_test_missing_from_one_run_is_a_regression() -> None:

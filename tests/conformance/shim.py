@@ -37,7 +37,7 @@ def take(args: list[str], name: str) -> str | None:
         return None
     i = args.index(name)
     value = args[i + 1]
-    del args[i:i + 2]
+    del args[i : i + 2]
     return value
 
 
@@ -65,8 +65,7 @@ def main() -> None:
         env["AIP_HTTP_PORT"] = str(upstream_port)
     if os.fork() == 0:
         die_with_parent()
-        os.execve(server, [server, *args, "--host", "127.0.0.1", "--port", str(upstream_port)],
-                  env)
+        os.execve(server, [server, *args, "--host", "127.0.0.1", "--port", str(upstream_port)], env)
     os.execv(vcache, [*serve, "--upstream", f"http://127.0.0.1:{upstream_port}"])
 
 

@@ -30,12 +30,24 @@ from vision_cache.synthetic.vocab import SPM_SPACE, prefix_closure, words
 
 F32 = npt.NDArray[np.float32]
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # gguf token types
-LLAMA_SPECIALS = ("<unk>", "<s>", "</s>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",
-                  "<fim_pad>", "<fim_rep>", "<fim_sep>")
+LLAMA_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<fim_prefix>",
+    "<fim_suffix>",
+    "<fim_middle>",
+    "<fim_pad>",
+    "<fim_rep>",
+    "<fim_sep>",
+)
 FIM_KEYS = {
-    "<fim_prefix>": gguf.Keys.Tokenizer.FIM_PRE_ID, "<fim_suffix>": gguf.Keys.Tokenizer.FIM_SUF_ID,
-    "<fim_middle>": gguf.Keys.Tokenizer.FIM_MID_ID, "<fim_pad>": gguf.Keys.Tokenizer.FIM_PAD_ID,
-    "<fim_rep>": gguf.Keys.Tokenizer.FIM_REP_ID, "<fim_sep>": gguf.Keys.Tokenizer.FIM_SEP_ID,
+    "<fim_prefix>": gguf.Keys.Tokenizer.FIM_PRE_ID,
+    "<fim_suffix>": gguf.Keys.Tokenizer.FIM_SUF_ID,
+    "<fim_middle>": gguf.Keys.Tokenizer.FIM_MID_ID,
+    "<fim_pad>": gguf.Keys.Tokenizer.FIM_PAD_ID,
+    "<fim_rep>": gguf.Keys.Tokenizer.FIM_REP_ID,
+    "<fim_sep>": gguf.Keys.Tokenizer.FIM_SEP_ID,
 }
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 N_EMBD, N_LAYER, N_HEAD, N_FF = 64, 2, 4, 128
@@ -202,10 +214,12 @@ def _finish(w: gguf.GGUFWriter) -> None:
 def write_all(out: Path) -> dict[str, Path]:
     """Every stand-in under `out`, each written only if missing (they are deterministic)."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"llama": out / "llama.gguf", "bert": out / "bert.gguf",
-             "rerank": out / "rerank.gguf"}
-    writers = {"llama": lambda p: write_llama(p), "bert": lambda p: write_bert(p, rerank=False),
-               "rerank": lambda p: write_bert(p, rerank=True)}
+    files = {"llama": out / "llama.gguf", "bert": out / "bert.gguf", "rerank": out / "rerank.gguf"}
+    writers = {
+        "llama": lambda p: write_llama(p),
+        "bert": lambda p: write_bert(p, rerank=False),
+        "rerank": lambda p: write_bert(p, rerank=True),
+    }
     for name, path in files.items():
         if not path.exists():
             tmp = path.with_suffix(".tmp")
