@@ -54,7 +54,7 @@ demo: system-deps venv
 	$(PYTHON) scripts/build_llama_server.py --variant patched --jobs $(JOBS) $(LLAMA_SRC)
 	$(PY) scripts/demo.py
 
-test: system-deps venv llama llama-cpp-python models check conformance
+test: system-deps venv llama llama-cpp-python models check
 
 # llama.cpp's own server tests, straight at llama-server and through vcache, compared test by
 # test (stock and patched upstreams); fails on any test that passes direct only
