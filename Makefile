@@ -18,11 +18,12 @@ export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 # `vcache build-server` keeps its builds here rather than in the user's cache directory
 export VCACHE_LLAMA_CACHE := $(abspath $(BUILD)/llama)
 
-.PHONY: help demo demo-deps test check lint typecheck unit bench bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo demo-deps test conformance check lint typecheck unit bench bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
 	@echo "make test         build everything and run lint, type checks and the test suite"
+	@echo "make conformance  llama.cpp's server tests, direct and through vcache, compared"
 	@echo "make bench        end-to-end (vision, audio), against-stock and load benchmarks -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout,"
@@ -78,6 +79,11 @@ demo: demo-deps $(VENV)/.demo-installed
 	$(PY) scripts/demo.py --jobs $(JOBS) $(LLAMA_SRC)
 
 test: system-deps venv llama llama-cpp-python models check
+
+# llama.cpp's own server tests, straight at llama-server and through vcache, compared test by
+# test (stock and patched upstreams); fails on any test that passes direct only
+conformance: venv llama
+	nice -n 10 $(PY) -m scripts.conformance
 
 check: lint typecheck unit
 

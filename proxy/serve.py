@@ -7,13 +7,11 @@ import contextlib
 import logging
 import resource
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
 from proxy.cli.config import ServeSettings
 from proxy.errors import UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
-from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from proxy.lookup.package_lookup import PackageLookup
 from proxy.upstream.client import Upstream
 from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
@@ -22,15 +20,20 @@ from proxy.web.metrics import Metrics
 from proxy.web.site import run_until_signalled, running_site
 from proxy.web.state import Limits, Proxy
 from vision_cache.client.admin_api import ManagedState
-from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
+
+if TYPE_CHECKING:  # imported where used: a proxy in front of llama-server loads neither
+    from proxy.backends.llama_cpp import LlamaCppSettings
+    from proxy.lookup.local_encoder import LocalEncoder
 
 log = logging.getLogger("vcache.serve")
 MIB = 1024 * 1024
 
 
 def llama_cpp_settings(settings: ServeSettings) -> LlamaCppSettings:
+    from proxy.backends.llama_cpp import LlamaCppSettings
+
     assert settings.model is not None and settings.mmproj is not None
     return LlamaCppSettings(
         model=settings.model,
@@ -55,7 +58,7 @@ def fetch_policy(settings: ServeSettings) -> FetchPolicy:
         allow_private=settings.allow_private_urls,
         max_bytes=settings.url_max_mb * MIB,
         timeout_s=settings.url_timeout_s,
-        media_root=settings.media_path,
+        media_root=settings.media_root,
     )
 
 
@@ -117,7 +120,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
-                async with running_site(create_app(proxy), settings.host, settings.port) as url:
+                async with running_site(create_app(proxy), settings.hosts, settings.port) as url:
                     log.info(
                         "vcache listening on %s, upstream %s, packages by %s",
                         url,
@@ -144,6 +147,9 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
         )
         yield None
         return
+    from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
+    from vision_cache.llama.mtmd import EncoderSettings
+
     assert settings.encoder_mmproj is not None and settings.encoder_model is not None
     config = LocalEncoderConfig(
         mmproj=settings.encoder_mmproj,
@@ -238,6 +244,8 @@ async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
     log.info("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
+        from proxy.backends.llama_cpp import running_backend
+
         backend = llama_cpp_settings(settings)
         what = f"{backend.model.name} with llama-cpp-python"
         await run_until_signalled(running_backend(backend), what)

@@ -185,8 +185,6 @@ REFUSED_URLS = [
     "https://127.0.0.1:{port}/x.png",
     "http//127.0.0.1:{port}/x.png",
     "http:127.0.0.1:{port}/x.png",
-    "file:///etc/passwd",
-    "file://../../etc/passwd",
     "gopher://127.0.0.1:{port}/_GET",
     "ftp://127.0.0.1:{port}/x.png",
     "dict://127.0.0.1:{port}/",

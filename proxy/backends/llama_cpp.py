@@ -35,6 +35,7 @@ from aiohttp import web
 from proxy.errors import ClientError, TooManyImages
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.upstream.relay import RESPONSE_STARTED
+from proxy.web.listen import parse_hosts
 from proxy.web.site import request_middleware, run_until_signalled, running_site
 from vision_cache.data_uri import data_uri
 from vision_cache.llama.libs import load_llama_libs
@@ -286,7 +287,7 @@ async def running_backend(settings: LlamaCppSettings) -> AsyncIterator[tuple[str
             backend = LlamaCppBackend(llama, name, media, settings.max_images)
             try:
                 app = create_app(backend, max_body_mb=settings.max_body_mb)
-                async with running_site(app, settings.host, settings.port) as url:
+                async with running_site(app, parse_hosts(settings.host), settings.port) as url:
                     yield url, handler
             finally:
                 await asyncio.to_thread(backend.close)

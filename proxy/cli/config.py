@@ -40,6 +40,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from proxy.web.listen import parse_hosts
 from vision_cache.client.admin_api import DEFAULT_PROXY
 from vision_cache.shared.tier import SharedTierConfig
 
@@ -118,7 +119,11 @@ class ServeSettings(StoreSettings):
         description="arguments for the managed "
         "llama-server (on the command line: everything after `--`)",
     )
-    host: str = Field("127.0.0.1", description="address to listen on")
+    host: str = Field(
+        "127.0.0.1",
+        description="address to listen on; several separated by commas, as llama-server "
+        "takes them (127.0.0.1,::1)",
+    )
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0: any free port)")
     hot_mb: int = Field(512, ge=0, description="in-memory tier budget in MiB (0 disables it)")
     disk_gb: float = Field(20.0, gt=0, description="disk tier budget in GiB")
@@ -143,8 +148,8 @@ class ServeSettings(StoreSettings):
     )
     media_path: Path | None = Field(
         None,
-        description="directory file:// image URLs may read "
-        "from (off by default, as in llama-server)",
+        description="directory file:// image URLs may read from (managed mode: "
+        "llama-server's own --media-path; without one, file URLs go to upstream as they came)",
     )
     allow_private_urls: bool = Field(
         False,
@@ -279,11 +284,32 @@ class ServeSettings(StoreSettings):
         return self.mmproj or _arg_value(self.llama_args, ("-mm", "--mmproj"))
 
     @property
+    def media_root(self) -> Path | None:
+        """Where file:// URLs read from: --media-path, else the managed llama-server's own.
+
+        In managed mode both read the same files, so the proxy can cache them; without
+        either, file URLs are forwarded to upstream as they came (its rule decides).
+        """
+        if self.media_path is not None or not self.managed:
+            return self.media_path
+        return _arg_value(self.llama_args, ("--media-path",))
+
+    @property
     def lib_dir(self) -> Path | None:
         """The llama.cpp libraries llama-cpp-python runs on: the patched build's, if known."""
         if self.llama_lib_dir is not None:
             return self.llama_lib_dir
         return self.llama_server.parent if self.llama_server is not None else None
+
+    @field_validator("host")
+    @classmethod
+    def _hosts_parse(cls, v: str) -> str:
+        parse_hosts(v)  # refused at startup, not when the listener starts
+        return v
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return parse_hosts(self.host)
 
     @property
     def managed(self) -> bool:

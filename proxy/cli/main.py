@@ -5,27 +5,37 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from proxy.cli.build_server_command import add_build_server_command
 from proxy.cli.config import ServeSettings, add_arguments, settings_error, settings_from
-from proxy.cli.pack_commands import add_pack_commands
-from proxy.cli.store_commands import Subparsers, add_store_commands
-from proxy.cli.warm_command import add_warm_command
+
+if TYPE_CHECKING:
+    from proxy.cli.store_commands import Subparsers
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command` "serve", only `vcache serve`.
+
+    The other commands' modules import the store, rich and httpx: `vcache serve` must not
+    wait for them, so a fleet restart or a per-test proxy is ready in a fraction of a second.
+    """
     parser = argparse.ArgumentParser(
         prog="vcache", description="A caching proxy for llama-server that encodes each image once."
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(subparsers)
-    add_warm_command(subparsers)
-    add_pack_commands(subparsers)
-    add_store_commands(subparsers)
-    add_build_server_command(subparsers)
+    if command != "serve":
+        from proxy.cli.build_server_command import add_build_server_command
+        from proxy.cli.pack_commands import add_pack_commands
+        from proxy.cli.store_commands import add_store_commands
+        from proxy.cli.warm_command import add_warm_command
+
+        add_warm_command(subparsers)
+        add_pack_commands(subparsers)
+        add_store_commands(subparsers)
+        add_build_server_command(subparsers)
     return parser
 
 
@@ -67,7 +77,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     own, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    parser = build_parser(own[0] if own else None)
     args = parser.parse_args(own)
     if passthrough:
         args.llama_args = passthrough

@@ -140,6 +140,17 @@ class MediaLoader:
             raise RuntimeError("MediaLoader is closed")
         return read_reference(ref, self._policy.max_bytes)
 
+    def leaves_to_upstream(self, ref: str) -> bool:
+        """Whether `ref` is a file URL this loader cannot read, for lack of a media directory.
+
+        In front of a llama-server started with ``--media-path``, file URLs mean files below
+        that directory, and only upstream knows which: such a URL is forwarded as it came, so
+        upstream applies its own rule, exactly as it would to the request sent direct. The
+        image is then not cached (the proxy never sees its bytes); giving the proxy the same
+        ``--media-path`` (managed mode takes it from llama-server's arguments) caches it.
+        """
+        return self._policy.media_root is None and ref[:7].lower() == "file://"
+
     async def load(self, ref: str) -> Media:
         """The image `ref` names: a data URI, raw base64, an http(s) URL or a file URL.
 

@@ -21,7 +21,7 @@ import functools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import xxhash
 
@@ -39,7 +39,6 @@ from proxy.images.inspection import inspect
 from proxy.images.media import MediaLoader, is_locator
 from proxy.images.modality import Modality, sniff
 from proxy.images.slots import ImageSlot, InlinePayload, Package
-from proxy.lookup.local_encoder import LocalEncoder
 from proxy.upstream.client import Capabilities, Encoded, Upstream
 from proxy.web.metrics import Metrics
 from vision_cache.errors import PackageError, VisionCacheError
@@ -49,6 +48,9 @@ from vision_cache.shared.tier import NullSharedTier, SharedEntry, SharedTier
 from vision_cache.singleflight import SingleFlight
 from vision_cache.store import Store
 from vision_cache.store.entry import Entry
+
+if TYPE_CHECKING:  # workers of their own, imported only by `--encoder local`
+    from proxy.lookup.local_encoder import LocalEncoder
 
 log = logging.getLogger("vcache.lookup")
 
@@ -179,6 +181,9 @@ class PackageLookup:
             return None
         if slot.ref.startswith(REFERENCE_PREFIX):
             return await self._named(slot.ref, caps, tally)
+        if self._media.leaves_to_upstream(slot.ref):
+            # unread, so of unknown kind: counted where every forwarded medium is, as an image
+            return self._fallback(tally, "image")
         try:
             image = await self._image(slot)
         except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
@@ -380,6 +385,16 @@ class PackageLookup:
         await self._shared.put(entry.key, entry.meta, entry.payload, pin=pin, ttl=ttl)
         if name:
             await self._shared.set_name(entry.key, name)
+
+    def leaves_to_upstream(self, ref: str) -> bool:
+        """A file URL only upstream can read (see `MediaLoader.leaves_to_upstream`)."""
+        if not self._media.leaves_to_upstream(ref):
+            return False
+        log.info(
+            "file URL forwarded as it came, not cached: upstream reads it under its own "
+            "--media-path (start vcache with the same --media-path to cache it)"
+        )
+        return True
 
     async def load_media(self, ref: str) -> tuple[bytes, str | None]:
         media = await self._media.load(ref)

@@ -72,8 +72,12 @@ def request_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    """Upstream's headers less the hop-by-hop ones, names in upstream's own case (clients
-    that read headers into a plain dict look names up as llama-server writes them)."""
+    """Upstream's end-to-end response headers, names spelt as upstream spelt them.
+
+    HTTP says names are case-insensitive, but clients that read headers into a plain dict
+    (llama.cpp's own server tests among them) look for `Access-Control-Allow-Origin`, not
+    `access-control-allow-origin`: `raw_headers` keeps the case that `headers` folds.
+    """
     drop = HOP_BY_HOP | _connection_tokens(upstream.headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.raw_headers:

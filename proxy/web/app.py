@@ -187,6 +187,8 @@ async def _fetch_locators(
     Upstream must never fetch them, on any path (a stock server, a fallback, a refused
     package): its fetcher has no SSRF guard, and its own DNS lookup could answer otherwise
     than the one the guard vetted (rebinding). An image that cannot be fetched is a 400.
+    The one exception is a file URL when the proxy has no media directory: only upstream
+    knows its ``--media-path``, so the URL goes on as it came and upstream's rule decides.
     """
     fetched = await asyncio.gather(*(_fetch(proxy, body, s) for s in slots))
     added = sum(
@@ -204,7 +206,11 @@ async def _fetch_locators(
 
 
 async def _fetch(proxy: Proxy, body: JsonBody, slot: ImageSlot) -> ImageSlot:
-    if slot.span is not None or not is_locator(slot.ref):
+    if (
+        slot.span is not None
+        or not is_locator(slot.ref)
+        or proxy.lookup.leaves_to_upstream(slot.ref)
+    ):
         return slot
     data, _ = await proxy.lookup.load_media(slot.ref)
     # the media type from the bytes (already checked), never from a remote Content-Type

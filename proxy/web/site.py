@@ -6,7 +6,7 @@ backend (`proxy.backends.llama_cpp`) answer alike: a request id on every respons
 per request, and every error in llama-server's shape, never a traceback::
 
     app = web.Application(middlewares=[request_middleware()])
-    async with running_site(app, "127.0.0.1", 0) as url:    # port 0: the kernel picks one
+    async with running_site(app, ("127.0.0.1",), 0) as url:  # port 0: the kernel picks one
         ...
     await run_until_signalled(running_proxy(settings))       # `vcache serve`
 """
@@ -27,6 +27,7 @@ from aiohttp import web
 
 from proxy.errors import BodyTooLarge, ProxyError
 from proxy.upstream.relay import RESPONSE_STARTED, error_response
+from proxy.web.listen import url_of
 
 log = logging.getLogger("vcache.proxy")
 
@@ -103,16 +104,21 @@ def failed(request: web.Request, rid: str, e: Exception) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def running_site(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
-    """`app` listening on `host`:`port`; yields its URL (the real port, for port 0)."""
+async def running_site(
+    app: web.Application, hosts: tuple[str, ...], port: int
+) -> AsyncIterator[str]:
+    """`app` listening on every one of `hosts` (`proxy.web.listen.parse_hosts`) at `port`;
+    yields the first address's URL (the real port, for port 0)."""
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
     # upstream request or the generation (llama-server then stops generating for it)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        bound = runner.addresses[0][1] if runner.addresses else port
-        yield f"http://{host}:{bound}"
+        for host in hosts:
+            await web.TCPSite(runner, host, port).start()
+            # with port 0 the kernel chose: read the real one back, and use it for the rest
+            port = runner.addresses[0][1]
+        yield url_of(hosts[0], port)
     finally:
         await runner.cleanup()
 
