@@ -162,7 +162,7 @@ class Shell:
 def shell(
     tmp_path: Path, tiny_model: Callable[[str], ModelFiles], redis_server: RedisServer
 ) -> Iterator[Shell]:
-    files = tiny_model("gemma3")
+    files, embedder = tiny_model("gemma3"), tiny_model("qwen2vl-embed")
     refs = tmp_path / "refs"
     refs.mkdir()
     (refs / "cat.jpg").write_bytes(sample_image("shapes_640x480").encode("JPEG"))
@@ -172,6 +172,8 @@ def shell(
         "HOME": str(tmp_path),
         "MODEL": str(files.model),
         "MMPROJ": str(files.mmproj),
+        "EMBED_MODEL": str(embedder.model),
+        "EMBED_MMPROJ": str(embedder.mmproj),
         "IMAGE_URL": sample_image("stripes_300x900").data_url(),
         "REDIS_URL": redis_server.url,
         "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",

@@ -119,6 +119,19 @@ class ServeSettings(BaseSettings):
         None,
         description="Redis password, when the URL has none (best set as VCACHE_SHARED_PASSWORD)",
     )
+    result_cache: bool = Field(
+        False,
+        description="answer fully determined requests (greedy "
+        "or seeded) from the store when the same request was answered "
+        "before (per request: X-Vcache-Result-Cache: on or off)",
+    )
+    result_ttl_h: float = Field(168.0, gt=0, description="lifetime of a cached answer, in hours")
+    embedding_upstream: str | None = Field(
+        None,
+        description="URL of a llama-server started with --embeddings and an mmproj: "
+        "compare shortlists references by its vectors (unset: by mean-pooled packages, a "
+        "weaker recall)",
+    )
     encoder: Literal["upstream", "local"] = Field(
         "upstream",
         description="who encodes on a miss: upstream's POST /vision/embedding, or "

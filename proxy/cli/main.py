@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from proxy.cli.compare_command import add_compare_command
 from proxy.cli.config import add_arguments, load_settings
 from proxy.cli.pack_commands import add_pack_commands
 from proxy.cli.store_commands import Subparsers, add_store_commands
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(subparsers)
     add_warm_command(subparsers)
+    add_compare_command(subparsers)
     add_pack_commands(subparsers)
     add_store_commands(subparsers)
     return parser

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -61,6 +62,19 @@ def add_warm_command(subparsers: Subparsers) -> None:
     p.add_argument("--model", default="", help="model name (router mode)")
     p.add_argument("--jobs", "-j", type=int, default=2, help="images in flight at once")
     p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="tag the images (repeatable): `vcache compare --tag TAG` compares against them",
+    )
+    p.add_argument(
+        "--describe",
+        metavar="PROMPT_OR_SCHEMA",
+        help="have the VLM describe each image once, as JSON: a prompt, a JSON schema, or "
+        "@FILE holding either (compare --where filters on the fields)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("VCACHE_API_KEY"),
         help="the proxy key, if the proxy has one (default: $VCACHE_API_KEY)",
@@ -89,6 +103,7 @@ def run_warm(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         sources = _sources(args)
+        describe = read_describe(args.describe)
     except (VisionCacheError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
@@ -117,6 +132,8 @@ def run_warm(args: argparse.Namespace) -> int:
                 jobs=args.jobs,
                 api_key=args.api_key,
                 on_item=advance,
+                tags=args.tag,
+                describe=describe,
             )
     except KeyboardInterrupt:
         console.print("interrupted: what finished is cached; run the same command to resume")
@@ -126,6 +143,22 @@ def run_warm(args: argparse.Namespace) -> int:
         return 2
     _summary(Console(), report)
     return 1 if report.failed else 0
+
+
+def read_describe(value: str | None) -> str | dict[str, Any] | None:
+    """A prompt, a JSON schema, or @FILE holding either."""
+    if value is None:
+        return None
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    if text.lstrip().startswith("{"):
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise VisionCacheError(
+                f"--describe looks like a JSON schema but is not JSON: {e}"
+            ) from e
+        return schema if isinstance(schema, dict) else text
+    return text
 
 
 def _summary(console: Console, report: WarmReport) -> None:

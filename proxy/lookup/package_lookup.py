@@ -42,7 +42,7 @@ from proxy.lookup.local_encoder import LocalEncoder
 from proxy.upstream.client import Capabilities, Encoded, Upstream
 from proxy.web.metrics import Metrics
 from vision_cache.errors import PackageError, VisionCacheError
-from vision_cache.keys import CacheKey, Namespace
+from vision_cache.keys import CacheKey, Namespace, content_digest
 from vision_cache.package import EmbeddingFileRef, PackageHeader, StoredPackage
 from vision_cache.shared.tier import NullSharedTier, SharedEntry, SharedTier
 from vision_cache.singleflight import SingleFlight
@@ -80,6 +80,7 @@ class RequestTally:
     audio_hits: int = 0
     audio_misses: int = 0
     audio_fallbacks: int = 0
+    result: str = ""  # the result cache: hit, miss, refresh or skip (empty: not asked)
 
     def count(self, outcome: Literal["hit", "miss", "fallback"], modality: Modality) -> None:
         audio = modality == "audio"
@@ -109,7 +110,7 @@ class RequestTally:
                 f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
                 f"audio_fallback={self.audio_fallbacks}"
             )
-        return text
+        return f"{text} result={self.result}" if self.result else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,6 +415,27 @@ class PackageLookup:
             return await self._named_from_fleet(key, namespace, tally) if key else None
         except PackageError as e:
             raise UnknownReference(f"{ref} is stored but unreadable ({e}); warm it again") from e
+
+    async def image_digest(self, ref: str, namespace: Namespace | None) -> str | None:
+        """The SHA-256 of the image `ref` names (bytes, or a ``vcache://`` reference); None
+        for a reference this lookup cannot resolve (the request path then says why)."""
+        if not ref.startswith(REFERENCE_PREFIX):
+            data, _ = await self.load_media(ref)
+            return content_digest(data)
+        m = _DIGEST_REF.fullmatch(ref[len(REFERENCE_PREFIX) :])
+        if m:
+            return m.group(1)
+        if namespace is None:
+            return None
+        try:
+            key = await self._resolve_name(namespace, ref[len(REFERENCE_PREFIX) :])
+        except VisionCacheError:
+            return None
+        return key.digest if key else None
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the store's threads (store calls block: never on the event loop)."""
+        return await self._run(fn, *args)
 
     async def _resolve_name(self, namespace: Namespace, name: str) -> CacheKey | None:
         """Local names first, then the fleet's; a fleet name is remembered here."""

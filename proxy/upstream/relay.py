@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -126,13 +126,28 @@ async def open_upstream(client: httpx.AsyncClient, req: httpx.Request) -> httpx.
         raise UpstreamError(f"upstream is unreachable: {type(e).__name__}: {e}") from e
 
 
+class Tap(Protocol):
+    """Sees a relayed response go by (the result cache records answers through one)."""
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+    def fail(self) -> None: ...
+
+
 async def relay(
-    request: web.Request, upstream: httpx.Response, extra_headers: Mapping[str, str] | None = None
+    request: web.Request,
+    upstream: httpx.Response,
+    extra_headers: Mapping[str, str] | None = None,
+    tap: Tap | None = None,
 ) -> web.StreamResponse:
     """Copy upstream's response to the client as it arrives; closes `upstream`."""
     try:
         resp = web.StreamResponse(status=upstream.status_code, reason=upstream.reason_phrase)
         resp.headers.update(response_headers(upstream.headers))
+        if tap is not None:
+            tap.start(upstream.status_code, list(resp.headers.items()))
         if extra_headers:
             resp.headers.update(extra_headers)
         length = upstream.headers.get("content-length")
@@ -143,7 +158,7 @@ async def relay(
         if not _has_body(request.method, upstream.status_code):
             await _drop_connection(upstream)
         else:
-            await _copy_body(resp, upstream)
+            await _copy_body(resp, upstream, tap)
             if "text/event-stream" in upstream.headers.get("content-type", ""):
                 await _drop_connection(upstream)
         await resp.write_eof()
@@ -182,18 +197,26 @@ def _has_body(method: str, status: int) -> bool:
     return method != "HEAD" and status not in (204, 304) and not 100 <= status < 200
 
 
-async def _copy_body(resp: web.StreamResponse, upstream: httpx.Response) -> None:
+async def _copy_body(
+    resp: web.StreamResponse, upstream: httpx.Response, tap: Tap | None = None
+) -> None:
     events = _EventFramer() if _is_event_stream(upstream.headers) else None
     try:
         async for chunk in upstream.aiter_raw():
             out = events.feed(chunk) if events else chunk
             if out:
                 await resp.write(out)
+                if tap is not None:
+                    tap.feed(out)
         if events and events.tail:
             await resp.write(events.tail)  # upstream's last bytes, complete or not: its stream
+            if tap is not None:
+                tap.feed(events.tail)
     except httpx.HTTPError as e:
         # headers are gone: all that is left is to say so in the stream, or to cut it
         log.warning("upstream broke off mid-response: %s: %s", type(e).__name__, e)
+        if tap is not None:
+            tap.fail()
         if events is None:
             raise ConnectionResetError("upstream broke off mid-response") from e
         await resp.write(events.broken_off() + _error_event(e))

@@ -67,6 +67,7 @@ class Item:
     ref: str = ""
     encode_ms: float = 0.0
     error: str = ""
+    description: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -169,6 +170,8 @@ class _Options:
     model: str
     jobs: int
     headers: dict[str, str]
+    tags: tuple[str, ...] = ()
+    describe: str | dict[str, Any] | None = None
 
 
 Progress = Callable[[Item], None]
@@ -185,14 +188,27 @@ def warm(
     jobs: int = 2,
     api_key: str | None = None,
     on_item: Progress | None = None,
+    tags: Sequence[str] = (),
+    describe: str | dict[str, Any] | None = None,
 ) -> WarmReport:
-    """Warm images through the proxy at `proxy`; see the module docstring."""
+    """Warm images through the proxy at `proxy`; see the module docstring.
+
+    `tags` groups the images (``vcache compare --tag``); `describe` (a prompt, or a JSON
+    schema) has the VLM describe each image once, for compare's ``where`` filters."""
     plain = [s for s in sources if not isinstance(s, Source)]
     given = [s for s in sources if isinstance(s, Source)]
     todo = given + (expand([str(s) for s in plain], recursive=recursive) if plain else [])
     todo += [Source(str(Path(p).expanduser()), validate_name(n)) for n, p in (names or {}).items()]
     headers = {"X-Vcache-Key": api_key} if api_key else {}
-    opts = _Options(proxy.rstrip("/"), pin, model, max(1, jobs), headers)
+    opts = _Options(
+        proxy.rstrip("/"),
+        pin,
+        model,
+        max(1, jobs),
+        headers,
+        tuple(validate_name(t) for t in tags),
+        describe,
+    )
     return asyncio.run(warm_async(todo, opts, on_item))
 
 
@@ -257,8 +273,10 @@ async def _lookup(
 async def _warm_one(
     client: httpx.AsyncClient, opts: _Options, src: Source, digest: str | None, skippable: set[str]
 ) -> Item:
-    # cached (and pinned, if asked) needs no upload, unless it must be named or given a TTL
-    if digest in skippable and src.name is None and src.ttl is None:
+    # cached (and pinned, if asked) needs no upload, unless it must be named, given a TTL,
+    # tagged or described
+    extra = src.name is not None or src.ttl is not None or opts.tags or opts.describe
+    if digest in skippable and not extra:
         return Item(src, "skipped", f"vcache://sha256:{digest}")
     try:
         image = src.location if src.is_url else _data_uri(Path(src.location))
@@ -268,6 +286,8 @@ async def _warm_one(
             "pin": opts.pin,
             "name": src.name,
             "ttl": src.ttl,
+            "tags": list(opts.tags),
+            "describe": opts.describe,
         }
         r = await client.post("/vcache/warm", json=body)
     except (OSError, httpx.HTTPError) as e:
@@ -276,7 +296,13 @@ async def _warm_one(
         return Item(src, "failed", error=_error_message(r))
     answer = r.json()
     status: Status = answer["status"]
-    return Item(src, status, answer["ref"], float(answer["encode_ms"]))
+    return Item(
+        src,
+        status,
+        answer["ref"],
+        float(answer["encode_ms"]),
+        description=answer.get("description"),
+    )
 
 
 def _data_uri(path: Path) -> str:
