@@ -12,6 +12,10 @@ Our exception hierarchy:
       - MediaFetchFailed          (400: the remote image could not be fetched)
     + UnknownReference            (400: a vcache:// name or digest not in the store)
     + ClientPackageRefused        (400: image_embedding parts from clients are off)
+  x ResultError                   (a stored answer that cannot be replayed: a miss, and
+                                   replaced; proxy.lookup.result_cache)
+  x VectorError                   (a stored vector, or a package to pool, is unusable;
+                                   proxy.compare.vectors)
   x AuthError                     (401 authentication_error)
   x ProxyBusy                     (503 unavailable_error: the request-body budget stayed full;
                                    proxy.web.budget)

@@ -13,6 +13,7 @@ from proxy.cli.config import ServeSettings
 from proxy.errors import UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.package_lookup import PackageLookup
+from proxy.lookup.result_cache import ResultCache
 from proxy.upstream.client import Upstream
 from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
 from proxy.web.app import create_app
@@ -116,6 +117,13 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
                 settings.api_key.get_secret_value() if settings.api_key else None,
                 settings.accept_client_packages,
                 _managed_state(managed),
+                ResultCache(
+                    store,
+                    lookup.run,
+                    default_on=settings.result_cache,
+                    ttl_s=settings.result_ttl_h * 3600,
+                ),
+                settings.embedding_upstream,
             )
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))

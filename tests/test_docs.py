@@ -163,7 +163,7 @@ class Shell:
 def shell(
     tmp_path: Path, tiny_model: Callable[[str], ModelFiles], redis_server: RedisServer
 ) -> Iterator[Shell]:
-    files = tiny_model("gemma3")
+    files, embedder = tiny_model("gemma3"), tiny_model("qwen2vl-embed")
     refs = tmp_path / "refs"
     refs.mkdir()
     (refs / "cat.jpg").write_bytes(sample_image("shapes_640x480").encode("JPEG"))
@@ -173,6 +173,8 @@ def shell(
         "HOME": str(tmp_path),
         "MODEL": str(files.model),
         "MMPROJ": str(files.mmproj),
+        "EMBED_MODEL": str(embedder.model),
+        "EMBED_MMPROJ": str(embedder.mmproj),
         "IMAGE_URL": sample_image("stripes_300x900").data_url(),
         "REDIS_URL": redis_server.url,
         # `vcache build-server` finds the builds `make llama` made (HOME is a fresh one)

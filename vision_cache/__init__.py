@@ -21,6 +21,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vision_cache.client.compare import compare, references_in
+    from vision_cache.client.compare_api import CompareReply, References
     from vision_cache.client.warmup import WarmReport, warm
     from vision_cache.errors import VisionCacheError
     from vision_cache.keys import CacheKey, Namespace, content_digest
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CacheKey": "vision_cache.keys",
     "CheckReport": "vision_cache.store.check",
+    "CompareReply": "vision_cache.client.compare_api",
+    "References": "vision_cache.client.compare_api",
+    "compare": "vision_cache.client.compare",
+    "references_in": "vision_cache.client.compare",
     "Entry": "vision_cache.store.entry",
     "EntryInfo": "vision_cache.store.entry",
     "GcReport": "vision_cache.store.compaction",
@@ -55,6 +61,7 @@ _EXPORTS = {
 __all__ = [
     "CacheKey",
     "CheckReport",
+    "CompareReply",
     "Entry",
     "EntryInfo",
     "GcReport",
@@ -62,13 +69,16 @@ __all__ = [
     "NamespaceInfo",
     "Problem",
     "ProblemKind",
+    "References",
     "SegmentRef",
     "SingleFlight",
     "Store",
     "StoreStats",
     "VisionCacheError",
     "WarmReport",
+    "compare",
     "content_digest",
+    "references_in",
     "warm",
 ]
 

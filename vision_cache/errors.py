@@ -29,6 +29,9 @@ The store's exception hierarchy:
     + SharedEntryCorruptError
   x WarmError (vision_cache.client.warmup: warm-up cannot start)
   x PackError (vision_cache.client.pack: a reference pack cannot be written or imported)
+  x CompareError (vision_cache.client.compare: a comparison could not be made)
+  x RubricError (also ValueError; vision_cache.judging: a rubric that cannot be judged)
+  x VerdictError (also ValueError; vision_cache.judging: a judge's answer holds no verdict)
   x LlamaLibsError (vision_cache.llama.libs: llama.cpp's libraries cannot be loaded)
   x EncoderError (vision_cache.llama.mtmd: the vision encoder failed)
     - ImageRejected (the bytes are not an image it takes)

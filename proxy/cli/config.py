@@ -12,14 +12,14 @@ One file serves every command; each reads the tables it needs::
     store = "/data/vcache"
     hot_mb = 1024
 
-    [client]         # vcache warm and import: the proxy they talk to
+    [client]         # vcache warm, compare and import: the proxy they talk to
     proxy = "http://127.0.0.1:8081"
 
 | settings | commands | reads |
 |---|---|---|
 | `ServeSettings` | serve | ``[serve]`` (or the whole file when it has no tables) |
 | `StoreSettings` | ls, stats, rm, gc, verify, export | ``store`` from ``[serve]`` |
-| `ClientSettings` | warm | ``[client]``, then ``api_key`` from ``[serve]`` |
+| `ClientSettings` | warm, compare | ``[client]``, then ``api_key`` from ``[serve]`` |
 | `ImportSettings` | import | ``[client]``, then ``store`` and ``api_key`` from ``[serve]`` |
 """
 
@@ -190,6 +190,19 @@ class ServeSettings(StoreSettings):
     shared_password: SecretStr | None = Field(
         None,
         description="Redis password, when the URL has none (best set as VCACHE_SHARED_PASSWORD)",
+    )
+    result_cache: bool = Field(
+        False,
+        description="answer fully determined requests (greedy "
+        "or seeded) from the store when the same request was answered "
+        "before (per request: X-Vcache-Result-Cache: on or off)",
+    )
+    result_ttl_h: float = Field(168.0, gt=0, description="lifetime of a cached answer, in hours")
+    embedding_upstream: str | None = Field(
+        None,
+        description="URL of a llama-server started with --embeddings and an mmproj: "
+        "compare shortlists references by its vectors (unset: by mean-pooled packages, a "
+        "weaker recall)",
     )
     encoder: Literal["auto", "local", "server", "upstream"] = Field(
         "auto",

@@ -28,11 +28,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_serve(subparsers)
     if command != "serve":
         from proxy.cli.build_server_command import add_build_server_command
+        from proxy.cli.compare_command import add_compare_command
         from proxy.cli.pack_commands import add_pack_commands
         from proxy.cli.store_commands import add_store_commands
         from proxy.cli.warm_command import add_warm_command
 
         add_warm_command(subparsers)
+        add_compare_command(subparsers)
         add_pack_commands(subparsers)
         add_store_commands(subparsers)
         add_build_server_command(subparsers)

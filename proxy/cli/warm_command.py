@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -56,6 +57,19 @@ def add_warm_command(subparsers: Subparsers) -> None:
     p.add_argument("--ttl", type=float, help="expire unpinned images after this many seconds")
     p.add_argument("--model", default="", help="model name (router mode)")
     p.add_argument("--jobs", "-j", type=int, default=2, help="images in flight at once")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="tag the images (repeatable): `vcache compare --tag TAG` compares against them",
+    )
+    p.add_argument(
+        "--describe",
+        metavar="PROMPT_OR_SCHEMA",
+        help="have the VLM describe each image once, as JSON: a prompt, a JSON schema, or "
+        "@FILE holding either (compare --where filters on the fields)",
+    )
     p.set_defaults(handler=run_warm)
 
 
@@ -81,6 +95,7 @@ def run_warm(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args, ClientSettings)
         sources = _sources(args)
+        describe = read_describe(args.describe)
     except ValidationError as e:
         console.print(f"[red]error:[/red] {settings_error(e)}")
         return 2
@@ -113,6 +128,8 @@ def run_warm(args: argparse.Namespace) -> int:
                 jobs=args.jobs,
                 api_key=api_key,
                 on_item=advance,
+                tags=args.tag,
+                describe=describe,
             )
     except KeyboardInterrupt:
         console.print("interrupted: what finished is cached; run the same command to resume")
@@ -122,6 +139,22 @@ def run_warm(args: argparse.Namespace) -> int:
         return 2
     _summary(Console(), report)
     return 1 if report.failed else 0
+
+
+def read_describe(value: str | None) -> str | dict[str, Any] | None:
+    """A prompt, a JSON schema, or @FILE holding either."""
+    if value is None:
+        return None
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    if text.lstrip().startswith("{"):
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise VisionCacheError(
+                f"--describe looks like a JSON schema but is not JSON: {e}"
+            ) from e
+        return schema if isinstance(schema, dict) else text
+    return text
 
 
 def _summary(console: Console, report: WarmReport) -> None:

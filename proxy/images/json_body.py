@@ -117,6 +117,11 @@ class JsonBody:
         self._spans = spans
         self._nonce = nonce
 
+    @classmethod
+    def of(cls, tree: Any) -> JsonBody:
+        """A body built here rather than read (the proxy's own requests): no spans yet."""
+        return cls(tree, {}, secrets.token_hex(8))
+
     def span(self, value: object) -> Span | None:
         """The span a value of the tree stands for; None for any other value."""
         if isinstance(value, str) and value.startswith("\0") and value[1:17] == self._nonce:

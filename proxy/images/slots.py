@@ -57,16 +57,17 @@ CHAT_PATHS = frozenset(
         "/chat/completions/input_tokens",
     }
 )
-PROMPT_PATHS = frozenset(
-    {
-        "/completion",
-        "/completions",
-        "/v1/completions",
-        "/infill",
-        "/embedding",
-        "/embeddings",
-        "/v1/embeddings",
-    }
+EMBEDDING_PATHS = frozenset({"/embedding", "/embeddings", "/v1/embeddings"})
+PROMPT_PATHS = (
+    frozenset(
+        {
+            "/completion",
+            "/completions",
+            "/v1/completions",
+            "/infill",
+        }
+    )
+    | EMBEDDING_PATHS
 )
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 RESPONSES_PATHS = frozenset(
@@ -96,6 +97,9 @@ class ImageSlot:
     # blocks have no form for one, so a clip there is left as sent
     takes_audio: bool = True
     span: Span | None = None
+    # with a span: the string that stands for it in the parsed body (`JsonBody.span` of it is
+    # `span`), which is how the result cache finds this image in the body
+    placeholder: str | None = None
 
 
 def find_images(
@@ -117,7 +121,9 @@ def find_images(
 
 def _with_span(slot: ImageSlot, body: JsonBody) -> ImageSlot:
     span = body.span(slot.ref)
-    return slot if span is None else dataclasses.replace(slot, ref=span.head(), span=span)
+    if span is None:
+        return slot
+    return dataclasses.replace(slot, ref=span.head(), span=span, placeholder=slot.ref)
 
 
 # walkers yield None for a package the client sent itself (an image_embedding input)
@@ -129,7 +135,7 @@ def _slots(path: str, body: dict[str, Any]) -> Iterator[Found]:
         yield from _chat_slots(body.get("messages"))
     elif path in PROMPT_PATHS:
         for key in ("prompt", "input", "content"):
-            yield from _prompt_slots(body.get(key))
+            yield from _prompt_slots(body.get(key), path in EMBEDDING_PATHS)
     elif path in ANTHROPIC_PATHS:
         yield from _anthropic_slots(body.get("messages"))
     else:
@@ -141,17 +147,22 @@ def _slots(path: str, body: dict[str, Any]) -> Iterator[Found]:
 
 def _chat_slots(messages: Any) -> Iterator[Found]:
     for msg in _dicts(messages):
-        for part in _dicts(msg.get("content")):
-            if part.get("type") in ("image_embedding", "media_embedding"):
-                yield None
-            if part.get("type") == "input_audio":
-                yield from _audio_part(part)
-            if part.get("type") != "image_url":
-                continue
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if isinstance(url, str):
-                yield ImageSlot(url, None, _chat_replacer(part), _chat_image(part))
+        yield from _part_slots(msg.get("content"))
+
+
+def _part_slots(parts: Any) -> Iterator[Found]:
+    """The media of one OpenAI content array (a chat message's, or an embedding input's)."""
+    for part in _dicts(parts):
+        if part.get("type") in ("image_embedding", "media_embedding"):
+            yield None
+        if part.get("type") == "input_audio":
+            yield from _audio_part(part)
+        if part.get("type") != "image_url":
+            continue
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if isinstance(url, str):
+            yield ImageSlot(url, None, _chat_replacer(part), _chat_image(part))
 
 
 def _chat_replacer(part: dict[str, Any]) -> Callable[[Package], None]:
@@ -203,8 +214,12 @@ def _chat_image(part: dict[str, Any]) -> Callable[[bytes, str, Insert], None]:
 # --- native prompts: {"prompt_string": ..., "multimodal_data": ["<base64>", ...]} ------------
 
 
-def _prompt_slots(prompt: Any) -> Iterator[Found]:
+def _prompt_slots(prompt: Any, embedding: bool) -> Iterator[Found]:
     for obj in _dicts(prompt if isinstance(prompt, list) else [prompt]):
+        if embedding and isinstance(obj.get("content"), list):
+            # an embedding input may be an OpenAI content array: {"content": [parts]}
+            yield from _part_slots(obj["content"])
+            continue
         data = obj.get("multimodal_data")
         if not isinstance(data, list):
             continue

@@ -83,6 +83,7 @@ class RequestTally:
     audio_hits: int = 0
     audio_misses: int = 0
     audio_fallbacks: int = 0
+    result: str = ""  # the result cache: hit, miss, refresh or skip (empty: not asked)
 
     def count(self, outcome: Literal["hit", "miss", "fallback"], modality: Modality) -> None:
         audio = modality == "audio"
@@ -112,7 +113,7 @@ class RequestTally:
                 f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
                 f"audio_fallback={self.audio_fallbacks}"
             )
-        return text
+        return f"{text} result={self.result}" if self.result else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +442,39 @@ class PackageLookup:
             return await self._named_from_fleet(key, namespace, tally) if key else None
         except PackageError as e:
             raise UnknownReference(f"{ref} is stored but unreadable ({e}); warm it again") from e
+
+    async def image_digest(self, slot: ImageSlot, namespace: Namespace | None) -> str | None:
+        """The SHA-256 of the image in `slot` (its bytes, or what a ``vcache://`` reference
+        names); None for one this lookup cannot tell: an unknown name, a file URL left to
+        upstream, inline bytes only upstream's decoder may read (the request path then
+        decides what happens to them)."""
+        if slot.span is None and slot.ref.startswith(REFERENCE_PREFIX):
+            return await self.reference_digest(slot.ref, namespace)
+        if slot.span is None and self._media.leaves_to_upstream(slot.ref):
+            return None
+        try:
+            return (await self._image(slot)).digest
+        except (MediaNotAllowed, MediaTooLarge, MediaFetchFailed):
+            raise
+        except MediaError:
+            return None
+
+    async def reference_digest(self, ref: str, namespace: Namespace | None) -> str | None:
+        """The SHA-256 a ``vcache://`` reference names; None for a name not known here."""
+        m = _DIGEST_REF.fullmatch(ref[len(REFERENCE_PREFIX) :])
+        if m:
+            return m.group(1)
+        if namespace is None:
+            return None
+        try:
+            key = await self._resolve_name(namespace, ref[len(REFERENCE_PREFIX) :])
+        except VisionCacheError:
+            return None
+        return key.digest if key else None
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the store's threads (store calls block: never on the event loop)."""
+        return await self._run(fn, *args)
 
     async def _resolve_name(self, namespace: Namespace, name: str) -> CacheKey | None:
         """Local names first, then the fleet's; a fleet name is remembered here."""

@@ -34,9 +34,44 @@ CAPS_TTL_S = 10.0
 KEEPALIVE_S = 2.0  # cpp-httplib's keep-alive timeout, llama-server's, is 5 s
 
 
+# What /props says of the model that changes its answers (media_marker and is_sleeping change
+# by themselves; the rest only when the operator changes the model, build or settings).
+_IDENTITY_PROPS = (
+    "model_path",
+    "model_alias",
+    "model_ftype",
+    "build_info",
+    "chat_template",
+    "chat_template_tool_use",
+    "default_generation_settings",
+    "bos_token",
+    "eos_token",
+    "image_embedding",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What the answers of one upstream model depend on, as far as the server tells: the
+    components of the result cache's namespace, and the sampling defaults a request that
+    leaves a parameter out gets."""
+
+    components: dict[str, Any]
+    defaults: dict[str, Any]
+
+    @classmethod
+    def from_props(cls, props: dict[str, Any], model: str) -> ModelIdentity | None:
+        if not props.get("model_path") and not props.get("build_info"):
+            return None  # not a llama-server's /props (or none could be read)
+        components = {k: props.get(k) for k in _IDENTITY_PROPS}
+        settings = props.get("default_generation_settings")
+        params = settings.get("params") if isinstance(settings, dict) else None
+        return cls({"model": model, **components}, params if isinstance(params, dict) else {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What one upstream model can do with packages."""
+    """What one upstream model can do with packages, and who it is."""
 
     packages: bool
     namespace: Namespace | None = None
@@ -51,15 +86,18 @@ class Capabilities:
     def namespace_for(self, modality: Modality) -> Namespace | None:
         return self.audio_namespace if modality == "audio" else self.namespace
 
+    identity: ModelIdentity | None = None
+
     @classmethod
     def from_props(cls, props: dict[str, Any], model: str) -> Capabilities:
         marker = props.get("media_marker")
         media_marker = marker if isinstance(marker, str) else None
+        identity = ModelIdentity.from_props(props, model)
         emb = props.get("image_embedding")
         if not isinstance(emb, dict) or not emb.get("enabled"):
-            return cls(packages=False, media_marker=media_marker)
+            return cls(packages=False, media_marker=media_marker, identity=identity)
         if emb.get("version") != FORMAT_VERSION:
-            return cls(packages=False, media_marker=media_marker)
+            return cls(packages=False, media_marker=media_marker, identity=identity)
 
         def namespace(modality: Modality) -> Namespace:
             encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
@@ -89,6 +127,7 @@ class Capabilities:
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
             audio_namespace=namespace("audio") if takes_audio else None,
             media_endpoint=str(media_endpoint) if takes_audio else None,
+            identity=identity,
         )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -173,15 +173,29 @@ def _own_error(e: BaseException) -> ProxyError | None:
     return None
 
 
+class Tap(Protocol):
+    """Sees a relayed response go by (the result cache records answers through one)."""
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+    def fail(self) -> None: ...
+
+
 async def relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     extra_headers: Mapping[str, str] | None = None,
+    tap: Tap | None = None,
 ) -> web.StreamResponse:
-    """Copy upstream's response to the client as it arrives; closes `upstream`."""
+    """Copy upstream's response to the client as it arrives; closes `upstream`. `tap`, if
+    given, sees the status, the headers and exactly the bytes written to the client."""
     try:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         resp.headers.update(response_headers(upstream))
+        if tap is not None:
+            tap.start(upstream.status, list(resp.headers.items()))
         if extra_headers:
             resp.headers.update(extra_headers)
         length = upstream.headers.get("content-length")
@@ -190,7 +204,7 @@ async def relay(
         await resp.prepare(request)
         request[RESPONSE_STARTED] = resp
         if _has_body(request.method, upstream.status):
-            await _copy_body(resp, upstream)
+            await _copy_body(resp, upstream, tap)
         await resp.write_eof()
         return resp
     finally:
@@ -215,18 +229,26 @@ def _has_body(method: str, status: int) -> bool:
     return method != "HEAD" and status not in (204, 304) and not 100 <= status < 200
 
 
-async def _copy_body(resp: web.StreamResponse, upstream: aiohttp.ClientResponse) -> None:
+async def _copy_body(
+    resp: web.StreamResponse, upstream: aiohttp.ClientResponse, tap: Tap | None = None
+) -> None:
     events = _EventFramer() if _is_event_stream(upstream.headers) else None
     try:
         async for chunk in upstream.content.iter_any():
             out = events.feed(chunk) if events else chunk
             if out:
                 await resp.write(out)
+                if tap is not None:
+                    tap.feed(out)
         if events and events.tail:
             await resp.write(events.tail)  # upstream's last bytes, complete or not: its stream
+            if tap is not None:
+                tap.feed(events.tail)
     except (aiohttp.ClientError, TimeoutError) as e:
         # headers are gone: all that is left is to say so in the stream, or to cut it
         log.warning("upstream broke off mid-response: %s: %s", type(e).__name__, e)
+        if tap is not None:
+            tap.fail()
         if events is None:
             raise ConnectionResetError("upstream broke off mid-response") from e
         await resp.write(events.broken_off() + _error_event(e))

@@ -9,7 +9,8 @@ The messages are `vision_cache.client.admin_api`'s, which the clients use too:
 | GET /vcache/stats | the store's statistics |
 | GET /vcache/namespace?model=M | the cache namespace requests for model M use |
 | POST /vcache/lookup | which of a list of image digests are cached (warm-up skips them) |
-| POST /vcache/warm | encode (if needed), pin and name one image |
+| POST /vcache/warm | encode (if needed), pin, name, tag and describe one image |
+| POST /vcache/compare | rank references against a candidate: shortlist, then the VLM judges |
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from proxy.errors import ClientError
+from proxy.compare.service import Comparison, describe
+from proxy.compare.vectors import (
+    EmbeddingModel,
+    PooledPackages,
+    Source,
+    VectorCache,
+    keep_source,
+)
+from proxy.errors import ClientError, ProxyError
 from proxy.web.body import read_body
 from proxy.web.state import PROXY_KEY, Proxy
 from vision_cache.client import admin_api as api
@@ -37,6 +46,7 @@ from vision_cache.client.admin_api import (
     WarmRequest,
     WarmResponse,
 )
+from vision_cache.client.compare_api import CompareRequest, Event
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -54,6 +64,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(api.NAMESPACE, bind(namespace))
     app.router.add_post(api.LOOKUP, bind(lookup))
     app.router.add_post(api.WARM, bind(warm))
+    app.router.add_post(api.COMPARE, bind(compare))
+    app[COMPARISONS] = _Comparisons()
+    app.on_cleanup.append(_close_comparison)
 
 
 def _json(body: Any) -> web.Response:
@@ -139,14 +152,76 @@ async def warm(request: web.Request, proxy: Proxy) -> web.Response:
         image, mime, req.model, pin=req.pin, name=req.name, ttl=req.ttl
     )
     ref = f"vcache://{req.name}" if req.name else f"vcache://sha256:{result.key.digest}"
-    return _answer(
-        WarmResponse(
-            key=result.key.text,
-            digest=result.key.digest,
-            namespace=result.namespace.id,
-            status=result.status,
-            encode_ms=result.encode_ms,
-            bytes=result.nbytes,
-            ref=ref,
-        )
+    if proxy.embedding_upstream:
+        # the image itself too: the embedding model reads it when compare needs its vector
+        await proxy.lookup.run(lambda: keep_source(proxy, image, pin=req.pin, ttl=req.ttl))
+    for tag in req.tags:
+        await proxy.lookup.run(proxy.store.add_tag, result.key, tag)
+    description, described = None, None
+    if req.describe is not None:
+        description, described = await describe(proxy, result.key.digest, req.describe, req.model)
+    answer = WarmResponse(
+        key=result.key.text,
+        digest=result.key.digest,
+        namespace=result.namespace.id,
+        status=result.status,
+        encode_ms=result.encode_ms,
+        bytes=result.nbytes,
+        ref=ref,
+        description=description,
+        described=described,
     )
+    return _answer(answer, exclude_none=True)  # no "description" unless asked for
+
+
+class _Comparisons:
+    """The app's `Comparison`, made on first use (it holds the embedding upstream's
+    connections, which a proxy that never compares should not open)."""
+
+    def __init__(self) -> None:
+        self.made: Comparison | None = None
+
+    def get(self, proxy: Proxy) -> Comparison:
+        if self.made is None:
+            source: Source = (
+                EmbeddingModel(proxy, proxy.embedding_upstream)
+                if proxy.embedding_upstream
+                else PooledPackages(proxy, "")
+            )
+            self.made = Comparison(proxy, VectorCache(proxy, source))
+        return self.made
+
+
+COMPARISONS: web.AppKey[_Comparisons] = web.AppKey("comparisons", _Comparisons)
+
+
+def _comparison(request: web.Request, proxy: Proxy) -> Comparison:
+    return request.app[COMPARISONS].get(proxy)
+
+
+async def _close_comparison(app: web.Application) -> None:
+    made = app[COMPARISONS].made
+    if made is not None:
+        await made.aclose()
+
+
+async def compare(request: web.Request, proxy: Proxy) -> web.StreamResponse:
+    """Shortlist references by embedding similarity, then have the VLM judge the finalists."""
+    req = await _request(request, proxy, CompareRequest)
+    comparison = _comparison(request, proxy)
+    if not req.stream:
+        return _answer(await comparison.run(req))
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+
+    async def emit(event: Event) -> None:
+        await resp.write(event.model_dump_json(exclude_none=True).encode() + b"\n")
+
+    try:
+        reply = await comparison.run(req, emit)
+        await emit(Event(event="result", result=reply))
+    except ProxyError as e:
+        # the status line is out: the error travels as the last event
+        await emit(Event(event="error", error=e.body()["error"]))
+    await resp.write_eof()
+    return resp

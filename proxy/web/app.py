@@ -28,6 +28,14 @@ from proxy.images.media import is_locator
 from proxy.images.modality import audio_mime, sniff
 from proxy.images.slots import IMAGE_PATHS, ImageSlot, InlinePayload, find_images
 from proxy.lookup.package_lookup import RequestTally
+from proxy.lookup.result_cache import (
+    Recorder,
+    decide,
+    determined,
+    image_digests,
+    result_key,
+)
+from proxy.lookup.result_cache import namespace as result_namespace
 from proxy.upstream.client import Capabilities
 from proxy.upstream.relay import (
     Body,
@@ -42,6 +50,7 @@ from proxy.web.body import check_declared_length, read_body, stream_body
 from proxy.web.budget import Reservation
 from proxy.web.site import request_middleware
 from proxy.web.state import PROXY_KEY, Proxy
+from vision_cache.keys import CacheKey, Namespace
 
 log = logging.getLogger("vcache.proxy")
 
@@ -113,6 +122,7 @@ async def _send(
     proxy: Proxy,
     req: UpstreamRequest,
     extra_headers: dict[str, str] | None = None,
+    tap: Recorder | None = None,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     try:
@@ -124,7 +134,7 @@ async def _send(
     proxy.metrics.upstream_seconds.labels(_endpoint_label(request.path)).observe(
         time.perf_counter() - started
     )
-    return await relay(request, upstream, extra_headers)
+    return await relay(request, upstream, extra_headers, tap)
 
 
 async def _forward_with_images(request: web.Request, proxy: Proxy) -> web.StreamResponse:
@@ -159,24 +169,104 @@ async def _with_images(
         max_images=proxy.limits.max_images,
         allow_client_packages=proxy.accept_client_packages,
     )
-    if not slots:
-        return await _send(request, proxy, _upstream_request(proxy, request, raw))
     original: Body = raw
     if any(s.span is None and is_locator(s.ref) for s in slots):
         slots = await _fetch_locators(proxy, body, slots, held)
         original = (await _off_loop(len(raw), body.dumps)).parts
-    model = body.tree.get("model") if isinstance(body.tree.get("model"), str) else ""
-    caps = await proxy.lookup.capabilities(model)
+    model = _model_of(body.tree)
     tally = RequestTally()
+    pending = await _result_lookup(request, proxy, body, slots, model, tally)
+    if isinstance(pending, web.StreamResponse):
+        return pending
+    if not slots:
+        headers = {"X-Vcache": tally.header()} if tally.result else None
+        req = _upstream_request(proxy, request, original)
+        return await _finish(
+            proxy, pending, await _send(request, proxy, req, headers, _tap(pending))
+        )
+    caps = await proxy.lookup.capabilities(model)
     rewritten = await _rewrite(proxy, body, slots, caps, model, tally) if caps.packages else False
     if not caps.packages:
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
     if not rewritten:
-        return await _send(request, proxy, _upstream_request(proxy, request, original), headers)
+        req = _upstream_request(proxy, request, original)
+        return await _finish(
+            proxy, pending, await _send(request, proxy, req, headers, _tap(pending))
+        )
     named = any(s.ref.startswith("vcache://") for s in slots)
     new_body = (await _off_loop(len(raw), body.dumps)).parts
-    return await _send_with_fallback(request, proxy, new_body, original, named, tally)
+    resp = await _send_with_fallback(
+        request, proxy, new_body, original, named, tally, _tap(pending)
+    )
+    return await _finish(proxy, pending, resp)
+
+
+# --- the result cache ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A request the result cache missed: its answer is recorded, then stored."""
+
+    key: CacheKey
+    namespace: Namespace
+    recorder: Recorder
+
+
+async def _result_lookup(
+    request: web.Request,
+    proxy: Proxy,
+    body: JsonBody,
+    slots: list[ImageSlot],
+    model: str,
+    tally: RequestTally,
+) -> web.StreamResponse | _Pending | None:
+    """A replayed answer on a hit; what to record on a miss; None when the cache stays out."""
+    decision = decide(request.headers, proxy.result_cache.default_on)
+    if not decision.active or request.path.endswith(("/input_tokens", "/count_tokens")):
+        return None
+    if not isinstance(body.tree, dict):
+        return None  # not a request llama-server answers: nothing to keep
+    caps = await proxy.lookup.capabilities(model)
+    if caps.identity is None or not determined(request.path, body.tree, caps.identity.defaults):
+        tally.result = "skip"
+        return None
+    images = await image_digests(proxy.lookup, slots, caps.namespace)
+    if images is None:
+        return None  # an unknown reference: the image path answers it
+    ns = result_namespace(caps.identity.components)
+    auth = request.headers.get("Authorization", "")
+    key = result_key(ns, request.path, body, images, auth)
+    found = await proxy.result_cache.get(key) if decision.lookup else None
+    if found is not None:
+        tally.result = "hit"
+        proxy.metrics.result_hits.inc()
+        return await found.replay(request, {"X-Vcache": tally.header()})
+    tally.result = "miss" if decision.lookup else "refresh"
+    proxy.metrics.result_misses.inc()
+    return _Pending(key, ns, Recorder()) if decision.store else None
+
+
+def _model_of(body: Any) -> str:
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else ""
+
+
+def _tap(pending: _Pending | None) -> Recorder | None:
+    return pending.recorder if pending is not None else None
+
+
+async def _finish(
+    proxy: Proxy, pending: _Pending | None, resp: web.StreamResponse
+) -> web.StreamResponse:
+    if pending is not None:
+        recorded = pending.recorder.recorded()
+        if recorded is not None and await proxy.result_cache.put(
+            pending.key, pending.namespace, recorded
+        ):
+            proxy.metrics.result_stores.inc()
+    return resp
 
 
 async def _fetch_locators(
@@ -228,7 +318,7 @@ async def _fetch(proxy: Proxy, body: JsonBody, slot: ImageSlot) -> ImageSlot:
     await asyncio.to_thread(slot.put_image, data, mime, insert)
     span = body.span(placed[0])
     assert span is not None  # just inserted
-    return dataclasses.replace(slot, ref=span.head(), mime=mime, span=span)
+    return dataclasses.replace(slot, ref=span.head(), mime=mime, span=span, placeholder=placed[0])
 
 
 async def _rewrite(
@@ -267,6 +357,7 @@ async def _send_with_fallback(
     original: Body,
     named: bool,
     tally: RequestTally,
+    tap: Recorder | None = None,
 ) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original.
 
@@ -289,7 +380,7 @@ async def _send_with_fallback(
             upstream = await _open(proxy, _upstream_request(proxy, request, original))
         else:
             return _replay(upstream.status, upstream.headers, detail, tally)
-    return await relay(request, upstream, {"X-Vcache": tally.header()})
+    return await relay(request, upstream, {"X-Vcache": tally.header()}, tap)
 
 
 async def _open(proxy: Proxy, req: UpstreamRequest) -> aiohttp.ClientResponse:

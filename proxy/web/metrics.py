@@ -88,6 +88,15 @@ class Metrics:
         self.upstream_errors = Counter(
             "vcache_upstream_errors", "Requests that failed reaching upstream", registry=r
         )
+        self.result_hits = Counter(
+            "vcache_result_hits", "Answers replayed from the result cache", registry=r
+        )
+        self.result_misses = Counter(
+            "vcache_result_misses", "Result-cache lookups that found nothing", registry=r
+        )
+        self.result_stores = Counter(
+            "vcache_result_stores", "Answers stored in the result cache", registry=r
+        )
 
     def watch_shared(self, stats: Callable[[], SharedTierStats]) -> None:
         """Export the shared tier's counters (vcache_shared_*), read at each scrape."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.lookup.package_lookup import PackageLookup
+from proxy.lookup.result_cache import ResultCache
 from proxy.upstream.client import Upstream
 from proxy.web.budget import BodyBudget
 from proxy.web.metrics import Metrics
@@ -43,10 +44,21 @@ class Proxy:
     api_key: str | None = None
     accept_client_packages: bool = False
     managed_state: Callable[[], ManagedState] | None = None  # managed mode: the server's
+    # None: a result cache that is off unless a request asks for it
+    results: ResultCache | None = None
+    # a llama-server with --embeddings, for compare's shortlist (None: pooled packages)
+    embedding_upstream: str | None = None
     budget: BodyBudget = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.budget = BodyBudget(self.limits.max_body_bytes)
+        if self.results is None:
+            self.results = ResultCache(self.store, self.lookup.run)
+
+    @property
+    def result_cache(self) -> ResultCache:
+        assert self.results is not None  # set in __post_init__
+        return self.results
 
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)

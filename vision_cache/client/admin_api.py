@@ -16,6 +16,9 @@ them and read answers into them, so the two cannot drift apart::
 | GET /vcache/namespace?model=M | | `NamespaceResponse` |
 | POST /vcache/lookup | `LookupRequest` | `LookupResponse` |
 | POST /vcache/warm | `WarmRequest` | `WarmResponse` |
+| POST /vcache/compare | `CompareRequest` | `CompareReply`, or `Event`s (NDJSON) |
+
+(The compare messages live in `vision_cache.client.compare_api`.)
 
 Every endpoint sits behind the proxy key when one is set (`KEY_HEADER`, or
 ``Authorization: Bearer``); errors come in llama-server's shape (`ErrorResponse`). Requests
@@ -25,7 +28,7 @@ so an older client keeps working against a newer proxy.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,8 +44,11 @@ STATS = "/vcache/stats"
 NAMESPACE = "/vcache/namespace"
 LOOKUP = "/vcache/lookup"
 WARM = "/vcache/warm"
+COMPARE = "/vcache/compare"
+MAX_TAGS = 32
 
 Digest = Annotated[str, Field(pattern=f"^{DIGEST_PATTERN}$")]
+Tag = Annotated[str, Field(pattern=f"^{NAME_PATTERN}$")]
 
 
 def key_headers(api_key: str | None) -> dict[str, str]:
@@ -59,13 +65,20 @@ class _Response(BaseModel):
 
 
 class WarmRequest(_Request):
-    """Encode one image (unless cached), pin it and name it."""
+    """Encode one image (unless cached), pin it, name it, tag it, describe it."""
 
     image: str = Field(min_length=1, description="data URI, base64, http(s) or file:// URL")
     model: str = ""
     name: str | None = Field(None, pattern=f"^{NAME_PATTERN}$")
     pin: bool = True
     ttl: float | None = Field(None, gt=0)
+    # `vcache compare --tag TAG` compares against the images tagged TAG
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    describe: str | dict[str, Any] | None = Field(
+        None,
+        description="a prompt or JSON schema: the VLM's description of the image is "
+        "stored once (a result-cache entry) for compare's where-filters",
+    )
 
 
 class WarmResponse(_Response):
@@ -76,6 +89,9 @@ class WarmResponse(_Response):
     encode_ms: float
     bytes: int
     ref: str  # vcache://NAME for a named image, else vcache://sha256:DIGEST
+    # with `describe` only: the description, and whether it was stored before (no model call)
+    description: dict[str, Any] | None = None
+    described: bool | None = None
 
 
 class LookupRequest(_Request):

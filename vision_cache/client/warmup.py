@@ -78,6 +78,7 @@ class Item:
     ref: str = ""
     encode_ms: float = 0.0
     error: str = ""
+    description: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -180,6 +181,8 @@ class _Options:
     model: str
     jobs: int
     headers: dict[str, str]
+    tags: tuple[str, ...] = ()
+    describe: str | dict[str, Any] | None = None
 
 
 Progress = Callable[[Item], None]
@@ -196,14 +199,27 @@ def warm(
     jobs: int = 2,
     api_key: str | None = None,
     on_item: Progress | None = None,
+    tags: Sequence[str] = (),
+    describe: str | dict[str, Any] | None = None,
 ) -> WarmReport:
-    """Warm images through the proxy at `proxy`; see the module docstring."""
+    """Warm images through the proxy at `proxy`; see the module docstring.
+
+    `tags` groups the images (``vcache compare --tag``); `describe` (a prompt, or a JSON
+    schema) has the VLM describe each image once, for compare's ``where`` filters."""
     plain = [s for s in sources if not isinstance(s, Source)]
     given = [s for s in sources if isinstance(s, Source)]
     todo = given + (expand([str(s) for s in plain], recursive=recursive) if plain else [])
     todo += [Source(str(Path(p).expanduser()), validate_name(n)) for n, p in (names or {}).items()]
     headers = key_headers(api_key)
-    opts = _Options(proxy.rstrip("/"), pin, model, max(1, jobs), headers)
+    opts = _Options(
+        proxy.rstrip("/"),
+        pin,
+        model,
+        max(1, jobs),
+        headers,
+        tuple(validate_name(t) for t in tags),
+        describe,
+    )
     return asyncio.run(warm_async(todo, opts, on_item))
 
 
@@ -268,13 +284,21 @@ async def _lookup(
 async def _warm_one(
     client: httpx.AsyncClient, opts: _Options, src: Source, digest: str | None, skippable: set[str]
 ) -> Item:
-    # cached (and pinned, if asked) needs no upload, unless it must be named or given a TTL
-    if digest in skippable and src.name is None and src.ttl is None:
+    # cached (and pinned, if asked) needs no upload, unless it must be named, given a TTL,
+    # tagged or described
+    extra = src.name is not None or src.ttl is not None or opts.tags or opts.describe
+    if digest in skippable and not extra:
         return Item(src, "skipped", f"vcache://sha256:{digest}")
     try:
         image = src.location if src.is_url else file_data_uri(Path(src.location))
         request = WarmRequest(
-            image=image, model=opts.model, pin=opts.pin, name=src.name, ttl=src.ttl
+            image=image,
+            model=opts.model,
+            pin=opts.pin,
+            name=src.name,
+            ttl=src.ttl,
+            tags=list(opts.tags),
+            describe=opts.describe,
         )
         r = await client.post(api.WARM, content=request.model_dump_json(), headers=_JSON)
     except (OSError, httpx.HTTPError, ValidationError) as e:
@@ -285,7 +309,7 @@ async def _warm_one(
         answer = _parse(WarmResponse, r)
     except WarmError as e:
         return Item(src, "failed", error=str(e))
-    return Item(src, answer.status, answer.ref, answer.encode_ms)
+    return Item(src, answer.status, answer.ref, answer.encode_ms, description=answer.description)
 
 
 def _parse(cls: type[AnswerT], r: httpx.Response) -> AnswerT:

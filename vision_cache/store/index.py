@@ -603,6 +603,43 @@ class Index:
             )
         )
 
+    # -- tags ---------------------------------------------------------------
+
+    def add_tag(self, key: CacheKey, tag: str) -> None:
+        nsid = self.nsid(key.namespace_id, create=True)
+        self.write(
+            lambda c: c.execute(
+                "INSERT INTO tags (nsid, tag, digest, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (nsid, tag, key.digest, self._clock()),
+            )
+        )
+
+    def remove_tag(self, key: CacheKey, tag: str) -> bool:
+        nsid = self.nsid(key.namespace_id, create=False)
+        if nsid is None:
+            return False
+        return self.write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM tags WHERE nsid = ? AND tag = ? AND digest = ?",
+                    (nsid, tag, key.digest),
+                ).rowcount
+                > 0
+            )
+        )
+
+    def tagged(self, namespace_id: str, tag: str) -> list[str]:
+        nsid = self.nsid(namespace_id, create=False)
+        if nsid is None:
+            return []
+        rows = self.read(
+            lambda c: c.execute(
+                "SELECT digest FROM tags WHERE nsid = ? AND tag = ? ORDER BY digest", (nsid, tag)
+            ).fetchall()
+        )
+        return [str(row[0]) for row in rows]
+
     # -- recency and counters ---------------------------------------------
 
     def touch(self, entry_id: int, now: float) -> None:

@@ -125,8 +125,22 @@ def initial(db: Database) -> None:
         db.execute(statement)
 
 
+@migrations(name="0002_tags")
+def tags(db: Database) -> None:
+    # A tag groups references (`vcache warm --tag T`, `vcache compare --tag T`); like names,
+    # tags point at digests and outlive the entries (a comparison reports what is gone).
+    # The primary key serves both "the digests of a tag" and a duplicate tag being a no-op.
+    db.execute("""CREATE TABLE tags (
+        nsid INTEGER NOT NULL,
+        tag TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (nsid, tag, digest)
+    ) WITHOUT ROWID""")
+
+
 # Every migration name, in order; tests assert it matches `migrations`.
-KNOWN_MIGRATIONS = ("0001_initial",)
+KNOWN_MIGRATIONS = ("0001_initial", "0002_tags")
 SCHEMA_VERSION = len(KNOWN_MIGRATIONS)
 
 

@@ -435,6 +435,21 @@ class Store:
     def delete_name(self, namespace: Namespace | str, name: str) -> bool:
         return self._index.delete_name(_namespace_id(namespace), validate_name(name))
 
+    def add_tag(self, key: CacheKey, tag: str) -> None:
+        """Tag the key's digest (in its namespace) with `tag`, a name-like word."""
+        self._index.add_tag(key, validate_name(tag))
+
+    def remove_tag(self, key: CacheKey, tag: str) -> bool:
+        return self._index.remove_tag(key, validate_name(tag))
+
+    def tagged(self, namespace: Namespace | str, tag: str) -> list[CacheKey]:
+        """The keys tagged `tag` in `namespace`, in digest order (entries may be gone)."""
+        namespace_id = _namespace_id(namespace)
+        return [
+            CacheKey(namespace_id, digest)
+            for digest in self._index.tagged(namespace_id, validate_name(tag))
+        ]
+
     # -- listing, stats, maintenance --------------------------------------
 
     def iter_entries(self, namespace: Namespace | str | None = None) -> Iterator[EntryInfo]:

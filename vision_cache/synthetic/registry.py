@@ -18,6 +18,7 @@ AnyFamily = Family | AudioFamily
 FAMILIES: dict[str, str] = {
     "gemma3": "vision_cache.synthetic.families.gemma3",
     "qwen2vl": "vision_cache.synthetic.families.qwen2vl",
+    "qwen2vl-embed": "vision_cache.synthetic.families.qwen2vl_embed",
     # audio
     "qwen2audio": "vision_cache.synthetic.families.qwen2audio",
     "ultravox": "vision_cache.synthetic.families.ultravox",
