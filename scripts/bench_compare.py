@@ -26,7 +26,6 @@ import base64
 import io
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from PIL import Image
 
 from proxy.cli.config import ServeSettings
 from proxy.serve import running_proxy
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from vision_cache.judging import Rubric, judge_request
 from vision_cache.synthetic.models import generate
 
@@ -61,21 +60,7 @@ def reference_image(i: int) -> str:
 
 
 def binary() -> Path:
-    env = os.environ.get("VCACHE_LLAMA_SERVER_PATCHED")
-    if env:
-        return Path(env)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "build_llama_server.py"),
-            "--print-path",
-            "patched",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
+    return built_binary("patched")
 
 
 def servers(stack: ExitStack, tmp: Path, threads: str) -> tuple[LlamaServer, LlamaServer]:

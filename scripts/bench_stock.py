@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.support.llama_server import LlamaServer
+from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic.models import generate
 
@@ -254,13 +254,7 @@ def _outcome(header: str) -> str:
 
 
 def binary(variant: str) -> Path:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_llama_server.py"), "--print-path", variant],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip())
+    return built_binary(variant)
 
 
 def server_args(family: str, size: str, parallel: int, threads: int) -> list[str]:
