@@ -5,21 +5,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from proxy.backends.llama_cpp import LlamaCppSettings, running_backend
 from proxy.cli.config import ServeSettings
+from proxy.errors import StartupError
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.local_encoder import LocalEncoder, LocalEncoderConfig
 from proxy.lookup.package_lookup import PackageLookup
 from proxy.upstream.client import Upstream
-from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
+from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig, ManagedStartError
+from proxy.version import VERSION
 from proxy.web.app import create_app
 from proxy.web.metrics import Metrics
-from proxy.web.site import run_until_signalled, running_site
+from proxy.web.site import bind_listeners, run_until_signalled, running_site
 from proxy.web.state import Limits, Proxy
 from vision_cache.client.admin_api import ManagedState
+from vision_cache.errors import VisionCacheError
 from vision_cache.llama.mtmd import EncoderSettings
 from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
@@ -70,7 +74,14 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
     )
     server = ManagedServer(config)
     log.info("starting llama-server (log: %s)", config.log_path)
-    await server.start()
+    try:
+        await server.start()
+    except ManagedStartError as e:
+        why = e.last_error()
+        raise StartupError(
+            f"{e.summary}{f': {why}' if why else ''}",
+            f"its whole output is in {config.log_path}",
+        ) from e
     try:
         yield server
     finally:
@@ -79,12 +90,23 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
 
 @contextlib.asynccontextmanager
 async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Proxy]]:
-    """Everything started; yields the proxy's URL. Stops everything on exit."""
-    store = Store.open(
-        settings.store,
-        hot_bytes=settings.hot_mb * MIB,
-        disk_bytes=int(settings.disk_gb * 1024 * MIB),
-    )
+    """Everything started; yields the proxy's URL. Stops everything on exit.
+
+    The address is taken first: a port in use fails at once, before a managed llama-server
+    spends minutes loading its model only to be stopped again."""
+    sockets = bind_listeners([settings.host], settings.port)
+    with contextlib.ExitStack() as closing:
+        for sock in sockets:
+            closing.callback(sock.close)  # whatever fails below (running_site closes them too)
+        async with _proxy_parts(settings, sockets) as running:
+            yield running
+
+
+@contextlib.asynccontextmanager
+async def _proxy_parts(
+    settings: ServeSettings, sockets: list[socket.socket]
+) -> AsyncIterator[tuple[str, Proxy]]:
+    store = _open_store(settings)
     try:
         async with (
             _managed(settings, store) as managed,
@@ -98,6 +120,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             )
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
+            metrics.watch_packages(lambda: upstream.last_capabilities)
             transport = settings.resolved_transport
             lookup = PackageLookup(
                 store, upstream, media, metrics, transport=transport, shared=shared, encoder=encoder
@@ -115,19 +138,36 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
-                async with running_site(create_app(proxy), settings.host, settings.port) as url:
+                app = create_app(proxy)
+                async with running_site(app, settings.host, settings.port, sockets=sockets) as url:
                     log.info(
-                        "vcache listening on %s, upstream %s, packages by %s",
+                        "vcache %s listening on %s, upstream %s, packages by %s",
+                        VERSION,
                         url,
                         upstream.base_url,
                         transport,
                     )
+                    await upstream.capabilities()  # says loudly, once, if packages are off
                     yield url, proxy
             finally:
                 await upstream.aclose()
                 lookup.close()
     finally:
         store.close()
+
+
+def _open_store(settings: ServeSettings) -> Store:
+    try:
+        return Store.open(
+            settings.store,
+            hot_bytes=settings.hot_mb * MIB,
+            disk_bytes=int(settings.disk_gb * 1024 * MIB),
+        )
+    except (VisionCacheError, OSError) as e:
+        raise StartupError(
+            f"cannot open the store at {settings.store}: {e}",
+            "give --store a directory this user can write (it is created if missing)",
+        ) from e
 
 
 @contextlib.asynccontextmanager
@@ -193,7 +233,7 @@ def raise_open_file_limit(target: int = 65536) -> int:
 
 async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
-    log.info("open files: up to %d", raise_open_file_limit())
+    log.debug("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
         backend = llama_cpp_settings(settings)
         what = f"{backend.model.name} with llama-cpp-python"

@@ -3,7 +3,11 @@
 Capabilities come from ``GET /props`` (``image_embedding``, see docs/wire-format.md) and are
 cached for a short time, per model in router mode. They are read again after that time, after
 an upstream restart, and whenever upstream refuses a package, so a server swapped for a stock
-one (or the reverse) is noticed without restarting the proxy.
+one (or the reverse) is noticed without restarting the proxy. When packages are off,
+`Capabilities.reason` says why and what fixes it, and each change of that state is logged.
+
+Readiness (`Upstream.probe`) is upstream's own ``GET /health``: 200 ready, 503 loading its
+model, no answer unreachable.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.images.modality import Modality
+from vision_cache.client.admin_api import error_message
 from vision_cache.data_uri import data_uri
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
@@ -25,11 +31,27 @@ from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
 
 CAPS_TTL_S = 10.0
 KEEPALIVE_S = 2.0  # cpp-httplib's keep-alive timeout, llama-server's, is 5 s
+PROBE_TIMEOUT_S = 5.0
+log = logging.getLogger("vcache.upstream")
+
+# why packages are off, in a word (the metric's label); the sentence is Capabilities.reason
+OffKind = Literal[
+    "unreachable", "stock", "disabled", "unverified", "no_mmproj", "version", "router_no_model"
+]
+STOCK_REASON = (
+    "upstream is a stock llama-server (GET /props has no image_embedding): every image is "
+    "encoded by the server each time; run the patched llama-server (llama_patches/, "
+    "`make llama`) with --image-embedding to cache them"
+)
+DISABLED_REASON = (
+    "the patched llama-server was started without --image-embedding: add --image-embedding "
+    "(or --image-embedding-dir DIR) to its arguments"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What one upstream model can do with packages."""
+    """What one upstream model can do with packages; `reason` says why not, when it cannot."""
 
     packages: bool
     namespace: Namespace | None = None
@@ -40,19 +62,32 @@ class Capabilities:
     # endpoint that encodes clips; None where the server takes no audio packages
     audio_namespace: Namespace | None = None
     media_endpoint: str | None = None
+    reason: str | None = None
+    off_kind: OffKind | None = None
 
     def namespace_for(self, modality: Modality) -> Namespace | None:
         return self.audio_namespace if modality == "audio" else self.namespace
+
+    @classmethod
+    def off(cls, kind: OffKind, reason: str, media_marker: str | None = None) -> Capabilities:
+        return cls(packages=False, media_marker=media_marker, reason=reason, off_kind=kind)
 
     @classmethod
     def from_props(cls, props: dict[str, Any], model: str) -> Capabilities:
         marker = props.get("media_marker")
         media_marker = marker if isinstance(marker, str) else None
         emb = props.get("image_embedding")
-        if not isinstance(emb, dict) or not emb.get("enabled"):
-            return cls(packages=False, media_marker=media_marker)
+        if not isinstance(emb, dict):
+            return cls.off("stock", STOCK_REASON, media_marker)
+        if not emb.get("enabled"):
+            kind, reason = _why_disabled(emb)
+            return cls.off(kind, reason, media_marker)
         if emb.get("version") != FORMAT_VERSION:
-            return cls(packages=False, media_marker=media_marker)
+            reason = (
+                f"upstream speaks package format {emb.get('version')!r}, this vcache speaks "
+                f"{FORMAT_VERSION}: build llama-server from this vcache's llama_patches/"
+            )
+            return cls.off("version", reason, media_marker)
 
         def namespace(modality: Modality) -> Namespace:
             encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
@@ -74,6 +109,8 @@ class Capabilities:
             and "audio" in modalities
             and isinstance(media_endpoint, str)
         )
+        # packages are on for images, maybe off for another modality: say so all the same
+        partly_off = emb.get("reason")
         return cls(
             packages=True,
             namespace=namespace("image"),
@@ -82,7 +119,39 @@ class Capabilities:
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
             audio_namespace=namespace("audio") if takes_audio else None,
             media_endpoint=str(media_endpoint) if takes_audio else None,
+            reason=partly_off if isinstance(partly_off, str) and partly_off else None,
         )
+
+
+def _why_disabled(emb: dict[str, Any]) -> tuple[OffKind, str]:
+    """Why a patched server takes no packages, from its own `reason` where it gives one."""
+    given = emb.get("reason")
+    reason = given if isinstance(given, str) and given else DISABLED_REASON
+    projectors = emb.get("projectors")
+    if isinstance(projectors, dict):
+        if not projectors:
+            return "no_mmproj", reason
+        unverified = [
+            p for p in projectors.values() if isinstance(p, dict) and not p.get("verified")
+        ]
+        if unverified and not emb.get("allow_unverified"):
+            return "unverified", reason
+    if "no multimodal projector" in reason:
+        return "no_mmproj", reason
+    return "disabled", reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Readiness:
+    """Upstream's GET /health: "ok" (ready), "loading" (its model), "unreachable", "error";
+    "restarting" while a managed llama-server comes back."""
+
+    state: Literal["ok", "loading", "unreachable", "error", "restarting"]
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ok"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +185,8 @@ class Upstream:
         self._encode_timeout = httpx.Timeout(encode_timeout_s, connect=connect_timeout_s)
         self._caps: dict[str, tuple[float, Capabilities]] = {}
         self._caps_lock = asyncio.Lock()
+        # what packages were last seen doing (for the metric, and to log each change once)
+        self.last_capabilities: Capabilities | None = None
 
     @property
     def base_url(self) -> str:
@@ -141,26 +212,69 @@ class Upstream:
                 return cached[1]
             caps = await self._fetch_capabilities(model)
             self._caps[model] = (time.monotonic(), caps)
+            self._note(caps)
             return caps
+
+    def _note(self, caps: Capabilities) -> None:
+        """Log when packages go on or off, or change reason: once per change, not per request."""
+        last, self.last_capabilities = self.last_capabilities, caps
+        if last is not None and (last.packages, last.reason) == (caps.packages, caps.reason):
+            return
+        if caps.packages:
+            if last is not None:
+                log.warning("packages are ON again: upstream %s takes them", self._base_url)
+            if caps.reason:
+                log.warning("packages: %s", caps.reason)
+            return
+        log.warning(
+            "PACKAGES ARE OFF: every image goes to upstream as sent and is encoded there each "
+            "time. Why: %s",
+            caps.reason,
+        )
 
     async def _fetch_capabilities(self, model: str) -> Capabilities:
         props = await self._props(None)
+        if isinstance(props, str):
+            return Capabilities.off("unreachable", props)
         if props.get("role") != "router":
             # a single-model server ignores the model field: one namespace for every name
             return Capabilities.from_props(props, "")
         if not model:
-            return Capabilities(packages=False)
-        return Capabilities.from_props(await self._props(model), model)
+            return Capabilities.off(
+                "router_no_model", "upstream is a router: requests must name a model"
+            )
+        named = await self._props(model)
+        if isinstance(named, str):
+            return Capabilities.off("unreachable", named)
+        return Capabilities.from_props(named, model)
 
-    async def _props(self, model: str | None) -> dict[str, Any]:
-        """GET /props; an empty dict when upstream cannot say (asked again after the TTL)."""
+    async def _props(self, model: str | None) -> dict[str, Any] | str:
+        """GET /props, or why upstream cannot say (asked again after the TTL)."""
         params = {"model": model} if model else None
         try:
             resp = await self.client.get("/props", params=params, timeout=10.0)
-            props = resp.json() if resp.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
-            return {}
+        except httpx.HTTPError as e:
+            return f"upstream {self._base_url} is unreachable ({type(e).__name__}: {e})"
+        if resp.status_code != 200:
+            return f"upstream's GET /props answered {resp.status_code}: {resp.text[:200]}"
+        try:
+            props = resp.json()
+        except ValueError:
+            return "upstream's GET /props answered something that is not JSON"
         return props if isinstance(props, dict) else {}
+
+    async def probe(self) -> Readiness:
+        """Upstream's GET /health: whether it is there and has its model loaded."""
+        try:
+            resp = await self.client.get("/health", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            return Readiness("unreachable", f"{type(e).__name__}: {e}".rstrip(": "))
+        if resp.status_code == 200:
+            return Readiness("ok")
+        detail = error_message(resp.status_code, resp.content)
+        if resp.status_code == 503:
+            return Readiness("loading", detail)
+        return Readiness("error", detail)
 
     async def encode(
         self,

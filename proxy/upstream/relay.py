@@ -51,6 +51,9 @@ CHUNK = 64 * 1024
 RESPONSE_STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey(
     "vcache_response_started", web.StreamResponse
 )
+# set once the client has been sent the whole response: a cancellation after it (the client
+# closing its connection as soon as it has read it) does not make the request a failure
+RESPONSE_COMPLETE: web.RequestKey[bool] = web.RequestKey("vcache_response_complete", bool)
 # an event held back this long without its end is passed on as it is
 MAX_HELD_EVENT = 1024 * 1024
 
@@ -141,12 +144,17 @@ async def relay(
         await resp.prepare(request)
         request[RESPONSE_STARTED] = resp
         if not _has_body(request.method, upstream.status_code):
+            request[RESPONSE_COMPLETE] = True
             await _drop_connection(upstream)
         else:
             await _copy_body(resp, upstream)
+            # with a length the client knows the end when the last byte arrives; chunked, at
+            # the terminating chunk that write_eof sends
+            request[RESPONSE_COMPLETE] = resp.content_length is not None
             if "text/event-stream" in upstream.headers.get("content-type", ""):
                 await _drop_connection(upstream)
         await resp.write_eof()
+        request[RESPONSE_COMPLETE] = True
         return resp
     finally:
         await close_upstream(upstream)

@@ -66,9 +66,9 @@ def _check(request: web.Request) -> None:
         check_key(request, request.app[PROXY_KEY].api_key)
 
 
-def _record(request: web.Request, resp: web.StreamResponse) -> None:
+def _record(request: web.Request, outcome: str) -> None:
     metrics = request.app[PROXY_KEY].metrics
-    metrics.requests.labels(_endpoint_label(request.path), f"{resp.status // 100}xx").inc()
+    metrics.requests.labels(_endpoint_label(request.path), outcome).inc()
 
 
 def check_key(request: web.Request, key: str | None) -> None:
