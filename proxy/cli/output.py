@@ -89,3 +89,16 @@ def new_table(*columns: str) -> Table:
     for column in columns:
         table.add_column(column, no_wrap=True, overflow="ellipsis")
     return table
+
+
+def key_value_table(rows: dict[str, str]) -> Table:
+    """Two columns, names kept whole and long values folded onto more lines."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, show_header=False)
+    table.add_column(no_wrap=True, min_width=max((len(k) for k in rows), default=0))
+    table.add_column(overflow="fold")
+    for name, value in rows.items():
+        table.add_row(name, value)
+    return table

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.cli.config import StoreCommandSettings, add_arguments, settings_from
 from proxy.cli.failure import CommandError
-from proxy.cli.output import ago, console, human_bytes, human_time, new_table, print_json
+from proxy.cli.output import (
+    ago,
+    console,
+    human_bytes,
+    human_time,
+    key_value_table,
+    new_table,
+    print_json,
+)
 from proxy.cli.progress import progress
 from proxy.cli.store_access import find_key, open_store
 
@@ -136,14 +144,14 @@ def _stats(args: argparse.Namespace, store: Store, settings: StoreCommandSetting
     if args.json:
         print_json(document)
         return 0
-    table = new_table("", "VALUE")
-    for name, value in document.items():
-        table.add_row(name.replace("_", " "), _shown(name, value))
-    console().print(table)
+    rows = {name.replace("_", " "): _shown(name, value) for name, value in document.items()}
+    console().print(key_value_table(rows))
     return 0
 
 
 def _shown(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v:,}" for k, v in value.items()) or "-"
     if name in ("oldest", "newest"):
@@ -231,12 +239,12 @@ def _print_report(args: argparse.Namespace, document: dict[str, Any]) -> None:
     if args.json:
         print_json(document)
         return
-    table = new_table("", "VALUE")
+    rows = {}
     for name, value in document.items():
         if name == "problems":
             value = "\n".join(f"{p['kind']}: {p['detail']}" for p in value) or "none"
-        table.add_row(name.replace("_", " "), _shown(name, value))
-    console().print(table)
+        rows[name.replace("_", " ")] = _shown(name, value)
+    console().print(key_value_table(rows))
 
 
 # --- what an entry is, for people and for scripts ----------------------------------------------

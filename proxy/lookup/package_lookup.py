@@ -80,6 +80,7 @@ class RequestTally:
     audio_hits: int = 0
     audio_misses: int = 0
     audio_fallbacks: int = 0
+    bypassed: int = 0  # sent as they came: the request said Cache-Control: no-store/no-cache
 
     def count(self, outcome: Literal["hit", "miss", "fallback"], modality: Modality) -> None:
         audio = modality == "audio"
@@ -109,7 +110,7 @@ class RequestTally:
                 f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
                 f"audio_fallback={self.audio_fallbacks}"
             )
-        return text
+        return f"{text} bypass={self.bypassed}" if self.bypassed else text
 
 
 @dataclasses.dataclass(frozen=True)
