@@ -163,8 +163,8 @@ def import_pack(
                 total += _import_entry(store, tar, e, namespaces)
                 if progress is not None:
                     progress(done, steps)
-    except tarfile.TarError as e:
-        raise PackError(f"{path} is not a vcache pack (not a tar file: {e})") from None
+    except tarfile.TarError:
+        raise PackError(f"{path} is not a vcache pack (not a tar archive)") from None
     n_names = sum(len(e.get("names", [])) for e in manifest["entries"])
     return PackSummary(len(manifest["entries"]), total, tuple(namespaces), n_names)
 
