@@ -9,6 +9,7 @@ and patched llama-server for what they report about packages.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -233,3 +234,34 @@ async def test_cache_control_no_store_and_no_cache_send_the_image_as_it_came(
     assert refused.status_code == 400
     assert "Cache-Control" in refused.json()["error"]["message"]
     assert metric(metrics, "vcache_bypassed_total") == 3
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+async def test_json_logs_and_no_http_library_lines(tmp_path: Path) -> None:
+    """--log-format json: one object per line, the request line's fields as keys; httpx's own
+    per-request INFO lines (`HTTP Request: POST ...`) are gone (regression: they were mixed in)."""
+    async with FaultUpstream(packages=True) as fake:
+        proxy = ProxyProcess(
+            ["--upstream", fake.url, "--store", str(tmp_path / "s"), "--log-format", "json"],
+            tmp_path / "proxy.log",
+        )
+        await asyncio.to_thread(proxy.start)
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.post(
+                    f"{proxy.base_url}{CHAT}",
+                    json=chat(image=png(1)),
+                    headers={"X-Request-Id": "r1"},
+                )
+            assert r.status_code == 200
+        finally:
+            await asyncio.to_thread(proxy.stop)
+    lines = [ln for ln in proxy.log().splitlines() if ln and not ln.startswith("vcache: serving")]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    [access] = [r for r in records if r.get("rid") == "r1"]
+    assert access["method"] == "POST" and access["path"] == CHAT and access["status"] == 200
+    assert "misses=1" in access["note"]
+    assert not [r for r in records if r["logger"].startswith(("httpx", "httpcore", "aiohttp"))]

@@ -107,10 +107,11 @@ def _ls(args: argparse.Namespace, store: Store, settings: StoreCommandSettings) 
     table = new_table("KEY", "NAME", "MODEL", "PINNED", "SIZE", "LAST USED")
     for column, width in zip(table.columns, (12, 14, 16, 6, 9, 12), strict=True):
         column.max_width = width
+    shown = _short_keys([info.key for info in infos])
     for info in infos:
         named = names.get(info.key, [])
         table.add_row(
-            info.key.digest[:12],
+            shown[info.key],
             named[0] + (f" +{len(named) - 1}" if len(named) > 1 else "") if named else "",
             models.get(info.key.namespace_id, info.key.namespace_id[:8]),
             "yes" if info.pinned else "",
@@ -119,6 +120,18 @@ def _ls(args: argparse.Namespace, store: Store, settings: StoreCommandSettings) 
         )
     console().print(table)
     return 0
+
+
+def _short_keys(keys: list[CacheKey]) -> dict[CacheKey, str]:
+    """12 characters per key, like docker's image ids: the digest's first 12, or, for an image
+    cached for two models, NAMESPACE:DIGEST prefixes (both forms name the entry everywhere)."""
+    seen: dict[str, int] = {}
+    for k in keys:
+        seen[k.digest[:12]] = seen.get(k.digest[:12], 0) + 1
+    return {
+        k: k.digest[:12] if seen[k.digest[:12]] == 1 else f"{k.namespace_id[:4]}:{k.digest[:7]}"
+        for k in keys
+    }
 
 
 def _names(args: argparse.Namespace, store: Store, settings: StoreCommandSettings) -> int:
