@@ -314,7 +314,7 @@ def test_import_without_a_running_proxy(tmp_path: Path) -> None:
 
 def test_every_error_of_a_store_command_goes_to_stderr(tmp_path: Path) -> None:
     r = vcache("ls", "--store", str(tmp_path / "none"), "--json", cwd=tmp_path)
-    assert_fails(r, 1, f"no store at {tmp_path / 'none'}", "hint:")
+    assert_fails(r, 2, f"no store at {tmp_path / 'none'}", "hint:")
     json_error = vcache("rm", "zz", "--store", str(make_store(tmp_path / "s", 1)), cwd=tmp_path)
     assert_fails(json_error, 2, "'zz' names no entry")
     assert json.loads(vcache("ls", "--store", str(tmp_path / "s"), "--json", cwd=tmp_path).stdout)

@@ -44,7 +44,9 @@ def open_store(settings: StoreCommandSettings, *, create: bool = False) -> Store
         return Store.open(settings.store, hot_bytes=0, create=create)
     except StoreNotFoundError as e:
         raise CommandError(
-            str(e), "give --store the proxy's store directory, or --proxy URL of a running proxy"
+            str(e),
+            "give --store the proxy's store directory, or --proxy URL of a running proxy",
+            USAGE,
         ) from e
 
 
@@ -96,9 +98,10 @@ def find_key(store: Store, text: str) -> CacheKey:
 
     if text.startswith("vc1:"):
         try:
-            return CacheKey.parse(text)
+            key = CacheKey.parse(text)
         except InvalidKeyError as e:
             raise CommandError(f"{text!r} is not a key: {e}", code=USAGE) from None
+        return _one(text, store.find_keys(key.namespace_id, key.digest))
     if text.startswith("vcache://"):
         return _named(store, text.removeprefix("vcache://"))
     match = _PREFIX.match(text)
