@@ -7,7 +7,7 @@ and exact numbers for scripts; without it, a table that fits 80 columns, sizes i
 Entries are named by a full key or any unique prefix of it, or vcache://NAME.
 
 Exit status: 0 on success, 1 when `verify` found problems or an operation failed, 2 for a
-mistake in the command line.
+mistake in the command line (a store that is not there included).
 """
 
 from __future__ import annotations
