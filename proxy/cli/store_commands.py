@@ -279,7 +279,8 @@ def _model_label(namespace_id: str, namespace: Namespace | None) -> str:
         mmproj = str(components.get("mmproj", ""))
         digest = next((p for p in mmproj.split(":") if len(p) >= 8), namespace_id)
         label = f"mmproj {digest[:8]}"
-    audio = components.get("modality") == "audio"
+    encoder = components.get("encoder")
+    audio = isinstance(encoder, dict) and encoder.get("modality") == "audio"
     return f"{label} (audio)" if audio else label
 
 
