@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
@@ -147,8 +148,14 @@ async def _proxy_parts(
                         upstream.base_url,
                         transport,
                     )
-                    await upstream.capabilities()  # says loudly, once, if packages are off
-                    yield url, proxy
+                    # says loudly, once, if packages are off: beside serving, not before it (an
+                    # upstream that does not answer must not hold up the proxy's start)
+                    first_look = asyncio.create_task(upstream.capabilities())
+                    try:
+                        yield url, proxy
+                    finally:
+                        first_look.cancel()
+                        await asyncio.gather(first_look, return_exceptions=True)
             finally:
                 await upstream.aclose()
                 lookup.close()

@@ -150,6 +150,11 @@ def _debug(argv: Sequence[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     own, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
     command = _command_of(own)
+    if command is None and "--version" in own:  # at once: no subcommand needs loading for it
+        from proxy.version import VERSION
+
+        print(f"vcache {VERSION}")
+        return 0
     subparsers: Any = None
     try:
         parser, subparsers = build_parser(command)
