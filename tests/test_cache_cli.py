@@ -137,6 +137,15 @@ def test_one_bad_key_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert len(list(s.iter_entries())) == 4
 
 
+def test_namespace_prefixes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = filled(tmp_path / "s")
+    code, out, _ = run(capsys, "ls", "--store", str(tmp_path / "s"), "--json",
+                       "--namespace", OTHER.id[:6])  # fmt: skip
+    assert code == 0 and [r["key"] for r in json.loads(out)] == [keys["c-other"].text]
+    code, _, err = run(capsys, "ls", "--store", str(tmp_path / "s"), "--namespace", "zz")
+    assert code == 1 and "no namespace match 'zz'" in err
+
+
 def test_stats_in_human_units(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     filled(tmp_path / "s")
     code, out, _ = run(capsys, "stats", "--store", str(tmp_path / "s"))

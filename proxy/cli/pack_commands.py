@@ -16,7 +16,7 @@ from proxy.cli.config import ImportSettings, StoreCommandSettings, add_arguments
 from proxy.cli.failure import CommandError
 from proxy.cli.output import human_bytes
 from proxy.cli.progress import progress
-from proxy.cli.store_access import open_proxy_store, open_store
+from proxy.cli.store_access import find_namespace, open_proxy_store, open_store
 
 if TYPE_CHECKING:
     from vision_cache.store import Store
@@ -39,7 +39,7 @@ def add_pack_commands(subparsers: Any) -> None:
         default=True,
         help="only pinned entries (default: on)",
     )
-    exp.add_argument("--namespace", help="only this namespace id")
+    exp.add_argument("--namespace", help="only this namespace id (or a unique prefix of it)")
     add_arguments(exp, StoreCommandSettings)
     exp.set_defaults(handler=run_export)
 
@@ -73,12 +73,9 @@ def run_export(args: argparse.Namespace) -> int:
             "create it first, or give a pack file in an existing directory",
         )
     with open_store(settings) as store, progress("exporting", unit="entries") as bar:
+        namespace = find_namespace(store, args.namespace) if args.namespace else None
         s = export_pack(
-            store,
-            target,
-            pinned_only=args.pinned,
-            namespace_id=args.namespace,
-            progress=bar.callback,
+            store, target, pinned_only=args.pinned, namespace_id=namespace, progress=bar.callback
         )
     print(
         f"exported {s.entries} entries ({human_bytes(s.bytes)}, {s.names} names, "

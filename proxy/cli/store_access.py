@@ -115,6 +115,15 @@ def find_key(store: Store, text: str) -> CacheKey:
     return _one(text, found)
 
 
+def find_namespace(store: Store, text: str) -> str:
+    """The one namespace id that `text` (a unique prefix of it) names."""
+    found = [info.id for info in store.namespaces() if info.id.startswith(text.lower())]
+    if len(found) != 1:
+        what = "no namespace" if not found else f"{len(found)} namespaces"
+        raise CommandError(f"{what} match {text!r}", "`vcache ls --json` shows each entry's")
+    return found[0]
+
+
 def _named(store: Store, name: str) -> CacheKey:
     found = []
     for info in store.namespaces():

@@ -30,7 +30,7 @@ from proxy.cli.output import (
     print_json,
 )
 from proxy.cli.progress import progress
-from proxy.cli.store_access import find_key, open_store
+from proxy.cli.store_access import find_key, find_namespace, open_store
 
 if TYPE_CHECKING:
     from vision_cache.keys import CacheKey, Namespace
@@ -46,7 +46,7 @@ KEY_HELP = "a key, a unique prefix of its digest (or NAMESPACE:DIGEST prefixes),
 def add_store_commands(subparsers: Subparsers) -> None:
     """Register the store commands on an argparse subparsers object."""
     ls = _command(subparsers, "ls", "list entries: key, name, model, pinned, size, last use", _ls)
-    ls.add_argument("--namespace", help="only this namespace id")
+    ls.add_argument("--namespace", help="only this namespace id (or a unique prefix of it)")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
     _command(subparsers, "names", "list the names (vcache://NAME) and what they point at", _names)
     _command(subparsers, "stats", "entries, bytes per tier, counters, ages", _stats)
@@ -95,7 +95,8 @@ def _run(args: argparse.Namespace, handler: Handler) -> int:
 
 
 def _ls(args: argparse.Namespace, store: Store, settings: StoreCommandSettings) -> int:
-    entries: Iterator[EntryInfo] = store.iter_entries(args.namespace)
+    namespace = find_namespace(store, args.namespace) if args.namespace else None
+    entries: Iterator[EntryInfo] = store.iter_entries(namespace)
     if args.limit > 0:
         entries = islice(entries, args.limit)
     infos = list(entries)
