@@ -51,7 +51,8 @@ DISABLED_REASON = (
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What one upstream model can do with packages; `reason` says why not, when it cannot."""
+    """What one upstream model can do with packages; `reason` says why images go upstream raw
+    (None while image packages are on), `off_kind` the same in a word (the metric's label)."""
 
     packages: bool
     namespace: Namespace | None = None
@@ -109,8 +110,6 @@ class Capabilities:
             and "audio" in modalities
             and isinstance(media_endpoint, str)
         )
-        # packages are on for images, maybe off for another modality: say so all the same
-        partly_off = emb.get("reason")
         return cls(
             packages=True,
             namespace=namespace("image"),
@@ -119,7 +118,6 @@ class Capabilities:
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
             audio_namespace=namespace("audio") if takes_audio else None,
             media_endpoint=str(media_endpoint) if takes_audio else None,
-            reason=partly_off if isinstance(partly_off, str) and partly_off else None,
         )
 
 
@@ -220,11 +218,9 @@ class Upstream:
         last, self.last_capabilities = self.last_capabilities, caps
         if last is not None and (last.packages, last.reason) == (caps.packages, caps.reason):
             return
-        if caps.packages:
+        if caps.packages and not caps.reason:
             if last is not None:
                 log.warning("packages are ON again: upstream %s takes them", self._base_url)
-            if caps.reason:
-                log.warning("packages: %s", caps.reason)
             return
         log.warning(
             "PACKAGES ARE OFF: every image goes to upstream as sent and is encoded there each "
