@@ -23,11 +23,17 @@ Our exception hierarchy:
                                    proxy.upstream.supervisor)
   x UpstreamError                 (502 unavailable_error: llama-server down or broken)
     + UpstreamTimeout             (504)
+    + ManagedStartError           (llama-server did not come up; proxy.upstream.supervisor)
     + LocalEncoderError           (the encoder worker failed; proxy.lookup.local_encoder)
       - LocalEncoderRejected      (the bytes are not an image it takes)
       - LocalEncoderTimeout       (also UpstreamTimeout, 504)
 
 Classes marked with a module live beside the code that raises them, but join this tree.
+
+Apart from the tree, because no client ever sees it:
+
+* StartupError                    `vcache serve` cannot start (address, port, store, llama-server);
+                                  the command line prints its message and hint (proxy.cli.failure)
 
 The body is what llama-server itself sends, so clients parse one shape whoever answers:
 ``{"error": {"code": 400, "message": "...", "type": "invalid_request_error"}}``.
@@ -111,3 +117,17 @@ class UpstreamTimeout(UpstreamError):
 def shorten(text: str, limit: int = 200) -> str:
     """A client's reference as an error message shows it: never a megabyte of base64."""
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class StartupError(Exception):
+    """`vcache serve` cannot start: `message` says why, `hint` what to do about it.
+
+    Raised before anything serves (no client sees it); `code` is the command's exit status:
+    2 for a setting that cannot work (an address this machine does not have), 1 otherwise.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code

@@ -6,21 +6,24 @@ import asyncio
 import contextlib
 import logging
 import resource
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from proxy.cli.config import ServeSettings
-from proxy.errors import UpstreamError
+from proxy.errors import StartupError, UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
 from proxy.lookup.package_lookup import PackageLookup
 from proxy.lookup.result_cache import ResultCache
 from proxy.upstream.client import Upstream
-from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig
+from proxy.upstream.supervisor import ManagedServer, ManagedServerConfig, ManagedStartError
+from proxy.version import VERSION
 from proxy.web.app import create_app
 from proxy.web.metrics import Metrics
-from proxy.web.site import run_until_signalled, running_site
+from proxy.web.site import bind_listeners, run_until_signalled, running_site
 from proxy.web.state import Limits, Proxy
 from vision_cache.client.admin_api import ManagedState
+from vision_cache.errors import VisionCacheError
 from vision_cache.shared.tier import SharedTier, shared_tier
 from vision_cache.store import Store
 
@@ -76,7 +79,14 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
     )
     server = ManagedServer(config)
     log.info("starting llama-server (log: %s)", config.log_path)
-    await server.start()
+    try:
+        await server.start()
+    except ManagedStartError as e:
+        why = e.last_error()
+        raise StartupError(
+            f"{e.summary}{f': {why}' if why else ''}",
+            f"its whole output is in {config.log_path}",
+        ) from e
     try:
         yield server
     finally:
@@ -85,12 +95,23 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
 
 @contextlib.asynccontextmanager
 async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Proxy]]:
-    """Everything started; yields the proxy's URL. Stops everything on exit."""
-    store = Store.open(
-        settings.store,
-        hot_bytes=settings.hot_mb * MIB,
-        disk_bytes=int(settings.disk_gb * 1024 * MIB),
-    )
+    """Everything started; yields the proxy's URL. Stops everything on exit.
+
+    The address is taken first: a port in use fails at once, before a managed llama-server
+    spends minutes loading its model only to be stopped again."""
+    sockets = bind_listeners(settings.hosts, settings.port)
+    with contextlib.ExitStack() as closing:
+        for sock in sockets:
+            closing.callback(sock.close)  # whatever fails below (running_site closes them too)
+        async with _proxy_parts(settings, sockets) as running:
+            yield running
+
+
+@contextlib.asynccontextmanager
+async def _proxy_parts(
+    settings: ServeSettings, sockets: list[socket.socket]
+) -> AsyncIterator[tuple[str, Proxy]]:
+    store = _open_store(settings)
     try:
         async with (
             _managed(settings, store) as managed,
@@ -104,6 +125,7 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             )
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
+            metrics.watch_packages(lambda: upstream.last_capabilities)
             transport = settings.resolved_transport
             lookup = PackageLookup(
                 store, upstream, media, metrics, transport=transport, shared=shared, encoder=encoder
@@ -128,19 +150,42 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
             if managed is not None:
                 managed.add_restart_listener(_rebase(upstream, managed))
             try:
-                async with running_site(create_app(proxy), settings.hosts, settings.port) as url:
+                app = create_app(proxy)
+                async with running_site(app, settings.hosts, settings.port, sockets=sockets) as url:
                     log.info(
-                        "vcache listening on %s, upstream %s, packages by %s",
+                        "vcache %s listening on %s, upstream %s, packages by %s",
+                        VERSION,
                         url,
                         upstream.base_url,
                         transport,
                     )
-                    yield url, proxy
+                    # says loudly, once, if packages are off: beside serving, not before it (an
+                    # upstream that does not answer must not hold up the proxy's start)
+                    first_look = asyncio.create_task(upstream.capabilities())
+                    try:
+                        yield url, proxy
+                    finally:
+                        first_look.cancel()
+                        await asyncio.gather(first_look, return_exceptions=True)
             finally:
                 await upstream.aclose()
                 lookup.close()
     finally:
         store.close()
+
+
+def _open_store(settings: ServeSettings) -> Store:
+    try:
+        return Store.open(
+            settings.store,
+            hot_bytes=settings.hot_mb * MIB,
+            disk_bytes=int(settings.disk_gb * 1024 * MIB),
+        )
+    except (VisionCacheError, OSError) as e:
+        raise StartupError(
+            f"cannot open the store at {settings.store}: {e}",
+            "give --store a directory this user can write (it is created if missing)",
+        ) from e
 
 
 @contextlib.asynccontextmanager
@@ -250,7 +295,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def serve(settings: ServeSettings) -> None:
     """Run until SIGINT or SIGTERM."""
-    log.info("open files: up to %d", raise_open_file_limit())
+    log.debug("open files: up to %d", raise_open_file_limit())
     if settings.backend == "llama-cpp-python":
         from proxy.backends.llama_cpp import running_backend
 

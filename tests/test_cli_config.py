@@ -7,6 +7,7 @@ command had its own idea of the default store, and only `serve` read the file).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,26 @@ def test_a_missing_config_file_is_a_clear_error(
     for command in (["ls"], ["export", str(tmp_path / "p.vcpack")], ["warm", "x.png"]):
         assert main([*command, "--config", str(tmp_path / "none.toml")]) == 2
         assert "config file not found" in capsys.readouterr().err
+
+
+def test_every_vcache_variable_the_project_reads_is_known() -> None:
+    """`vcache` refuses VCACHE_* variables it does not know (a misspelt one would be ignored):
+    every one the project itself reads or documents must be known, or the tests and make
+    targets that set it would be refused."""
+    from proxy.cli.config import OTHER_PREFIXES, known_variables
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "Makefile", root / "README.md"]
+    for folder in ("proxy", "vision_cache", "tests", "scripts", "docs"):
+        files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".sh")]
+    named = set()
+    for path in files:
+        named |= set(re.findall(r"\bVCACHE_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    # a compile definition of the llama-server build; the misspelling tests make on purpose
+    not_variables = {"VCACHE_BUILD_ID", "VCACHE_STOR"}
+    unknown = sorted(
+        n
+        for n in named - not_variables - known_variables()
+        if not n.startswith(OTHER_PREFIXES) and not n.startswith("VCACHE_LLAMA_SERVER_")
+    )
+    assert unknown == []

@@ -1,12 +1,17 @@
-"""The README is true to the code: its commands run, its configuration table matches the options.
+"""The README and docs are true to the code: their commands run, their tables match the options.
 
 The quick-start blocks are executed as written, in order, in a scratch directory with HOME
 pointing there, against the tiny test model: lines that start a server run in the background
-until their port answers; every other line must exit 0. Python blocks run too.
+until their port answers; every other line must exit 0. Python blocks run too. The docs'
+blocks that need no server run as well; every `vcache` command shown anywhere is parsed by the
+real parser (an option that does not exist fails), and every script and make target named in a
+block exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -79,7 +84,8 @@ def test_configuration_table_matches_the_options() -> None:
 def test_every_vcache_command_in_the_readme_exists() -> None:
     code = " ".join(c for _, c in blocks()) + " ".join(re.findall(r"`([^`\n]+)`", README))
     commands = set(re.findall(r"vcache ([\w-]+)", code)) - {"serve"}
-    assert {"warm", "export", "import", "ls", "stats", "rm", "gc", "verify"} <= commands
+    expected = {"warm", "export", "import", "ls", "names", "pin", "unpin", "stats", "rm", "gc"}
+    assert expected | {"verify"} <= commands
     for command in commands | {"serve"}:
         r = subprocess.run(
             [sys.executable, "-m", "proxy", command, "--help"],
@@ -97,6 +103,7 @@ class Shell:
         self.cwd, self.env = cwd, env
         self.background: list[subprocess.Popen[bytes]] = []
         self.logs: list[IO[bytes]] = []
+        self.outputs: list[str] = []  # what each foreground line printed
 
     def run(self, line: str) -> None:
         if SERVER_LINE.search(line):
@@ -111,6 +118,7 @@ class Shell:
             text=True,
         )
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        self.outputs.append(r.stdout)
         if line.startswith("LLAMA_SERVER="):
             self.env["LLAMA_SERVER"] = subprocess.run(
                 # a newline, not "; ": the line may end in a comment
@@ -176,6 +184,7 @@ def shell(
         "EMBED_MODEL": str(embedder.model),
         "EMBED_MMPROJ": str(embedder.mmproj),
         "IMAGE_URL": sample_image("stripes_300x900").data_url(),
+        "IMAGE": str(refs / "cat.jpg"),
         "REDIS_URL": redis_server.url,
         # `vcache build-server` finds the builds `make llama` made (HOME is a fresh one)
         "VCACHE_LLAMA_CACHE": os.environ.get("VCACHE_LLAMA_CACHE", str(ROOT / ".build" / "llama")),
@@ -192,6 +201,8 @@ def shell(
         "llama_patches",
         ".build",
         "README.md",
+        "docs",
+        "tests",
     ):
         (tmp_path / link).symlink_to(ROOT / link)
     sh = Shell(tmp_path, env)
@@ -219,6 +230,10 @@ def test_quick_start_commands_run(shell: Shell) -> None:
                 # the second quick start fronts a server of its own: free 8081 first
                 shell.stop_all()
             shell.run(line)
+    # the quick start's promise: the same local image twice, a miss and then a hit
+    headers = [o.strip() for o in shell.outputs if o.lower().startswith("x-vcache")]
+    assert any("misses=1" in h for h in headers), headers
+    assert any("hits=1" in h for h in headers), headers
 
 
 def _logical_lines(code: str) -> list[str]:
@@ -292,3 +307,132 @@ def test_every_module_named_in_a_row_exists() -> None:
             assert (ROOT / path / f"{name}.py").exists() or (ROOT / path / name).is_dir(), (
                 f"{path}: `{name}` is not a module there"
             )
+
+
+# --- every command the docs show ---------------------------------------------------------------
+
+DOCS = [
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "llama_patches" / "README.md",
+    ROOT / "README.md",
+]
+# blocks that need nothing running: executed as written (the others are parsed and checked)
+RUNNABLE = ("docs/store.md", "docs/operations.md")
+SHELL_END = {"|", ">", ">>", "<", ";", "&&", "||", "#", "2>&1"}
+
+
+def _sh_lines(path: Path) -> list[str]:
+    text = path.read_text()
+    return [
+        line
+        for m in BLOCK.finditer(text)
+        if m.group(1) == "sh"
+        for line in _logical_lines(m.group(2))
+    ]
+
+
+def _vcache_invocations() -> list[tuple[str, list[str], bool]]:
+    """(where, argv after `vcache`, whether inline) for every vcache command in a block or in
+    inline code (where prose may name an option without its value)."""
+    found = []
+    for path in DOCS:
+        text = path.read_text()
+        inline = re.findall(r"`([^`\n]*\bvcache [a-z][^`\n]*)`", text)
+        candidates = [(line, False) for line in _sh_lines(path)] + [(c, True) for c in inline]
+        for line, is_inline in candidates:
+            try:
+                words = shlex.split(line.replace("\\\n", " "), comments=True)
+            except ValueError:
+                continue
+            for i, word in enumerate(words):
+                if word == "vcache" or word.endswith("/vcache"):
+                    argv = []
+                    for arg in words[i + 1 :]:
+                        if arg in SHELL_END:
+                            break
+                        if arg not in ("...", "[...]"):
+                            argv.append(arg)
+                    if argv and re.fullmatch(r"[a-z-]+", argv[0]):
+                        where = f"{path.relative_to(ROOT)}: {line[:80]}"
+                        found.append((where, argv, is_inline))
+    return found
+
+
+def test_every_vcache_command_in_the_docs_parses() -> None:
+    """An option or command the docs show must exist: the real parser reads each one."""
+    from proxy.cli.main import ArgumentError, build_parser
+
+    invocations = _vcache_invocations()
+    assert len(invocations) > 30, "the docs' commands were not found: the pattern changed"
+    parser, _subparsers = build_parser()
+    for where, argv, is_inline in invocations:
+        own = argv[: argv.index("--")] if "--" in argv else argv
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                _, extra = parser.parse_known_args(own)
+        except SystemExit as e:  # --help, --version
+            assert e.code == 0, where
+            continue
+        except ArgumentError as e:
+            if is_inline and re.search(r"required|expected one argument", e.message):
+                continue  # prose naming a command or an option (`vcache warm --ttl`)
+            raise AssertionError(f"{where}: {e.message}") from None
+        assert extra == [], f"{where}: unknown {extra}"
+
+
+def test_every_script_and_make_target_in_the_docs_exists() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for path in DOCS:
+        for line in _sh_lines(path):
+            for script in re.findall(r"\bscripts/([\w]+\.(?:py|sh))", line):
+                assert (ROOT / "scripts" / script).exists(), f"{path.name}: {line}"
+            for module in re.findall(r"-m scripts\.(\w+)", line):
+                assert (ROOT / "scripts" / f"{module}.py").exists(), f"{path.name}: {line}"
+            for target in re.findall(r"^make ([\w-]+)", line):
+                assert re.search(rf"^{target}:", makefile, re.M), f"{path.name}: {line}"
+
+
+def test_the_docs_blocks_that_need_no_server_run(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("VCACHE_STORE")},
+        "HOME": str(tmp_path),
+        "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+    }
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    for doc in RUNNABLE:
+        text = (ROOT / doc).read_text()
+        for m in BLOCK.finditer(text):
+            if m.group(1) != "sh":
+                continue
+            # one bash per block: a block's lines share their variables, as in a terminal
+            r = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", m.group(2)],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 0, f"{doc}:\n{m.group(2)}\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+
+
+def test_the_example_config_and_service_are_valid(tmp_path: Path) -> None:
+    from proxy.cli.config import ClientSettings, ServeSettings, load
+    from proxy.cli.main import build_parser
+
+    example = ROOT / "docs" / "examples" / "vcache.toml"
+    serve = load(ServeSettings, {}, example)
+    assert serve.upstream == "http://127.0.0.1:8080" and serve.port == 8081
+    assert load(ClientSettings, {}, example).proxy == "http://127.0.0.1:8081"
+    unit = (ROOT / "docs" / "examples" / "vcache.service").read_text()
+    [exec_start] = re.findall(r"^ExecStart=(.*)$", unit, re.M)
+    words = shlex.split(exec_start)
+    assert words[0].endswith("/vcache")
+    parser, _ = build_parser()
+    args, extra = parser.parse_known_args(words[1:])
+    assert extra == [] and args.command == "serve"
+
+
+def test_the_license_is_the_one_pyproject_names() -> None:
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()

@@ -98,7 +98,16 @@ def test_llama_cpp_python_backend_through_the_command(
         (["--backend", "llama-cpp-python"], "needs --model and --mmproj"),
         (["--upstream", "http://127.0.0.1:1", "--encoder", "local"], "--encoder local needs"),
         (
-            ["--backend", "llama-cpp-python", "--model", "m", "--mmproj", "p", "--upstream", "u"],
+            [
+                "--backend",
+                "llama-cpp-python",
+                "--model",
+                "m",
+                "--mmproj",
+                "p",
+                "--upstream",
+                "http://u",
+            ],
             "runs the model itself",
         ),
     ],

@@ -297,4 +297,4 @@ def test_import_refuses_a_foreign_namespace(
         text=True,
     )
     assert imp.returncode == 1
-    assert "do not match" in imp.stdout
+    assert "do not match" in imp.stderr

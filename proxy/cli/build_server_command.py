@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.cli.failure import UsageError
+from proxy.cli.logs import JsonFormatter, LogFormat, chosen_format
 from vision_cache.llama.server_build import (
     VARIANTS,
-    BuildError,
     BuildRequest,
     build_server,
     default_cache_dir,
@@ -36,7 +37,10 @@ examples:
 
 
 def add_build_server_command(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser(
+    from proxy.cli.main import add_command
+
+    p = add_command(
+        subparsers,
         "build-server",
         help="build the patched llama-server and print its path",
         description="Build llama-server from llama.cpp source with vcache's patches (cached: "
@@ -120,11 +124,10 @@ def _home_relative(path: Path) -> str:
 
 
 def run_build_server(args: argparse.Namespace) -> int:
-    _log_to_stderr()
+    _log_to_stderr(chosen_format(args))
     backend: Backend = args.backend or ("cuda" if args.cuda_arch else "auto")
     if backend == "cpu" and args.cuda_arch:
-        print("vcache build-server: --cuda-arch and --cpu contradict each other", file=sys.stderr)
-        return 2
+        raise UsageError("--cuda-arch and --cpu contradict each other")
     request = BuildRequest(
         variant=args.variant,
         backend=backend,
@@ -134,20 +137,19 @@ def run_build_server(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         cmake_args=tuple(args.cmake_arg),
     )
-    try:
-        binary = build_server(request)
-    except BuildError as e:
-        print(f"vcache build-server: error: {e}", file=sys.stderr)
-        return 1
+    binary = build_server(request)  # a BuildError is reported by the one error path
     print(binary)
     return 0
 
 
-def _log_to_stderr() -> None:
+def _log_to_stderr(fmt: LogFormat) -> None:
     logger = logging.getLogger("vcache.build")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[build %(asctime)s] %(message)s", "%H:%M:%S"))
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter("[build %(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from proxy.cli.config import ClientSettings, add_arguments, settings_error, settings_from
+from proxy.cli.config import ClientSettings, add_arguments, settings_from
+from proxy.cli.failure import USAGE, CommandError
 from proxy.cli.warm_command import read_describe
 from vision_cache.client.compare import compare, conditions, references_in
 from vision_cache.client.compare_api import CompareReply, Event, References
@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 
 def add_compare_command(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser(
+    from proxy.cli.main import add_command
+
+    p = add_command(
+        subparsers,
         "compare",
         help="rank warmed references against a new image under a rubric",
         description="Shortlist the references most similar to CANDIDATE by their cached "
@@ -71,13 +74,9 @@ def _references(args: argparse.Namespace) -> References:
 
 def run_compare(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
-    try:
-        settings = settings_from(args, ClientSettings)
-    except ValidationError as e:
-        err.print(f"[red]error:[/red] {settings_error(e)}")
-        return 2
+    settings = settings_from(args, ClientSettings)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    try:
+    try:  # what the options say, checked before anything is sent
         options = {
             "criteria": args.criterion or None,
             "where": conditions(args.where),
@@ -88,23 +87,19 @@ def run_compare(args: argparse.Namespace) -> int:
             "model": args.model,
         }
         references = _references(args)
-        with _Progress(err) as progress:
-            reply = compare(
-                args.candidate,
-                rubric=args.rubric,
-                references=references,
-                top_k=args.top_k,
-                proxy=settings.proxy,
-                api_key=api_key,
-                on_event=progress.on_event,
-                **options,
-            )
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
-    except (VisionCacheError, ValueError, OSError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
+    except (VisionCacheError, ValueError) as e:
+        raise CommandError(str(e), code=USAGE) from e
+    with _Progress(err) as progress:
+        reply = compare(
+            args.candidate,
+            rubric=args.rubric,
+            references=references,
+            top_k=args.top_k,
+            proxy=settings.proxy,
+            api_key=api_key,
+            on_event=progress.on_event,
+            **options,
+        )
     if args.json:
         print(reply.model_dump_json(indent=2))
     else:

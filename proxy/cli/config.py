@@ -18,7 +18,8 @@ One file serves every command; each reads the tables it needs::
 | settings | commands | reads |
 |---|---|---|
 | `ServeSettings` | serve | ``[serve]`` (or the whole file when it has no tables) |
-| `StoreSettings` | ls, stats, rm, gc, verify, export | ``store`` from ``[serve]`` |
+| `StoreCommandSettings` | ls, names, stats, rm, pin, unpin, gc, verify, export | ``store`` and |
+| | | ``api_key`` from ``[serve]`` |
 | `ClientSettings` | warm, compare | ``[client]``, then ``api_key`` from ``[serve]`` |
 | `ImportSettings` | import | ``[client]``, then ``store`` and ``api_key`` from ``[serve]`` |
 """
@@ -27,10 +28,14 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import difflib
 import importlib.util
 import os
+import tomllib
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -40,6 +45,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from proxy.cli.failure import USAGE, CommandError
 from proxy.web.listen import parse_hosts
 from vision_cache.client.admin_api import DEFAULT_PROXY
 from vision_cache.shared.tier import SharedTierConfig
@@ -85,7 +91,31 @@ class StoreSettings(VcacheSettings):
     @field_validator("store")
     @classmethod
     def _expand_store(cls, v: Path) -> Path:
-        return v.expanduser()
+        v = v.expanduser()
+        if v.exists() and not v.is_dir():
+            raise ValueError("a file, not a directory (give a new path, or a store's)")
+        return v
+
+
+class StoreCommandSettings(StoreSettings):
+    """`vcache ls`, `names`, `stats`, `rm`, `pin`, `unpin`, `gc`, `verify`, `export`: the store,
+    or the store of the running proxy named by `proxy` (a flag or VCACHE_PROXY: the file's
+    [serve] table names the proxy's own store already)."""
+
+    proxy: str | None = Field(
+        None,
+        description="a running vcache proxy: act on the store it uses (it says where that is)",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="the proxy's key, if it has one (X-Vcache-Key)"
+    )
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_is_a_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_http_url(v, "a vcache proxy's address, such as http://127.0.0.1:8081")
+        return v
 
 
 class ClientSettings(VcacheSettings):
@@ -97,6 +127,12 @@ class ClientSettings(VcacheSettings):
     api_key: SecretStr | None = Field(
         None, description="the proxy's key, if it has one (X-Vcache-Key)"
     )
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_is_a_url(cls, v: str) -> str:
+        check_http_url(v, "a vcache proxy's address, such as http://127.0.0.1:8081")
+        return v
 
 
 class ImportSettings(ClientSettings, StoreSettings):
@@ -246,6 +282,22 @@ class ServeSettings(StoreSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
 
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_is_a_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_http_url(v, "a llama-server's address, such as http://127.0.0.1:8080")
+        return v
+
+    @field_validator("llama_server")
+    @classmethod
+    def _binary_runs(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("no such file (build llama-server with `make llama`)")
+        if v is not None and not os.access(v, os.X_OK):
+            raise ValueError("not executable")
+        return v
+
     @model_validator(mode="after")
     def _one_upstream(self) -> ServeSettings:
         if self.backend == "llama-cpp-python":
@@ -266,6 +318,8 @@ class ServeSettings(StoreSettings):
             )
         if self.llama_args and self.llama_server is None:
             raise ValueError("arguments after `--` are for --llama-server (managed mode)")
+        if self.llama_server is not None:
+            _managed_arguments_usable(self.llama_args)
         return self
 
     @model_validator(mode="after")
@@ -370,6 +424,25 @@ class _TomlTables(TomlConfigSettingsSource):
         self.toml_data = self.init_kwargs = merged
 
 
+def check_http_url(url: str, example: str) -> None:
+    """Refuse what is not an http(s) URL with a host (and a port that is a number)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e}); give {example}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL; give {example}")
+
+
+def _managed_arguments_usable(args: list[str]) -> None:
+    """What managed mode sets itself must not come from the user (checked before anything runs)."""
+    # the supervisor holds the rule; importing it here is cheap next to what serving loads
+    from proxy.upstream.supervisor import refuse_reserved
+
+    refuse_reserved(args, os.environ)
+
+
 def _arg_value(args: list[str], names: tuple[str, ...]) -> Path | None:
     """The value of a llama-server option among `args` (`-m X` or `--model=X`)."""
     for i, arg in enumerate(args):
@@ -384,16 +457,117 @@ def _arg_value(args: list[str], names: tuple[str, ...]) -> Path | None:
 SettingsT = TypeVar("SettingsT", bound=VcacheSettings)
 
 
-def load(cls: type[SettingsT], flags: dict[str, Any], toml: Path | None = None) -> SettingsT:
-    """Settings from command-line `flags` (only those given), env and the TOML file."""
+# VCACHE_* variables that are no setting of any command: the rest are refused as misspellings
+OTHER_VARIABLES = frozenset(
+    {
+        "VCACHE_CONFIG",  # the TOML file
+        "VCACHE_DEBUG",  # tracebacks on errors (proxy.cli.main)
+        "VCACHE_LOG_FORMAT",  # text or json (proxy.cli.main)
+        "VCACHE_MODELS_DIR",  # generated test models (tests, make models)
+        "VCACHE_LLAMA_CACHE",  # llama-server builds
+        "VCACHE_LLAMA_SERVER_PATCHED",  # the builds tests use
+        "VCACHE_LLAMA_SERVER_STOCK",
+        "VCACHE_DISCONNECT_CYCLES",  # test knobs
+        "VCACHE_STRESS_OPS",
+    }
+)
+OTHER_PREFIXES = ("VCACHE_TEST_",)
+
+
+class SettingsError(CommandError, ValueError):
+    """Settings that cannot work, with where they came from (flag, variable or file)."""
+
+
+def known_variables() -> set[str]:
+    fields: set[str] = set()
+    for cls in (ServeSettings, ImportSettings):
+        fields |= set(cls.model_fields)
+    return {f"VCACHE_{name.upper()}" for name in fields} | OTHER_VARIABLES
+
+
+def check_environment(environ: typing.Mapping[str, str]) -> None:
+    """Refuse VCACHE_* variables that nothing reads: a misspelt one would be silently ignored."""
+    known = known_variables()
+    for name in sorted(environ):
+        if not name.startswith("VCACHE_") or name in known or name.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SettingsError(
+            f"unknown environment variable {name}",
+            f"{hint}unset it (`vcache serve --help` lists the variables)",
+            USAGE,
+        )
+
+
+def _config_path(toml: Path | None) -> Path | None:
     path = toml or (Path(os.environ["VCACHE_CONFIG"]) if os.environ.get("VCACHE_CONFIG") else None)
-    if path is not None and not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SettingsError(
+            f"config file not found: {path}",
+            "give the path of a TOML file (--config, VCACHE_CONFIG)",
+            USAGE,
+        )
+    try:
+        tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path}: not valid TOML: {e}", None, USAGE) from None
+    except OSError as e:
+        raise SettingsError(f"{path}: {e.strerror}", None, USAGE) from None
+    return path
+
+
+def load(cls: type[SettingsT], flags: dict[str, Any], toml: Path | None = None) -> SettingsT:
+    """Settings from command-line `flags` (only those given), env and the TOML file.
+
+    Raises `SettingsError` naming where each bad value came from."""
+    check_environment(os.environ)
+    path = _config_path(toml)
+    given = {k: v for k, v in flags.items() if k in cls.model_fields}
     token = _toml_path.set(path)
     try:
-        return cls(**{k: v for k, v in flags.items() if k in cls.model_fields})
+        return cls(**given)
+    except ValidationError as e:
+        raise _explained(e, cls, given, path) from None
     finally:
         _toml_path.reset(token)
+
+
+def _explained(
+    e: ValidationError, cls: type[VcacheSettings], given: dict[str, Any], path: Path | None
+) -> SettingsError:
+    lines, whole = [], False
+    for err in e.errors(include_url=False):
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:
+            whole = True
+            lines.append(message)
+            continue
+        name = str(err["loc"][0])
+        lines.append(_where(name, cls, given, path, err["type"]) + message)
+    # a combination of options that cannot work is shown under the command's usage line
+    return SettingsError("; ".join(lines), None, USAGE, usage=whole)
+
+
+def _where(
+    name: str, cls: type[VcacheSettings], given: dict[str, Any], path: Path | None, kind: str
+) -> str:
+    """Where the value of setting `name` came from, for the error message."""
+    flag = "--" + name.replace("_", "-")
+    if name in given:
+        return f"{flag} {given[name]!r}: " if kind != "extra_forbidden" else f"{flag}: "
+    env = f"VCACHE_{name.upper()}"
+    if env in os.environ and name in cls.model_fields:
+        return f"{env}={os.environ[env]!r}: "
+    if path is not None:
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+            also = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{path}: unknown setting {name!r}{also}: "
+        return f"{path}: {name}: "
+    return f"{flag}: "
 
 
 def load_settings(flags: dict[str, Any], toml: Path | None = None) -> ServeSettings:
@@ -408,6 +582,8 @@ def settings_from(args: argparse.Namespace, cls: type[SettingsT]) -> SettingsT:
 
 def settings_error(e: Exception) -> str:
     """What was wrong with the settings, in one line per problem."""
+    if isinstance(e, CommandError):
+        return e.message
     if isinstance(e, ValidationError):
         return "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
@@ -442,6 +618,18 @@ def add_arguments(
                 help=help_text,
             )
         else:
+            choices = _choices(field.annotation)
             parser.add_argument(
-                flag, default=argparse.SUPPRESS, help=help_text, metavar=name.upper()
+                flag,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                choices=choices,
+                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
             )
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    """The allowed values of a Literal field, so that --help shows them."""
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from proxy.cli.config import ClientSettings, add_arguments, settings_error, settings_from
+from proxy.cli.config import ClientSettings, add_arguments, settings_from
+from proxy.cli.failure import USAGE, CommandError
 from vision_cache.client.warmup import (
     Item,
     Source,
@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 
 def add_warm_command(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser(
+    from proxy.cli.main import add_command
+
+    p = add_command(
+        subparsers,
         "warm",
         help="encode, pin and name reference images ahead of time",
         description="Encode images through a running proxy so the first real request hits. "
@@ -79,29 +82,25 @@ def _sources(args: argparse.Namespace) -> list[Source]:
         sources = expand(args.paths, recursive=args.recursive)
     if args.name:
         if len(sources) != 1:
-            raise VisionCacheError("--name names one image: give exactly one file or URL")
+            raise CommandError("--name names one image: give exactly one file or URL", code=USAGE)
         sources = [Source(sources[0].location, args.name, args.ttl)]
     elif args.ttl is not None:
         sources = [Source(s.location, s.name, args.ttl) for s in sources]
     if args.manifest:
         sources += read_manifest(args.manifest)
     if not sources:
-        raise VisionCacheError("nothing to warm: give paths or --manifest")
+        raise CommandError("nothing to warm: give paths or --manifest", code=USAGE)
     return sources
 
 
 def run_warm(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    settings = settings_from(args, ClientSettings)
     try:
-        settings = settings_from(args, ClientSettings)
         sources = _sources(args)
         describe = read_describe(args.describe)
-    except ValidationError as e:
-        console.print(f"[red]error:[/red] {settings_error(e)}")
-        return 2
-    except (VisionCacheError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    except (VisionCacheError, ValueError) as e:
+        raise CommandError(str(e), code=USAGE) from e
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     columns = (
         TextColumn("warming"),
@@ -132,13 +131,13 @@ def run_warm(args: argparse.Namespace) -> int:
                 describe=describe,
             )
     except KeyboardInterrupt:
-        console.print("interrupted: what finished is cached; run the same command to resume")
-        return 130
-    except VisionCacheError as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+        raise CommandError(
+            "interrupted", "what finished is cached; run the same command to resume", 130
+        ) from None
     _summary(Console(), report)
-    return 1 if report.failed else 0
+    if report.failed:
+        raise CommandError(f"{len(report.failed)} of {len(sources)} images failed (listed above)")
+    return 0
 
 
 def read_describe(value: str | None) -> str | dict[str, Any] | None:

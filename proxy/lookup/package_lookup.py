@@ -83,6 +83,7 @@ class RequestTally:
     audio_hits: int = 0
     audio_misses: int = 0
     audio_fallbacks: int = 0
+    bypassed: int = 0  # sent as they came: the request said Cache-Control: no-store/no-cache
     result: str = ""  # the result cache: hit, miss, refresh or skip (empty: not asked)
 
     def count(self, outcome: Literal["hit", "miss", "fallback"], modality: Modality) -> None:
@@ -113,6 +114,8 @@ class RequestTally:
                 f" audio_hits={self.audio_hits} audio_misses={self.audio_misses} "
                 f"audio_fallback={self.audio_fallbacks}"
             )
+        if self.bypassed:
+            text = f"{text} bypass={self.bypassed}"
         return f"{text} result={self.result}" if self.result else text
 
 

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from proxy.errors import ProxyError
 from proxy.images.slots import EMBEDDING_PATHS
@@ -81,7 +82,18 @@ class Decision:
 OFF = Decision(False, False)
 
 
-def decide(headers: Mapping[str, str], default_on: bool) -> Decision:
+def cache_directives(headers: MultiMapping[str]) -> frozenset[str]:
+    """The names of a request's Cache-Control directives, lower case, from every such header
+    (``max-age=0`` counts as ``max-age``). The image cache reads them too
+    (`proxy.web.app.cache_bypassed`)."""
+    return frozenset(
+        d.strip().split("=")[0].lower()
+        for value in headers.getall("Cache-Control", ())
+        for d in value.split(",")
+    )
+
+
+def decide(headers: MultiMapping[str], default_on: bool) -> Decision:
     """From the proxy's default and the request's headers (a case-insensitive mapping)."""
     asked = headers.get(HEADER, "").strip().lower()
     if asked in ("on", "1", "true", "yes"):
@@ -92,7 +104,7 @@ def decide(headers: Mapping[str, str], default_on: bool) -> Decision:
         on = default_on
     if not on:
         return OFF
-    directives = {d.strip().lower() for d in headers.get("Cache-Control", "").split(",")}
+    directives = cache_directives(headers)
     no_store = "no-store" in directives
     return Decision(lookup="no-cache" not in directives and not no_store, store=not no_store)
 

@@ -7,16 +7,21 @@ without httpx's anyio cancellation scopes), the largest part of the proxy's own 
 Capabilities come from ``GET /props`` (``image_embedding``, see docs/wire-format.md) and are
 cached for a short time, per model in router mode. They are read again after that time, after
 an upstream restart, and whenever upstream refuses a package, so a server swapped for a stock
-one (or the reverse) is noticed without restarting the proxy.
+one (or the reverse) is noticed without restarting the proxy. When packages are off,
+`Capabilities.reason` says why and what fixes it, and each change of that state is logged.
+
+Readiness (`Upstream.probe`) is upstream's own ``GET /health``: 200 ready, 503 loading its
+model, no answer unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -25,6 +30,7 @@ from yarl import URL
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.images.image_bytes import ImageBytes
 from proxy.images.modality import Modality
+from vision_cache.client.admin_api import error_message
 from vision_cache.data_uri import data_uri_bytes
 from vision_cache.errors import PackageError
 from vision_cache.keys import Namespace
@@ -32,6 +38,22 @@ from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
 
 CAPS_TTL_S = 10.0
 KEEPALIVE_S = 2.0  # cpp-httplib's keep-alive timeout, llama-server's, is 5 s
+PROBE_TIMEOUT_S = 5.0
+log = logging.getLogger("vcache.upstream")
+
+# why packages are off, in a word (the metric's label); the sentence is Capabilities.reason
+OffKind = Literal[
+    "unreachable", "stock", "disabled", "unverified", "no_mmproj", "version", "router_no_model"
+]
+STOCK_REASON = (
+    "upstream is a stock llama-server (GET /props has no image_embedding): every image is "
+    "encoded by the server each time; run the patched llama-server (llama_patches/, "
+    "`make llama`) with --image-embedding to cache them"
+)
+DISABLED_REASON = (
+    "the patched llama-server was started without --image-embedding: add --image-embedding "
+    "(or --image-embedding-dir DIR) to its arguments"
+)
 
 
 # What /props says of the model that changes its answers (media_marker and is_sleeping change
@@ -71,7 +93,9 @@ class ModelIdentity:
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What one upstream model can do with packages, and who it is."""
+    """What one upstream model can do with packages, and who it is; `reason` says why images
+    go upstream raw (None while image packages are on), `off_kind` the same in a word (the
+    metric's label)."""
 
     packages: bool
     namespace: Namespace | None = None
@@ -82,6 +106,8 @@ class Capabilities:
     # endpoint that encodes clips; None where the server takes no audio packages
     audio_namespace: Namespace | None = None
     media_endpoint: str | None = None
+    reason: str | None = None
+    off_kind: OffKind | None = None
 
     def namespace_for(self, modality: Modality) -> Namespace | None:
         return self.audio_namespace if modality == "audio" else self.namespace
@@ -89,15 +115,38 @@ class Capabilities:
     identity: ModelIdentity | None = None
 
     @classmethod
+    def off(
+        cls,
+        kind: OffKind,
+        reason: str,
+        media_marker: str | None = None,
+        identity: ModelIdentity | None = None,
+    ) -> Capabilities:
+        return cls(
+            packages=False,
+            media_marker=media_marker,
+            reason=reason,
+            off_kind=kind,
+            identity=identity,
+        )
+
+    @classmethod
     def from_props(cls, props: dict[str, Any], model: str) -> Capabilities:
         marker = props.get("media_marker")
         media_marker = marker if isinstance(marker, str) else None
         identity = ModelIdentity.from_props(props, model)
         emb = props.get("image_embedding")
-        if not isinstance(emb, dict) or not emb.get("enabled"):
-            return cls(packages=False, media_marker=media_marker, identity=identity)
+        if not isinstance(emb, dict):
+            return cls.off("stock", STOCK_REASON, media_marker, identity)
+        if not emb.get("enabled"):
+            kind, reason = _why_disabled(emb)
+            return cls.off(kind, reason, media_marker, identity)
         if emb.get("version") != FORMAT_VERSION:
-            return cls(packages=False, media_marker=media_marker, identity=identity)
+            reason = (
+                f"upstream speaks package format {emb.get('version')!r}, this vcache speaks "
+                f"{FORMAT_VERSION}: build llama-server from this vcache's llama_patches/"
+            )
+            return cls.off("version", reason, media_marker, identity)
 
         def namespace(modality: Modality) -> Namespace:
             encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
@@ -129,6 +178,37 @@ class Capabilities:
             media_endpoint=str(media_endpoint) if takes_audio else None,
             identity=identity,
         )
+
+
+def _why_disabled(emb: dict[str, Any]) -> tuple[OffKind, str]:
+    """Why a patched server takes no packages, from its own `reason` where it gives one."""
+    given = emb.get("reason")
+    reason = given if isinstance(given, str) and given else DISABLED_REASON
+    projectors = emb.get("projectors")
+    if isinstance(projectors, dict):
+        if not projectors:
+            return "no_mmproj", reason
+        unverified = [
+            p for p in projectors.values() if isinstance(p, dict) and not p.get("verified")
+        ]
+        if unverified and not emb.get("allow_unverified"):
+            return "unverified", reason
+    if "no multimodal projector" in reason:
+        return "no_mmproj", reason
+    return "disabled", reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Readiness:
+    """Upstream's GET /health: "ok" (ready), "loading" (its model), "unreachable", "error";
+    "restarting" while a managed llama-server comes back."""
+
+    state: Literal["ok", "loading", "unreachable", "error", "restarting"]
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ok"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +270,8 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._caps: dict[str, tuple[float, Capabilities]] = {}
         self._caps_lock = asyncio.Lock()
+        # what packages were last seen doing (for the metric, and to log each change once)
+        self.last_capabilities: Capabilities | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -237,29 +319,77 @@ class Upstream:
                 return cached[1]
             caps = await self._fetch_capabilities(model)
             self._caps[model] = (time.monotonic(), caps)
+            self._note(caps)
             return caps
+
+    def _note(self, caps: Capabilities) -> None:
+        """Log when packages go on or off, or change reason: once per change, not per request."""
+        last, self.last_capabilities = self.last_capabilities, caps
+        if last is not None and (last.packages, last.reason) == (caps.packages, caps.reason):
+            return
+        if caps.packages and not caps.reason:
+            if last is not None:
+                log.warning("packages are ON again: upstream %s takes them", self._base_url)
+            return
+        log.warning(
+            "PACKAGES ARE OFF: every image goes to upstream as sent and is encoded there each "
+            "time. Why: %s",
+            caps.reason,
+        )
 
     async def _fetch_capabilities(self, model: str) -> Capabilities:
         props = await self._props(None)
+        if isinstance(props, str):
+            return Capabilities.off("unreachable", props)
         if props.get("role") != "router":
             # a single-model server ignores the model field: one namespace for every name
             return Capabilities.from_props(props, "")
         if not model:
-            return Capabilities(packages=False)
-        return Capabilities.from_props(await self._props(model), model)
+            return Capabilities.off(
+                "router_no_model", "upstream is a router: requests must name a model"
+            )
+        named = await self._props(model)
+        if isinstance(named, str):
+            return Capabilities.off("unreachable", named)
+        return Capabilities.from_props(named, model)
 
-    async def _props(self, model: str | None) -> dict[str, Any]:
-        """GET /props; an empty dict when upstream cannot say (asked again after the TTL)."""
+    async def _props(self, model: str | None) -> dict[str, Any] | str:
+        """GET /props, or why upstream cannot say (asked again after the TTL)."""
         url = URL(self._base_url + "/props")
         try:
             async with self.session.get(
                 url.with_query(model=model) if model else url,
                 timeout=aiohttp.ClientTimeout(total=10.0),
             ) as resp:
-                props = orjson.loads(await resp.read()) if resp.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return {}
+                body = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            why = f"{type(e).__name__}: {e}".rstrip(": ")
+            return f"upstream {self._base_url} is unreachable ({why})"
+        if resp.status != 200:
+            text = body[:200].decode(errors="replace")
+            return f"upstream's GET /props answered {resp.status}: {text}"
+        try:
+            props = orjson.loads(body)
+        except ValueError:
+            return "upstream's GET /props answered something that is not JSON"
         return props if isinstance(props, dict) else {}
+
+    async def probe(self) -> Readiness:
+        """Upstream's GET /health: whether it is there and has its model loaded."""
+        try:
+            async with self.session.get(
+                URL(self._base_url + "/health"),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+            ) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return Readiness("unreachable", f"{type(e).__name__}: {e}".rstrip(": "))
+        if status == 200:
+            return Readiness("ok")
+        detail = error_message(status, body)
+        if status == 503:
+            return Readiness("loading", detail)
+        return Readiness("error", detail)
 
     async def encode(
         self, caps: Capabilities, image: ImageBytes, model: str = "", modality: Modality = "image"

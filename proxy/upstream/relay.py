@@ -57,6 +57,9 @@ CHUNK = 64 * 1024
 RESPONSE_STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey(
     "vcache_response_started", web.StreamResponse
 )
+# set once the client has been sent the whole response: a cancellation after it (the client
+# closing its connection as soon as it has read it) does not make the request a failure
+RESPONSE_COMPLETE: web.RequestKey[bool] = web.RequestKey("vcache_response_complete", bool)
 # an event held back this long without its end is passed on as it is
 MAX_HELD_EVENT = 1024 * 1024
 
@@ -203,9 +206,15 @@ async def relay(
             resp.content_length = int(length)
         await resp.prepare(request)
         request[RESPONSE_STARTED] = resp
-        if _has_body(request.method, upstream.status):
+        if not _has_body(request.method, upstream.status):
+            request[RESPONSE_COMPLETE] = True
+        else:
             await _copy_body(resp, upstream, tap)
+            # with a length the client knows the end when the last byte arrives; chunked, at
+            # the terminating chunk that write_eof sends
+            request[RESPONSE_COMPLETE] = resp.content_length is not None
         await resp.write_eof()
+        request[RESPONSE_COMPLETE] = True
         return resp
     finally:
         close_upstream(upstream)

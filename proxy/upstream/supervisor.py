@@ -29,6 +29,8 @@ Errors (besides `proxy.errors.UpstreamError`):
 * ProxyError
   x ReservedArgumentError (also ValueError): a user argument or environment variable sets
     what managed mode sets itself.
+  x UpstreamError
+    + ManagedStartError: llama-server exited while it started, or did not become healthy.
 """
 
 from __future__ import annotations
@@ -118,13 +120,20 @@ class ManagedServerConfig:
             raise ValueError("timeouts must not be negative")
 
 
+def refuse_reserved(args: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Raise `ReservedArgumentError` for what managed mode would refuse at start, before it runs."""
+    _refuse_reserved_args(args)
+    _refuse_reserved_env(environ)
+
+
 def _refuse_reserved_args(args: Sequence[str]) -> None:
     for arg in args:
         flag = arg.split("=", 1)[0]  # `--port=8080` sets the port as well as `--port 8080`
         if flag in _RESERVED_FLAGS:
             raise ReservedArgumentError(
-                f"remove {flag} from the llama-server arguments: managed mode sets it "
-                "(llama-server listens on a private loopback port and reads the cache's directory)"
+                f"remove {flag} from the llama-server arguments (after `--`): managed mode sets "
+                "it (llama-server listens on a private loopback port and reads the cache's "
+                "directory); vcache's own --host and --port say where clients connect"
             )
 
 
@@ -133,7 +142,8 @@ def _refuse_reserved_env(environ: Mapping[str, str]) -> None:
     for name in _RESERVED_ENV:
         if name in environ:
             raise ReservedArgumentError(
-                f"unset {name}: managed mode chooses llama-server's host and port itself"
+                f"unset {name}: managed mode chooses llama-server's host and port itself "
+                "(vcache's own --host and --port say where clients connect)"
             )
 
 
@@ -270,7 +280,7 @@ class ManagedServer:
                 return
             except _EarlyExit as exc:
                 if not (exc.bind_failed and self._config.port == 0 and attempt < _BIND_ATTEMPTS):
-                    raise UpstreamError(str(exc)) from None
+                    raise ManagedStartError(exc.summary, exc.tail) from None
                 log.warning(
                     "port %d was taken before llama-server could bind it; trying another",
                     self._port,
@@ -315,9 +325,9 @@ class ManagedServer:
             await pump.drain()
             raise _EarlyExit(proc.returncode, pump.tail())
         if polling.cancelled():  # by us, at the time limit
-            raise UpstreamError(
-                f"llama-server did not become healthy within {self._config.start_timeout_s:g} s; "
-                f"its last output:\n{pump.tail()}"
+            raise ManagedStartError(
+                f"llama-server did not become healthy within {self._config.start_timeout_s:g} s",
+                pump.tail(),
             )
         polling.result()  # re-raises a bug in the polling, if any
 
@@ -380,14 +390,41 @@ class ManagedServer:
                 log.exception("restart listener %r failed", listener)
 
 
+class ManagedStartError(UpstreamError):
+    """llama-server did not come up: it exited first, or stayed unhealthy too long.
+
+    `summary` says which in one line, `tail` holds its last lines of output, and
+    `last_error()` the line of it most likely to say why.
+    """
+
+    def __init__(self, summary: str, tail: str) -> None:
+        super().__init__(f"{summary}; its last output:\n{tail}")
+        self.summary = summary
+        self.tail = tail
+
+    def last_error(self) -> str | None:
+        """The first error line of the tail (the cause; later ones tend to be consequences),
+        else its last line, without llama-server's timestamp and level prefix."""
+        lines = [ln.strip() for ln in self.tail.splitlines() if ln.strip()]
+        if not lines:
+            return None
+        marked = [ln for ln in lines if _ERROR_LEVEL.match(ln)]
+        worded = [ln for ln in lines if _ERROR_WORDS.search(ln)]
+        return _ERROR_LEVEL.sub("", (marked or worded or lines[-1:])[0]).strip()
+
+
+# llama-server's log prefix: "0.00.012.692 E " (time, then the level: E for errors)
+_ERROR_LEVEL = re.compile(r"^(?:[\d.]+\s+)?E\s+")
+_ERROR_WORDS = re.compile(r"error|failed|cannot|unable|invalid", re.IGNORECASE)
+
+
 class _EarlyExit(Exception):
     """llama-server exited before it became healthy."""
 
     def __init__(self, returncode: int, tail: str) -> None:
-        super().__init__(
-            f"llama-server {describe_exit(returncode)} before it became "
-            f"healthy; its last output:\n{tail}"
-        )
+        self.summary = f"llama-server {describe_exit(returncode)} before it became healthy"
+        super().__init__(f"{self.summary}; its last output:\n{tail}")
+        self.tail = tail
         self.bind_failed = _BIND_FAILURE.search(tail) is not None
 
 

@@ -4,7 +4,11 @@ The messages are `vision_cache.client.admin_api`'s, which the clients use too:
 
 | endpoint | what |
 |---|---|
-| GET /vcache/health | the proxy is up; whether upstream takes packages; managed server state |
+| GET /vcache/health | readiness: 200 when upstream is up, its model loaded; else 503 in |
+| | llama-server's error shape. Whether images are cached (and why not), version, managed state |
+| GET /vcache/live | liveness: 200 while the proxy answers at all (asks nothing of upstream) |
+| GET /vcache/store | where the proxy's store is (the store commands act on it through this) |
+| POST /vcache/delete | delete entries, from the index and from this process's memory |
 | GET /vcache/metrics | Prometheus metrics |
 | GET /vcache/stats | the store's statistics |
 | GET /vcache/namespace?model=M | the cache namespace requests for model M use |
@@ -34,19 +38,28 @@ from proxy.compare.vectors import (
     keep_source,
 )
 from proxy.errors import ClientError, ProxyError
+from proxy.upstream.client import Readiness
+from proxy.version import VERSION
 from proxy.web.body import read_body
 from proxy.web.state import PROXY_KEY, Proxy
 from vision_cache.client import admin_api as api
 from vision_cache.client.admin_api import (
+    DeleteRequest,
+    DeleteResponse,
+    ErrorDetail,
     HealthResponse,
+    LiveResponse,
     LookupRequest,
     LookupResponse,
     NamespaceResponse,
     ProcessStats,
+    StoreResponse,
     WarmRequest,
     WarmResponse,
 )
 from vision_cache.client.compare_api import CompareRequest, Event
+from vision_cache.errors import InvalidKeyError
+from vision_cache.keys import CacheKey
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -59,6 +72,9 @@ def add_routes(app: web.Application) -> None:
         return handler
 
     app.router.add_get(api.HEALTH, bind(health))
+    app.router.add_get(api.LIVE, bind(live))
+    app.router.add_get(api.STORE, bind(store))
+    app.router.add_post(api.DELETE, bind(delete))
     app.router.add_get(api.METRICS, bind(metrics))
     app.router.add_get(api.STATS, bind(stats))
     app.router.add_get(api.NAMESPACE, bind(namespace))
@@ -73,9 +89,9 @@ def _json(body: Any) -> web.Response:
     return web.Response(body=orjson.dumps(body, default=str), content_type="application/json")
 
 
-def _answer(message: BaseModel, *, exclude_none: bool = False) -> web.Response:
+def _answer(message: BaseModel, *, exclude_none: bool = False, status: int = 200) -> web.Response:
     body = message.model_dump_json(exclude_none=exclude_none)
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 async def _request(request: web.Request, proxy: Proxy, cls: type[RequestT]) -> RequestT:
@@ -89,16 +105,49 @@ async def _request(request: web.Request, proxy: Proxy, cls: type[RequestT]) -> R
 
 
 async def health(request: web.Request, proxy: Proxy) -> web.Response:
-    caps = await proxy.upstream.capabilities()
     managed = proxy.managed_state() if proxy.managed_state else None
+    if managed is not None and not managed.healthy:
+        readiness = Readiness("restarting", "the managed llama-server is (re)starting")
+    else:
+        readiness = await proxy.upstream.probe()
+    caps = await proxy.upstream.capabilities()
     answer = HealthResponse(
+        status="ok" if readiness.ready else "unavailable",
+        ready=readiness.ready,
+        version=VERSION,
         upstream=proxy.upstream.base_url,
+        upstream_state=readiness.state,
+        upstream_detail=readiness.detail or None,
         packages=caps.packages,
+        packages_reason=caps.reason,
         encoder=proxy.lookup.encoder,
         process=_process_stats(),
         managed=managed,
+        error=None if readiness.ready else _not_ready(proxy, readiness),
     )
-    return _answer(answer, exclude_none=True)  # no "managed" unless managed
+    # no "managed" unless managed, no "error" unless not ready
+    return _answer(answer, exclude_none=True, status=200 if readiness.ready else 503)
+
+
+def _not_ready(proxy: Proxy, readiness: Readiness) -> ErrorDetail:
+    what = {
+        "loading": "is loading its model",
+        "unreachable": "is unreachable",
+        "error": "answers its health check with an error",
+        "restarting": "is restarting",
+    }[readiness.state]
+    detail = f": {readiness.detail}" if readiness.detail else ""
+    message = f"upstream llama-server at {proxy.upstream.base_url} {what}{detail}"
+    return ErrorDetail(code=503, message=message, type="unavailable_error")
+
+
+async def live(request: web.Request, proxy: Proxy) -> web.Response:
+    return _answer(LiveResponse(version=VERSION))
+
+
+async def store(request: web.Request, proxy: Proxy) -> web.Response:
+    store_id = await asyncio.to_thread(lambda: proxy.store.id)
+    return _answer(StoreResponse(path=str(proxy.store.path.resolve()), id=store_id))
 
 
 def _process_stats() -> ProcessStats:
@@ -119,6 +168,16 @@ async def metrics(request: web.Request, proxy: Proxy) -> web.Response:
 async def stats(request: web.Request, proxy: Proxy) -> web.Response:
     result = await asyncio.to_thread(proxy.store.stats)
     return _json(dataclasses.asdict(result))
+
+
+async def delete(request: web.Request, proxy: Proxy) -> web.Response:
+    req = await _request(request, proxy, DeleteRequest)
+    try:
+        keys = [CacheKey.parse(text) for text in req.keys]
+    except InvalidKeyError as e:
+        raise ClientError(f"invalid request: {e}") from e
+    deleted = await asyncio.to_thread(lambda: [k.text for k in keys if proxy.store.delete(k)])
+    return _answer(DeleteResponse(deleted=deleted))
 
 
 async def namespace(request: web.Request, proxy: Proxy) -> web.Response:

@@ -5,6 +5,10 @@ Every request goes to upstream as it came, except POSTs to the endpoints that ta
 and images named by URL or path are fetched here, under the SSRF policy, and sent as bytes:
 upstream never fetches anything a client named. The proxy's own endpoints live under /vcache/.
 What the proxy trusts and why: THREAT_MODEL.md.
+
+A request that says ``Cache-Control: no-store`` or ``no-cache`` has its images sent as they
+came: nothing is read from the cache for it, nothing stored (its images are encoded by upstream,
+as without the proxy). `cache_bypassed` reads the header, for anything else that caches.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from proxy.images.slots import IMAGE_PATHS, ImageSlot, InlinePayload, find_image
 from proxy.lookup.package_lookup import RequestTally
 from proxy.lookup.result_cache import (
     Recorder,
+    cache_directives,
     decide,
     determined,
     image_digests,
@@ -75,9 +80,16 @@ def _check(request: web.Request) -> None:
         check_key(request, request.app[PROXY_KEY].api_key)
 
 
-def _record(request: web.Request, resp: web.StreamResponse) -> None:
+def _record(request: web.Request, outcome: str) -> None:
     metrics = request.app[PROXY_KEY].metrics
-    metrics.requests.labels(_endpoint_label(request.path), f"{resp.status // 100}xx").inc()
+    metrics.requests.labels(_endpoint_label(request.path), outcome).inc()
+
+
+def cache_bypassed(request: web.Request) -> bool:
+    """Whether the client asked for no cache: `Cache-Control: no-store` (store nothing from
+    this request) or `no-cache` (answer nothing from the cache). Either way its images go to
+    upstream as sent."""
+    return bool(cache_directives(request.headers) & {"no-store", "no-cache"})
 
 
 def check_key(request: web.Request, key: str | None) -> None:
@@ -184,9 +196,13 @@ async def _with_images(
         return await _finish(
             proxy, pending, await _send(request, proxy, req, headers, _tap(pending))
         )
-    caps = await proxy.lookup.capabilities(model)
+    if cache_bypassed(request):
+        _bypass(slots, tally, proxy)
+        caps = Capabilities(packages=False)
+    else:
+        caps = await proxy.lookup.capabilities(model)
     rewritten = await _rewrite(proxy, body, slots, caps, model, tally) if caps.packages else False
-    if not caps.packages:
+    if not caps.packages and not tally.bypassed:
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
     if not rewritten:
@@ -338,6 +354,16 @@ async def _rewrite(
                 pkg["data"] = body.insert(await _off_loop(len(data.payload), data.base64))
             slot.put_package(pkg)
     return any(p is not None for p in packages)
+
+
+def _bypass(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> None:
+    if any(s.ref.startswith("vcache://") for s in slots):
+        raise ClientError(
+            "vcache:// references are served from the cache: they cannot go with "
+            "Cache-Control: no-store or no-cache"
+        )
+    tally.bypassed += len(slots)
+    proxy.metrics.bypassed.inc(len(slots))
 
 
 def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> None:

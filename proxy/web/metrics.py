@@ -6,12 +6,17 @@ Each app gets its own registry, so several proxies (tests, benchmarks) live in o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from proxy.version import VERSION
 from vision_cache.shared.tier import SharedTierStats
+
+if TYPE_CHECKING:
+    from proxy.upstream.client import Capabilities
 
 LATENCY_BUCKETS = (
     0.001,
@@ -81,10 +86,18 @@ class Metrics:
         )
         self.requests = Counter(
             "vcache_requests",
-            "Requests by endpoint and status class",
+            "Requests by endpoint and status class (2xx..5xx, or cancelled: the client went "
+            "away before the whole response was sent)",
             ["endpoint", "status"],
             registry=r,
         )
+        self.bypassed = Counter(
+            "vcache_bypassed",
+            "Images sent as they came because the request said Cache-Control: no-store or no-cache",
+            registry=r,
+        )
+        build = Gauge("vcache_build_info", "vcache's version (always 1)", ["version"], registry=r)
+        build.labels(VERSION).set(1)
         self.upstream_errors = Counter(
             "vcache_upstream_errors", "Requests that failed reaching upstream", registry=r
         )
@@ -101,6 +114,11 @@ class Metrics:
     def watch_shared(self, stats: Callable[[], SharedTierStats]) -> None:
         """Export the shared tier's counters (vcache_shared_*), read at each scrape."""
         self.registry.register(_SharedTierCollector(stats))
+
+    def watch_packages(self, capabilities: Callable[[], Capabilities | None]) -> None:
+        """Export whether upstream takes packages (vcache_packages_enabled) and, when it does
+        not, why (vcache_packages_off{reason=...}), read at each scrape."""
+        self.registry.register(_PackagesCollector(capabilities))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -131,3 +149,30 @@ class _SharedTierCollector:
             "1 while the circuit breaker skips the shared tier",
             value=int(stats.breaker_open),
         )
+
+
+class _PackagesCollector:
+    """Upstream's package state as last seen (nothing until it was first asked)."""
+
+    def __init__(self, capabilities: Callable[[], Capabilities | None]) -> None:
+        self._capabilities = capabilities
+
+    def collect(self) -> Iterator[Metric]:
+        caps = self._capabilities()
+        if caps is None:
+            return
+        yield GaugeMetricFamily(
+            "vcache_packages_enabled",
+            "1 while upstream takes packages (images are cached), 0 while every image is "
+            "forwarded and encoded by upstream each time",
+            value=int(caps.packages),
+        )
+        off = GaugeMetricFamily(
+            "vcache_packages_off",
+            "1, labelled with why packages are off (unreachable, stock, disabled, unverified, "
+            "no_mmproj, version, router_no_model); absent while they are on",
+            labels=["reason"],
+        )
+        if not caps.packages:
+            off.add_metric([caps.off_kind or "unknown"], 1)
+        yield off

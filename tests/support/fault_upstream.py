@@ -28,6 +28,11 @@ Faults (`Fault`), applied to every request on a path until changed:
   connection closed a moment later (here 0.3 s) whatever comes on it in between.
 * REFUSE_PACKAGES: 400 ``image_embedding ... not supported`` for a body with packages, OK
   otherwise (a server swapped for a stock one: vcache then re-sends the images once).
+* CLOSE_AFTER_BODY: answers OK with ``Connection: close``, then closes the connection as soon
+  as the body is written (as servers that do not keep connections alive do).
+
+``GET /health`` answers 200 unless a fault is set for it (STATUS_503: "Loading model").
+``props`` replaces what ``GET /props`` answers (a patched server with packages off, say).
 
 With ``packages=True`` it also plays a patched server: ``GET /props`` offers packages and
 ``POST /vision/embedding`` answers a package whose payload is a function of the image's
@@ -81,6 +86,7 @@ class Fault(enum.Enum):
     CLOSE_RANDOMLY = "close-randomly"
     CLOSE_AFTER_STREAM = "close-after-stream"
     REFUSE_PACKAGES = "refuse-packages"
+    CLOSE_AFTER_BODY = "close-after-body"
 
 
 @dataclasses.dataclass
@@ -119,6 +125,7 @@ class FaultUpstream:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.props: dict[str, Any] | None = None  # GET /props answers this, when set
 
     @property
     def url(self) -> str:
@@ -188,8 +195,8 @@ class FaultUpstream:
         self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         if seen.path == "/props" and seen.method == "GET":
-            return await _send_json(writer, 200, self._props())
-        if seen.path == "/health":
+            return await _send_json(writer, 200, self.props or self._props())
+        if seen.path == "/health" and seen.path not in self.faults:
             return await _send_json(writer, 200, {"status": "ok"})
         if seen.path == "/vision/embedding" and self.packages:
             fault = self.faults.get(seen.path, Fault.OK)
@@ -520,6 +527,21 @@ async def _refuse_packages(
     await _ok(fake, seen, reader, writer)
 
 
+async def _close_after_body(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    data = json.dumps({"choices": [{"index": 0, "message": {"content": "ok"}}]}).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(data)),
+        "Connection": "close",
+    }
+    writer.write(_head(200, headers) + data)
+    await writer.drain()
+    writer.close()
+    raise _Closed
+
+
 _FAULTS = {
     Fault.OK: _ok,
     Fault.RESET_BEFORE_HEADERS: _reset_before_headers,
@@ -533,6 +555,7 @@ _FAULTS = {
     Fault.CLOSE_RANDOMLY: _close_randomly,
     Fault.CLOSE_AFTER_STREAM: _close_after_stream,
     Fault.REFUSE_PACKAGES: _refuse_packages,
+    Fault.CLOSE_AFTER_BODY: _close_after_body,
 }
 
 

@@ -28,9 +28,8 @@ async def proxy_in_front(
 ) -> AsyncIterator[tuple[str, Proxy]]:
     config = ServeSettings(
         upstream=upstream,
-        store=tmp_path / "store",
         port=0,
-        **{"upstream_idle_s": IDLE_S, **settings},
+        **{"store": tmp_path / "store", "upstream_idle_s": IDLE_S, **settings},
     )
     async with running_proxy(config) as running:
         yield running

@@ -10,7 +10,10 @@ them and read answers into them, so the two cannot drift apart::
 
 | endpoint | request | answer |
 |---|---|---|
-| GET /vcache/health | | `HealthResponse` |
+| GET /vcache/health | | `HealthResponse`: 200 when ready, 503 (with `error`) when not |
+| GET /vcache/live | | `LiveResponse`: 200 while the proxy's event loop answers |
+| GET /vcache/store | | `StoreResponse`: where the proxy's store is (store commands use it) |
+| POST /vcache/delete | `DeleteRequest` | `DeleteResponse` |
 | GET /vcache/metrics | | Prometheus text |
 | GET /vcache/stats | | the store's statistics (`vision_cache.StoreStats` as JSON) |
 | GET /vcache/namespace?model=M | | `NamespaceResponse` |
@@ -39,6 +42,10 @@ DEFAULT_PROXY = "http://127.0.0.1:8081"  # where `vcache serve` listens by defau
 MAX_LOOKUP = 100_000
 
 HEALTH = "/vcache/health"
+LIVE = "/vcache/live"
+STORE = "/vcache/store"
+DELETE = "/vcache/delete"
+MAX_DELETE = 10_000
 METRICS = "/vcache/metrics"
 STATS = "/vcache/stats"
 NAMESPACE = "/vcache/namespace"
@@ -129,19 +136,61 @@ class ManagedState(_Response):
     pid: int | None
 
 
-class HealthResponse(_Response):
-    status: Literal["ok"] = "ok"
-    upstream: str
-    packages: bool
-    encoder: Literal["local", "server"]  # who encodes on a miss: vcache's workers, or upstream
-    process: ProcessStats
-    managed: ManagedState | None = None
-
-
 class ErrorDetail(_Response):
     code: int
     message: str
     type: str
+
+
+UpstreamState = Literal["ok", "loading", "unreachable", "error", "restarting"]
+
+
+class HealthResponse(_Response):
+    """Readiness: can the proxy serve requests now, and will images be cached.
+
+    `ready` needs upstream to answer its own GET /health with 200 (its model loaded). Packages
+    being off does not make the proxy unready (requests still work, uncached): `packages` and
+    `packages_reason` say so. When not ready the answer is a 503 whose `error` is
+    llama-server's own error shape, so clients that parse llama-server's errors read it too.
+    """
+
+    status: Literal["ok", "unavailable"] = "ok"
+    ready: bool = True
+    version: str = ""
+    upstream: str
+    upstream_state: UpstreamState = "ok"
+    upstream_detail: str | None = None
+    packages: bool
+    packages_reason: str | None = None
+    encoder: Literal["local", "server"]  # who encodes on a miss: vcache's workers, or upstream
+    process: ProcessStats
+    managed: ManagedState | None = None
+    error: ErrorDetail | None = None
+
+
+class LiveResponse(_Response):
+    """Liveness: the process answers (it asks nothing of upstream)."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class DeleteRequest(_Request):
+    """Delete these entries (full keys), from the index and from the proxy's memory."""
+
+    keys: list[str] = Field(max_length=MAX_DELETE)
+
+
+class DeleteResponse(_Response):
+    deleted: list[str]  # the keys that were there
+
+
+class StoreResponse(_Response):
+    """The store a running proxy uses: `path` on the proxy's machine, and the store's `id`
+    (the same path on another machine is another store)."""
+
+    path: str
+    id: str
 
 
 class ErrorResponse(_Response):

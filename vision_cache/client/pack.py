@@ -9,7 +9,9 @@ A pack is a tar file::
 Import checks every payload against the checksum in the manifest, and refuses a pack whose
 namespace is not the one the receiving proxy's model uses (packages from another model, mmproj,
 build or setting would never be looked up, or worse, be decoded by the wrong model), unless asked
-to keep them for later.
+to keep them for later. Nothing is half done: export writes a temporary file and renames it
+into place (removed on failure), and import checks the whole pack before it stores anything.
+Both report their progress as `(done, total)` to a callback, if given.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from vision_cache.keys import CacheKey, Namespace, validate_digest, validate_nam
 from vision_cache.store import Store
 
 PACK_FORMAT = "vcache-pack/1"
+Progress = Callable[[int, int | None], None]
 
 
 class PackError(VisionCacheError):
@@ -48,7 +52,12 @@ class PackSummary:
 
 
 def export_pack(
-    store: Store, path: Path, *, pinned_only: bool = True, namespace_id: str | None = None
+    store: Store,
+    path: Path,
+    *,
+    pinned_only: bool = True,
+    namespace_id: str | None = None,
+    progress: Progress | None = None,
 ) -> PackSummary:
     """Write the (pinned) entries of `store`, optionally of one namespace, to `path`."""
     namespaces = {
@@ -56,41 +65,60 @@ def export_pack(
         for info in store.namespaces()
         if info.namespace is not None and namespace_id in (None, info.id)
     }
-    entries: list[dict[str, Any]] = []
-    total = 0
+    chosen = [
+        info
+        for nsid in namespaces
+        for info in store.iter_entries(nsid)
+        if info.pinned or not pinned_only
+    ]
     tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for nsid, ns in namespaces.items():
-            names = _names_by_digest(store, ns)
-            for info in store.iter_entries(nsid):
-                if pinned_only and not info.pinned:
-                    continue
-                entry = store.get(info.key)
-                if entry is None:
-                    continue  # evicted or corrupt since listing: not worth exporting
-                _add(tar, f"entries/{nsid}/{info.key.digest}.meta", entry.meta)
-                _add(tar, f"entries/{nsid}/{info.key.digest}.bin", bytes(entry.payload))
-                entries.append(
-                    {
-                        "namespace": nsid,
-                        "digest": info.key.digest,
-                        "xxh3": entry.ref.checksum,
-                        "length": entry.nbytes,
-                        "pinned": entry.pinned,
-                        "names": sorted(names.get(info.key.digest, [])),
-                    }
-                )
-                total += entry.nbytes
-        manifest = {
-            "format": PACK_FORMAT,
-            "created_at": time.time(),
-            "namespaces": {k: v.text for k, v in namespaces.items()},
-            "entries": entries,
-        }
-        _add(tar, "manifest.json", json.dumps(manifest, indent=1).encode())
-    tmp.rename(path)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            entries = _export_entries(store, tar, namespaces, chosen, progress)
+            manifest = {
+                "format": PACK_FORMAT,
+                "created_at": time.time(),
+                "namespaces": {k: v.text for k, v in namespaces.items()},
+                "entries": entries,
+            }
+            _add(tar, "manifest.json", json.dumps(manifest, indent=1).encode())
+        tmp.rename(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written pack left behind
+        raise
     n_names = sum(len(e["names"]) for e in entries)
+    total = sum(e["length"] for e in entries)
     return PackSummary(len(entries), total, tuple(namespaces), n_names)
+
+
+def _export_entries(
+    store: Store,
+    tar: tarfile.TarFile,
+    namespaces: dict[str, Namespace],
+    chosen: list[Any],
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    names = {nsid: _names_by_digest(store, ns) for nsid, ns in namespaces.items()}
+    entries: list[dict[str, Any]] = []
+    for done, info in enumerate(chosen, 1):
+        nsid = info.key.namespace_id
+        entry = store.get(info.key)
+        if entry is not None:  # else evicted or corrupt since listing: not worth exporting
+            _add(tar, f"entries/{nsid}/{info.key.digest}.meta", entry.meta)
+            _add(tar, f"entries/{nsid}/{info.key.digest}.bin", bytes(entry.payload))
+            entries.append(
+                {
+                    "namespace": nsid,
+                    "digest": info.key.digest,
+                    "xxh3": entry.ref.checksum,
+                    "length": entry.nbytes,
+                    "pinned": entry.pinned,
+                    "names": sorted(names[nsid].get(info.key.digest, [])),
+                }
+            )
+        if progress is not None:
+            progress(done, len(chosen))
+    return entries
 
 
 def _names_by_digest(store: Store, ns: Namespace) -> dict[str, list[str]]:
@@ -108,17 +136,35 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def import_pack(
-    store: Store, path: Path, *, expected: Namespace | None, keep_unmatched: bool = False
+    store: Store,
+    path: Path,
+    *,
+    expected: Namespace | None,
+    keep_unmatched: bool = False,
+    progress: Progress | None = None,
 ) -> PackSummary:
-    """Load a pack into `store`; see the module docstring for what is refused."""
-    with tarfile.open(path, "r") as tar:
-        manifest = _manifest(tar)
-        namespaces = _check_namespaces(manifest, expected, keep_unmatched)
-        for ns in namespaces.values():
-            store.register_namespace(ns)
-        total = 0
-        for e in manifest["entries"]:
-            total += _import_entry(store, tar, e, namespaces)
+    """Load a pack into `store`; see the module docstring for what is refused.
+
+    The whole pack is read and checked first (every entry's checksum), and only then stored:
+    a pack that is corrupt anywhere changes nothing."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            manifest = _manifest(tar)
+            namespaces = _check_namespaces(manifest, expected, keep_unmatched)
+            steps = 2 * len(manifest["entries"])
+            for done, e in enumerate(manifest["entries"], 1):
+                _checked_entry(tar, e, namespaces)
+                if progress is not None:
+                    progress(done, steps)
+            for ns in namespaces.values():
+                store.register_namespace(ns)
+            total = 0
+            for done, e in enumerate(manifest["entries"], len(manifest["entries"]) + 1):
+                total += _import_entry(store, tar, e, namespaces)
+                if progress is not None:
+                    progress(done, steps)
+    except tarfile.TarError:
+        raise PackError(f"{path} is not a vcache pack (not a tar archive)") from None
     n_names = sum(len(e.get("names", [])) for e in manifest["entries"])
     return PackSummary(len(manifest["entries"]), total, tuple(namespaces), n_names)
 
@@ -151,21 +197,33 @@ def _check_namespaces(
     return namespaces
 
 
+def _checked_entry(
+    tar: tarfile.TarFile, e: dict[str, Any], namespaces: dict[str, Namespace]
+) -> tuple[CacheKey, bytes, bytes]:
+    """One entry's key, meta and payload, once its checksum and names are checked."""
+    try:
+        nsid, digest = e["namespace"], validate_digest(e["digest"])
+        for name in e.get("names", []):
+            validate_name(name)
+        if nsid not in namespaces:
+            raise PackError(f"entry {digest[:16]} names an undeclared namespace")
+        meta = _read(tar, f"entries/{nsid}/{digest}.meta")
+        payload = _read(tar, f"entries/{nsid}/{digest}.bin")
+    except (KeyError, TypeError) as exc:
+        raise PackError(f"a manifest entry is malformed: {exc!r}") from None
+    if xxhash.xxh3_64_hexdigest(payload) != e["xxh3"]:
+        raise PackError(f"entry {digest[:16]} is corrupt (checksum mismatch)")
+    return CacheKey(nsid, digest), meta, payload
+
+
 def _import_entry(
     store: Store, tar: tarfile.TarFile, e: dict[str, Any], namespaces: dict[str, Namespace]
 ) -> int:
-    nsid, digest = e["namespace"], validate_digest(e["digest"])
-    if nsid not in namespaces:
-        raise PackError(f"entry {digest[:16]} names an undeclared namespace")
-    meta = _read(tar, f"entries/{nsid}/{digest}.meta")
-    payload = _read(tar, f"entries/{nsid}/{digest}.bin")
-    if xxhash.xxh3_64_hexdigest(payload) != e["xxh3"]:
-        raise PackError(f"entry {digest[:16]} is corrupt (checksum mismatch)")
-    key = CacheKey(nsid, digest)
+    key, meta, payload = _checked_entry(tar, e, namespaces)
     if store.put(key, meta, payload, pin=bool(e.get("pinned", True))) is None:
-        raise PackError(f"could not store entry {digest[:16]} (disk full or budget?)")
+        raise PackError(f"could not store entry {key.digest[:16]} (disk full or budget?)")
     for name in e.get("names", []):
-        store.set_name(key, validate_name(name))
+        store.set_name(key, name)
     return len(payload)
 
 

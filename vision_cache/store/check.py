@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import xxhash
@@ -24,6 +25,9 @@ from vision_cache.store.index import Index, IndexRow
 from vision_cache.store.layout import StoreLayout, parse_segment_name
 from vision_cache.store.quarantine import Quarantine, Reason
 from vision_cache.store.segments import ALIGNMENT, HEADER_SIZE, map_payload, read_header
+
+# (done, total) as a long operation advances: total is None while unknown
+Progress = Callable[[int, int | None], None]
 
 
 class ProblemKind(enum.StrEnum):
@@ -91,15 +95,18 @@ class Checker:
         self._layout = layout
         self._quarantine = quarantine
 
-    def run(self, *, fix: bool, deep: bool) -> CheckReport:
+    def run(self, *, fix: bool, deep: bool, progress: Progress | None = None) -> CheckReport:
         integrity = self._index.integrity_errors(quick=not deep)
         if integrity:
             problems = [Problem(ProblemKind.INTEGRITY, message) for message in integrity[:20]]
             return CheckReport(0, 0, tuple(problems), 0, 0, 0, 0, fixed=False)
         files = self._segment_files()
         scan = _Scan()
+        total = self._index.totals().entries if progress else None
         for row in self._index.iter_rows():
             self._check_row(row, files, deep, fix, scan)
+            if progress is not None:
+                progress(scan.checked, total)
         # Recount after the row pass, so that fixes made there are counted.
         totals = [Problem(ProblemKind.TOTALS, text) for text in self._index.recount(fix=fix)]
         orphans = self._orphans(files)

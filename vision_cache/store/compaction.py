@@ -21,6 +21,7 @@ import xxhash
 
 from vision_cache.errors import PayloadError
 from vision_cache.keys import CacheKey
+from vision_cache.store.check import Progress
 from vision_cache.store.index import Index, IndexRow, SegmentRow
 from vision_cache.store.layout import StoreLayout, parse_segment_name
 from vision_cache.store.quarantine import Quarantine, Reason
@@ -68,7 +69,13 @@ class Compactor:
         self._forget = forget  # drops a key from the hot tier
 
     def run(
-        self, *, now: float, budget: int, min_dead_ratio: float, abandoned_after: float
+        self,
+        *,
+        now: float,
+        budget: int,
+        min_dead_ratio: float,
+        abandoned_after: float,
+        progress: Progress | None = None,
     ) -> GcReport:
         expired = self._expire(now)
         evicted = self._index.evict_to(budget)
@@ -77,9 +84,12 @@ class Compactor:
         tally = _Tally()
         self._seal_abandoned(now - abandoned_after)
         self._retire_if_mostly_dead(min_dead_ratio)
-        for segment in self._index.segments():
+        segments = self._index.segments()
+        for done, segment in enumerate(segments, 1):
             if segment.state == "sealed":
                 self._collect(segment, min_dead_ratio, tally)
+            if progress is not None:
+                progress(done, len(segments))
         self._remove_orphan_files(now - abandoned_after, tally)
         freed = self._quarantine.prune()
         self._index.checkpoint()

@@ -453,6 +453,18 @@ class Index:
                 return
             after = rows[-1][0]
 
+    def find_keys(self, namespace_prefix: str, digest_prefix: str, limit: int) -> list[CacheKey]:
+        """Keys whose namespace id and digest start with these prefixes (lowercase hex), at
+        most `limit` of them. A scan: for the command line, never the request path."""
+        sql = (
+            "SELECT n.id, e.digest FROM entries e JOIN namespaces n ON n.nsid = e.nsid"
+            " WHERE substr(e.digest, 1, ?) = ? AND substr(n.id, 1, ?) = ?"
+            " ORDER BY n.id, e.digest LIMIT ?"
+        )
+        args = (len(digest_prefix), digest_prefix, len(namespace_prefix), namespace_prefix, limit)
+        rows = self.read(lambda c: c.execute(sql, args).fetchall())
+        return [CacheKey(namespace_id, digest) for namespace_id, digest in rows]
+
     def rows_in_segment(self, segment: int) -> list[IndexRow]:
         rows = self.read(lambda c: c.execute(_SELECT_IN_SEGMENT, (segment,)).fetchall())
         return [_decode(row[1:], row[0]) for row in rows]
@@ -702,6 +714,15 @@ class Index:
                 (name, value),
             )
         )
+
+    def setting_or_default(self, name: str, default: Any) -> Any:
+        """The setting `name`, stored as `default` first if it has none (the first writer wins)."""
+
+        def body(c: sqlite3.Connection) -> Any:
+            c.execute("INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)", (name, default))
+            return c.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()[0]
+
+        return self.write(body)
 
     def integrity_errors(self, *, quick: bool) -> list[str]:
         """SQLite's own check plus the schema comparison; [] when healthy."""

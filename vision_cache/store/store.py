@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from vision_cache.errors import (
     IndexBusyError,
     IndexCorruptError,
     IndexUnavailableError,
+    InvalidDigestError,
     InvalidEntryError,
     PayloadCorruptError,
     PayloadError,
@@ -40,7 +42,7 @@ from vision_cache.errors import (
     StoreNotFoundError,
 )
 from vision_cache.keys import BytesLike, CacheKey, Namespace, validate_digest, validate_name
-from vision_cache.store.check import Checker, CheckReport, ProblemKind
+from vision_cache.store.check import Checker, CheckReport, ProblemKind, Progress
 from vision_cache.store.compaction import Compactor, GcReport
 from vision_cache.store.entry import Entry, EntryInfo, SegmentRef
 from vision_cache.store.hot_tier import HotTier, hot_tier
@@ -176,6 +178,12 @@ class Store:
     @property
     def path(self) -> Path:
         return self._layout.root
+
+    @property
+    def id(self) -> str:
+        """This store's identity, made when first asked for and kept in its index: two stores
+        at the same path on two machines (or one replaced by another) tell themselves apart."""
+        return str(self._index.setting_or_default("store_id", uuid.uuid4().hex))
 
     # -- reads ------------------------------------------------------------
 
@@ -465,6 +473,16 @@ class Store:
                 row.expires_at,
             )
 
+    def find_keys(
+        self, namespace_prefix: str, digest_prefix: str, limit: int = 2
+    ) -> list[CacheKey]:
+        """The keys whose namespace id and digest start with these prefixes (like git's short
+        hashes: a caller that gets exactly one has found its entry)."""
+        for prefix in (namespace_prefix, digest_prefix):
+            if not all(c in "0123456789abcdef" for c in prefix):
+                raise InvalidDigestError(f"a key prefix is lowercase hex, got {prefix!r:.80}")
+        return self._index.find_keys(namespace_prefix, digest_prefix, limit)
+
     def disk_budget(self) -> int:
         stored = self._index.setting("disk_bytes")
         return int(stored) if isinstance(stored, int) else DEFAULT_DISK_BYTES
@@ -495,7 +513,9 @@ class Store:
             self._index.counters(),
         )
 
-    def check(self, *, fix: bool = False, deep: bool = True) -> CheckReport:
+    def check(
+        self, *, fix: bool = False, deep: bool = True, progress: Progress | None = None
+    ) -> CheckReport:
         """Verify the store (`deep` reads every payload). With `fix`, bad
         entries are quarantined and removed, and a damaged index is moved to
         quarantine and replaced by an empty one (other processes keep the
@@ -503,7 +523,8 @@ class Store:
         with contextlib.suppress(StoreError):
             self.flush()
         try:
-            report = Checker(self._index, self._layout, self._quarantine).run(fix=fix, deep=deep)
+            checker = Checker(self._index, self._layout, self._quarantine)
+            report = checker.run(fix=fix, deep=deep, progress=progress)
         except IndexBusyError:
             raise
         except (IndexCorruptError, IndexUnavailableError) as exc:
@@ -515,7 +536,11 @@ class Store:
         return report
 
     def gc(
-        self, *, min_dead_ratio: float = 0.5, abandoned_after: float = ABANDONED_AFTER_S
+        self,
+        *,
+        min_dead_ratio: float = 0.5,
+        abandoned_after: float = ABANDONED_AFTER_S,
+        progress: Progress | None = None,
     ) -> GcReport:
         """Expire, enforce the budget and reclaim space (see compaction).
 
@@ -529,6 +554,7 @@ class Store:
             budget=self.disk_budget(),
             min_dead_ratio=min_dead_ratio,
             abandoned_after=abandoned_after,
+            progress=progress,
         )
 
     def flush(self) -> None:
