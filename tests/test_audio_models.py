@@ -19,6 +19,7 @@ import pytest
 from tests.support.llama_server import LlamaServer
 from vision_cache.synthetic import audio as test_audio
 from vision_cache.synthetic import models
+from vision_cache.synthetic.mixed import generate_mixed
 from vision_cache.synthetic.registry import audio_family_names
 
 PROMPT = "What do you hear?"
@@ -118,3 +119,17 @@ def test_long_clip_becomes_two_windows(client: httpx.Client, family: str) -> Non
     short = chat(client, CLIPS[0].base64(), max_tokens=1)["usage"]["prompt_tokens"]
     long = chat(client, test_audio.long_clip().base64(), max_tokens=1)["usage"]["prompt_tokens"]
     assert long - short == per_window
+
+
+@pytest.mark.server
+def test_the_mixed_model_loads_with_both_encoders(stock_bin: Path, tmp_path: Path) -> None:
+    """The image-and-audio test model (vision_cache.synthetic.mixed): one mmproj, and a stock
+    llama-server takes images and audio from it."""
+    files = generate_mixed("gemma3", "qwen2audio", tmp_path)
+    args = ["-m", str(files.model), "--mmproj", str(files.mmproj), "-t", "2", "-c", "1024"]
+    with LlamaServer(stock_bin, [*args, "--no-warmup"], tmp_path / "mixed.log") as server:
+        modalities = httpx.get(f"{server.base_url}/props", timeout=30).json()["modalities"]
+    assert modalities["vision"] is True and modalities["audio"] is True
+    written = files.mmproj.stat().st_mtime_ns
+    assert generate_mixed("gemma3", "qwen2audio", tmp_path) == files
+    assert files.mmproj.stat().st_mtime_ns == written  # kept, not written again

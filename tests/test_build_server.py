@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,18 @@ import pytest
 from proxy.cli.main import main as vcache_main
 from tests.support.proxy_process import ProxyProcess
 from tests.support.vlm_client import chat, image_part
-from vision_cache.llama.server_build import BuildRequest, ToolMissing, builder, cuda, toolchain
+from vision_cache.llama.server_build import (
+    BuildRequest,
+    CompileError,
+    SmokeTestError,
+    SourceError,
+    ToolMissing,
+    build_server,
+    builder,
+    cuda,
+    source,
+    toolchain,
+)
 from vision_cache.llama.server_build.errors import PatchError
 from vision_cache.llama.server_build.patches import (
     VERIFIED_INCLUDE,
@@ -27,7 +39,12 @@ from vision_cache.llama.server_build.patches import (
     write_generated,
 )
 from vision_cache.llama.server_build.plan import BuildPlan
-from vision_cache.llama.server_build.source import Source
+from vision_cache.llama.server_build.source import (
+    LLAMA_CPP_PYTHON_VERSION,
+    PINNED_COMMIT,
+    SDIST_NAME,
+    Source,
+)
 from vision_cache.synthetic.images import sample_image
 from vision_cache.synthetic.models import ModelFiles
 
@@ -143,6 +160,86 @@ def test_pip_install_alone_builds_a_patched_server_that_serves_a_hit(
     assert "hits=1" in hit.headers["x-vcache"]
     assert hit.timings["media_encoded_n"] == 0
     assert hit.tokens == miss.tokens
+
+
+# --- the build's steps, on a stand-in llama.cpp ----------------------------------------------
+
+# a CMake project laid out like llama.cpp, whose llama-server prints a usage line: the builder's
+# steps (copy, configure, compile, install, smoke test, manifest) run for real in seconds
+_FAKE_SERVER = '#include <stdio.h>\nint main(void) { puts("%s"); return 0; }\n'
+_FAKE_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project(fake_llama_cpp C)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_executable(llama-server tools/server/server.c)
+"""
+
+
+def _fake_llama_cpp(root: Path, usage: str = "usage: llama-server [options]") -> Path:
+    (root / "tools" / "server").mkdir(parents=True)
+    (root / "tools" / "mtmd").mkdir(parents=True)
+    (root / "CMakeLists.txt").write_text(_FAKE_CMAKE)
+    (root / "tools" / "server" / "server.c").write_text(_FAKE_SERVER % usage)
+    return root
+
+
+def _stock(source: Path | None, cache: Path) -> BuildRequest:
+    return BuildRequest(variant="stock", backend="cpu", source=source, jobs=1, cache_dir=cache)
+
+
+def test_a_checkout_is_built_once_from_a_copy(tmp_path: Path) -> None:
+    src = _fake_llama_cpp(tmp_path / "llama.cpp")
+    request = _stock(src, tmp_path / "cache")
+    binary = build_server(request)
+    assert binary.is_file() and binary.is_relative_to(tmp_path / "cache")
+    build = binary.parent.parent
+    manifest = json.loads((build / "build.json").read_text())
+    assert (manifest["variant"], manifest["backend"], manifest["patches"]) == ("stock", "cpu", [])
+    assert "checkout" in manifest["source"] and "-DBUILD_SHARED_LIBS=ON" in manifest["cmake_flags"]
+    assert not (build / "src").exists()  # the copy is dropped once installed
+    assert sorted(p.name for p in src.iterdir()) == ["CMakeLists.txt", "tools"]  # untouched
+    built_at = binary.stat().st_mtime_ns
+    assert build_server(request) == binary and binary.stat().st_mtime_ns == built_at
+    # another source is another build
+    (src / "tools" / "server" / "server.c").write_text(_FAKE_SERVER % "usage: v2")
+    assert build_server(request) != binary
+
+
+def test_the_pinned_sdist_is_unpacked_once_and_built(tmp_path: Path) -> None:
+    tree = _fake_llama_cpp(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    with tarfile.open(cache / "downloads" / SDIST_NAME, "w:gz") as tar:
+        tar.add(tree, arcname=f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp")
+    binary = build_server(_stock(None, cache))
+    manifest = json.loads((binary.parent.parent / "build.json").read_text())
+    assert manifest["llama_cpp_commit"] == PINNED_COMMIT
+    assert LLAMA_CPP_PYTHON_VERSION in manifest["source"]
+    assert [p.name for p in (cache / "sources").iterdir()] == [manifest["source_digest"][:16]]
+
+
+def test_an_sdist_that_cannot_be_downloaded_says_where_to_put_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def pip_fails(*args: object, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess([], 1)
+
+    monkeypatch.setattr(subprocess, "run", pip_fails)  # pip, as if the index were unreachable
+    with pytest.raises(SourceError, match=SDIST_NAME):
+        source.fetch_sdist(tmp_path / "downloads")
+
+
+def test_a_compile_error_shows_the_log(tmp_path: Path) -> None:
+    src = _fake_llama_cpp(tmp_path / "llama.cpp")
+    (src / "tools" / "server" / "server.c").write_text("int main( {\n")
+    with pytest.raises(CompileError, match=r"build\.log") as failed:
+        build_server(_stock(src, tmp_path / "cache"))
+    assert "server.c" in str(failed.value)  # the compiler's own words, from the log's tail
+
+
+def test_a_binary_of_the_other_variant_fails_the_smoke_test(tmp_path: Path) -> None:
+    src = _fake_llama_cpp(tmp_path / "llama.cpp", usage="--image-embedding-dir DIR")
+    with pytest.raises(SmokeTestError, match="image-embedding-dir"):
+        build_server(_stock(src, tmp_path / "cache"))
 
 
 # --- what a CUDA build needs ----------------------------------------------------------------

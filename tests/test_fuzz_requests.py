@@ -225,9 +225,14 @@ class BackgroundProxy:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
+        # with a media directory the proxy reads file URLs itself (below it, or refuses them),
+        # so no locator of any scheme may reach upstream; without one it forwards them as they
+        # came, for upstream's own --media-path rule (test_dropin.py covers that)
+        media = self._tmp / "media"
+        media.mkdir(exist_ok=True)
         async with (
             FaultUpstream(packages=self._packages) as fake,
-            proxy_in_front(fake.url, self._tmp, max_images=4) as (url, _),
+            proxy_in_front(fake.url, self._tmp, max_images=4, media_path=media) as (url, _),
         ):
             self.fake, self.url = fake, url
             self._ready.set()

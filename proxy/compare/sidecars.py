@@ -133,25 +133,3 @@ def _order(value: Any, c: Condition) -> bool:
         "gt": value > c.value,
         "ge": value >= c.value,
     }[c.op]
-
-
-def parse_condition(text: str) -> Condition:
-    """``FIELD=VALUE``, ``FIELD!=VALUE``, ``FIELD>=3``, ``FIELD~TEXT`` (contains), as the
-    command line writes them; VALUE is JSON when it parses as JSON, else a string."""
-    for token, op in (
-        ("!=", "ne"),
-        (">=", "ge"),
-        ("<=", "le"),
-        ("~", "contains"),
-        ("=", "eq"),
-        (">", "gt"),
-        ("<", "lt"),
-    ):
-        if token in text:
-            field, raw = text.split(token, 1)
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                value = raw
-            return Condition(field=field.strip(), op=op, value=value)
-    raise ClientError(f"not a condition: {text!r} (FIELD=VALUE, FIELD>=N, FIELD~TEXT...)")

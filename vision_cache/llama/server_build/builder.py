@@ -191,18 +191,19 @@ def run_logged(cmd: Sequence[str], logfile: Path, env: dict[str, str]) -> None:
     with logfile.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(
+        # `with`: the pipe is closed when the command ends, not when the GC gets to it
+        with subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            m = re.match(r"\[\s*(\d+)%\]|\[(\d+)/(\d+)\]", line)
-            percent = _percent(m) if m else None
-            if percent is not None and percent >= last + 10:
-                last = percent
-                log.info("  %3d%% %s", percent, line.split("]", 1)[1].strip()[:90])
-        if proc.wait() != 0:
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                m = re.match(r"\[\s*(\d+)%\]|\[(\d+)/(\d+)\]", line)
+                percent = _percent(m) if m else None
+                if percent is not None and percent >= last + 10:
+                    last = percent
+                    log.info("  %3d%% %s", percent, line.split("]", 1)[1].strip()[:90])
+        if proc.returncode != 0:
             out.flush()
             tail = logfile.read_text(errors="replace").splitlines()[-30:]
             raise CompileError(
