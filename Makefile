@@ -74,7 +74,6 @@ unit: venv
 # --- benchmarks -------------------------------------------------------------------------------
 
 bench: llama venv
-	$(PY) -m vision_cache.synthetic --all --size realistic --out $(MODELS)
 	$(PY) -m scripts.bench_e2e --size realistic
 	$(PY) -m scripts.bench_audio --size realistic
 
