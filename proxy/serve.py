@@ -122,12 +122,22 @@ async def running_proxy(settings: ServeSettings) -> AsyncIterator[tuple[str, Pro
                         upstream.base_url,
                         transport,
                     )
+                    await _log_packages(lookup)
                     yield url, proxy
             finally:
                 await upstream.aclose()
                 lookup.close()
     finally:
         store.close()
+
+
+async def _log_packages(lookup: PackageLookup) -> None:
+    """Say at start-up whether images will hit the cache, and if not, why."""
+    caps = await lookup.capabilities()
+    if caps.reason:
+        log.warning("images go upstream raw, nothing is cached: %s", caps.reason)
+    else:
+        log.info("upstream takes packages: images are cached")
 
 
 @contextlib.asynccontextmanager

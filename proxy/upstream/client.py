@@ -40,6 +40,9 @@ class Capabilities:
     # endpoint that encodes clips; None where the server takes no audio packages
     audio_namespace: Namespace | None = None
     media_endpoint: str | None = None
+    # why images (or every medium) go upstream raw, in upstream's words where it gave them
+    # (an unverified projector type, packages off); None while image packages are on
+    reason: str | None = None
 
     def namespace_for(self, modality: Modality) -> Namespace | None:
         return self.audio_namespace if modality == "audio" else self.namespace
@@ -49,10 +52,14 @@ class Capabilities:
         marker = props.get("media_marker")
         media_marker = marker if isinstance(marker, str) else None
         emb = props.get("image_embedding")
-        if not isinstance(emb, dict) or not emb.get("enabled"):
-            return cls(packages=False, media_marker=media_marker)
+        if not isinstance(emb, dict):
+            return cls(packages=False, media_marker=media_marker, reason=NOT_PATCHED)
+        if not emb.get("enabled"):
+            why = _reason(emb) or "upstream has packages off"
+            return cls(packages=False, media_marker=media_marker, reason=why)
         if emb.get("version") != FORMAT_VERSION:
-            return cls(packages=False, media_marker=media_marker)
+            why = f"upstream speaks package format {emb.get('version')}, vcache {FORMAT_VERSION}"
+            return cls(packages=False, media_marker=media_marker, reason=why)
 
         def namespace(modality: Modality) -> Namespace:
             encoder = {**emb.get("settings", {}), "n_embd": emb.get("n_embd")}
@@ -68,21 +75,33 @@ class Capabilities:
             )
 
         modalities = emb.get("modalities", ["image"])
+        modalities = modalities if isinstance(modalities, list) else []
         media_endpoint = emb.get("media_endpoint")
-        takes_audio = (
-            isinstance(modalities, list)
-            and "audio" in modalities
-            and isinstance(media_endpoint, str)
-        )
+        takes_audio = "audio" in modalities and isinstance(media_endpoint, str)
+        # a modality missing from the list (its projector type is not verified) takes no
+        # packages: its media go upstream as sent
+        takes_images = "image" in modalities
         return cls(
             packages=True,
-            namespace=namespace("image"),
+            namespace=namespace("image") if takes_images else None,
             file_dir=bool(emb.get("file_dir")),
             media_marker=media_marker,
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
             audio_namespace=namespace("audio") if takes_audio else None,
             media_endpoint=str(media_endpoint) if takes_audio else None,
+            reason=None if takes_images else _reason(emb) or "upstream takes no image packages",
         )
+
+
+NOT_PATCHED = "upstream's /props has no image_embedding: a stock llama-server, or not reachable"
+
+
+def _reason(emb: dict[str, Any]) -> str | None:
+    """Upstream's own explanation, as one printable line (it goes into a response header)."""
+    reason = emb.get("reason")
+    if not isinstance(reason, str) or not reason:
+        return None
+    return "".join(c if c.isprintable() and c.isascii() else " " for c in reason)[:500]
 
 
 @dataclasses.dataclass(frozen=True)

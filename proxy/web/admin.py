@@ -81,6 +81,8 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
     answer = HealthResponse(
         upstream=proxy.upstream.base_url,
         packages=caps.packages,
+        # why images go upstream raw: the operator's first question when hits stay at zero
+        packages_reason=caps.reason,
         process=_process_stats(),
         managed=managed,
     )

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import httpx
+import orjson
 from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, UpstreamError
@@ -46,6 +47,9 @@ from proxy.web.state import PROXY_KEY, Proxy
 from vision_cache.data_uri import data_uri
 
 log = logging.getLogger("vcache.proxy")
+
+# why a request's images went upstream raw (an unverified projector type, packages off)
+FALLBACK_HEADER = "X-Vcache-Fallback"
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -187,6 +191,9 @@ async def _with_images(
     if not caps.packages:
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
+    if caps.reason and tally.fallbacks:
+        # X-Vcache stays numbers (clients parse it); the why goes in a header of its own
+        headers[FALLBACK_HEADER] = caps.reason
     if not rewritten:
         del body, slots
         return await _send(
@@ -194,7 +201,7 @@ async def _with_images(
         )
     new_body = dump_body(body)
     del body, slots
-    return await _send_with_fallback(request, proxy, new_body, original, tally)
+    return await _send_with_fallback(request, proxy, new_body, original, tally, headers)
 
 
 async def _fetch_locators(
@@ -252,7 +259,12 @@ def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> N
 
 
 async def _send_with_fallback(
-    request: web.Request, proxy: Proxy, new_body: bytes, original: _Original, tally: RequestTally
+    request: web.Request,
+    proxy: Proxy,
+    new_body: bytes,
+    original: _Original,
+    tally: RequestTally,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original."""
     upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
@@ -266,11 +278,22 @@ async def _send_with_fallback(
             )
             proxy.upstream.forget_capabilities()
             tally.all_fallback()
+            headers[FALLBACK_HEADER] = _refusal(detail)
             # a refusal, not a processed request: the one path that sends a request twice
             upstream = await _open(proxy, _upstream_request(proxy, request, original.take()))
         else:
             return _replay(upstream.status_code, upstream.headers, detail, tally)
-    return await relay(request, upstream, {"X-Vcache": tally.header()})
+    return await relay(request, upstream, {**headers, "X-Vcache": tally.header()})
+
+
+def _refusal(detail: bytes) -> str:
+    """Upstream's 400 message about a package, as one printable header line."""
+    try:
+        message = str(orjson.loads(detail)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = detail[:300].decode(errors="replace")
+    line = "".join(c if c.isprintable() and c.isascii() else " " for c in message)
+    return f"upstream refused the packages: {line}"[:500]
 
 
 async def _open(proxy: Proxy, req: Any) -> Any:

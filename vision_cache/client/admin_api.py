@@ -117,6 +117,9 @@ class HealthResponse(_Response):
     status: Literal["ok"] = "ok"
     upstream: str
     packages: bool
+    # why images go upstream raw (an unverified projector type, packages off); absent while
+    # image packages are on
+    packages_reason: str | None = None
     process: ProcessStats
     managed: ManagedState | None = None
 
