@@ -21,6 +21,7 @@ list. ``VCACHE_TEST_MODEL_SIZE=realistic`` runs the same checks on real-width mo
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.support.fixtures import server_args
@@ -203,6 +205,21 @@ def test_two_images_in_one_request(rig: Rig) -> None:
     swapped = rig.reference(*PAIR[::-1])
     assert swapped.tokens != ref.tokens  # order matters: the images were not merged or dropped
     assert ask(rig.by_file.base_url, *PAIR[::-1]).tokens == swapped.tokens
+
+
+def test_every_float_of_the_package_is_read(rig: Rig) -> None:
+    """Zeroing the last quarter of each token's embedding changes the answer: the server
+    reads the package's whole width (for Qwen3-VL, the deepstack slices past the text
+    width)."""
+    url = image("shapes_640x480").data_url()
+    pkg = encode(rig.patched.base_url, url)["image_embedding"]
+    values = np.frombuffer(base64.b64decode(pkg["data"]), dtype="<f4").reshape(-1, pkg["n_embd"])
+    cut = values.copy()
+    cut[:, -pkg["n_embd"] // 4 :] = 0.0
+    blanked = {**pkg, "data": base64.b64encode(cut.tobytes()).decode()}
+    whole = chat(rig.patched.base_url, [package_part(pkg)], n=N_PREDICT)
+    partial = chat(rig.patched.base_url, [package_part(blanked)], n=N_PREDICT)
+    assert whole.tokens != partial.tokens or whole.max_logprob_diff(partial) > 1e-3
 
 
 def test_image_tokens_follow_the_preprocessing(rig: Rig) -> None:
