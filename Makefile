@@ -13,13 +13,14 @@ JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 
 export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 
-.PHONY: help demo test check lint typecheck unit bench bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo test check lint typecheck unit bench bench-families bench-quick bench-store bench-encoder system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
 	@echo "make test         build everything and run lint, type checks and the test suite"
 	@echo "make bench        end-to-end benchmarks on the realistic vision and audio models -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
+	@echo "make bench-families  every vision family's realistic model: encode vs hit (docs/models.md)"
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout)"
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -76,6 +77,11 @@ unit: venv
 bench: llama venv
 	$(PY) -m scripts.bench_e2e --size realistic
 	$(PY) -m scripts.bench_audio --size realistic
+
+# every vision family's realistic model: encoder time, time to first token raw and from the
+# package, package size (docs/models.md); generates each model (GBs), deletes it afterwards
+bench-families: llama venv
+	$(PY) -m scripts.bench_families --out .build/bench-families.json
 
 bench-quick: llama models
 	$(PY) -m scripts.bench_e2e --size tiny
