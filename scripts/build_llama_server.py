@@ -40,10 +40,13 @@ from pathlib import Path
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # llama.cpp commit vendored in that sdist; its .git is a dangling gitlink, so record it here
 PINNED_COMMIT = "0c1e57098"
-SCRIPT_VERSION = "2"  # bump when a change here must invalidate cached builds
+SCRIPT_VERSION = "3"  # bump when a change here must invalidate cached builds
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "llama_patches"
+# the projector types packages are verified for; compiled into the patched server
+VERIFIED_LIST = PATCH_DIR / "verified_projectors.txt"
+VERIFIED_INCLUDE = Path("tools/server/server-image-embedding-verified.inc")
 VARIANTS = ("patched", "stock")
 
 BASE_CMAKE_FLAGS = (
@@ -90,9 +93,14 @@ class BuildPlan:
         h = hashlib.sha256()
         for part in (SCRIPT_VERSION, self.variant, self.source.digest, *self.cmake_flags):
             h.update(part.encode() + b"\0")
-        for patch in self.patches:
-            h.update(hashlib.sha256(patch.read_bytes()).digest())
+        for path in self.inputs:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
         return h.hexdigest()[:16]
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Files from llama_patches/ that go into the build: the patches and the verified list."""
+        return (*self.patches, VERIFIED_LIST) if self.patches else ()
 
     @property
     def dir(self) -> Path:
@@ -267,6 +275,31 @@ def apply_patches(tree: Path, patches: Sequence[Path]) -> None:
         log(f"applied {patch.name}")
 
 
+def read_verified_projectors(path: Path = VERIFIED_LIST) -> list[str]:
+    """The projector type names in the verified list: the first word of each line."""
+    types = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", words[0]):
+            raise BuildError(f"{path.name}:{n}: {words[0]!r} is not a projector type name")
+        types.append(words[0])
+    return types
+
+
+def write_verified_include(tree: Path, types: Sequence[str]) -> None:
+    """The verified list as C++, included by the patched server (see VERIFIED_INCLUDE)."""
+    lines = [
+        f"// generated from llama_patches/{VERIFIED_LIST.name} by the build; do not edit",
+        "#define IMAGE_EMBEDDING_VERIFIED_PROJECTORS \\",
+    ]
+    lines += [f'    "{t}", \\' for t in types]
+    lines.append("")
+    (tree / VERIFIED_INCLUDE).write_text("\n".join(lines) + "\n")
+    log(f"verified projector types: {', '.join(types) or 'none'}")
+
+
 # --- building --------------------------------------------------------------------------------
 
 
@@ -287,6 +320,8 @@ def prepare_tree(plan: BuildPlan) -> Path:
     log(f"copying source into {tree.relative_to(plan.out.parent)}")
     shutil.copytree(plan.source.tree, tree, symlinks=True, ignore=_skip_vcs_and_builds)
     apply_patches(tree, plan.patches)
+    if plan.patches:
+        write_verified_include(tree, read_verified_projectors())
     return tree
 
 
@@ -352,6 +387,7 @@ def install(plan: BuildPlan, tree: Path) -> None:
         "source_digest": plan.source.digest,
         "llama_cpp_commit": plan.source.commit,
         "patches": [p.name for p in plan.patches],
+        "verified_projectors": read_verified_projectors() if plan.patches else [],
         "cmake_flags": list(plan.cmake_flags),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
