@@ -18,7 +18,7 @@ export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 # `vcache build-server` keeps its builds here rather than in the user's cache directory
 export VCACHE_LLAMA_CACHE := $(abspath $(BUILD)/llama)
 
-.PHONY: help demo demo-deps test conformance check lint typecheck unit bench bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo demo-deps test conformance check lint typecheck unit bench bench-families bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
@@ -26,6 +26,7 @@ help:
 	@echo "make conformance  llama.cpp's server tests, direct and through vcache, compared"
 	@echo "make bench        end-to-end (vision, audio), against-stock and load benchmarks -> docs/benchmarks.md"
 	@echo "make bench-quick  the same on the tiny model (fast sanity run)"
+	@echo "make bench-families  every vision family's realistic model: encode vs hit (docs/models.md)"
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout,"
 	@echo "                  LLAMA_BACKEND=cuda for NVIDIA GPUs)"
 	@echo "make gpu-check    on a machine with an NVIDIA GPU: CUDA builds, model tests and benchmarks"
@@ -106,11 +107,15 @@ unit: venv
 # end to end, then against stock llama-server at its best and where its prompt cache cannot
 # help, then text latency while other clients send big images (each writes its own section)
 bench: llama venv
-	$(PY) -m vision_cache.synthetic --all --size realistic --out $(MODELS)
 	$(PY) -m scripts.bench_e2e --size realistic
 	$(PY) -m scripts.bench_audio --size realistic
 	$(PY) -m scripts.bench_stock --size realistic
 	$(PY) -m scripts.bench_load
+
+# every vision family's realistic model: encoder time, time to first token raw and from the
+# package, package size (docs/models.md); generates each model (GBs), deletes it afterwards
+bench-families: llama venv
+	$(PY) -m scripts.bench_families --out .build/bench-families.json
 
 bench-quick: llama models
 	$(PY) -m scripts.bench_e2e --size tiny

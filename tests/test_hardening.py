@@ -406,6 +406,19 @@ async def test_defaults_bind_to_loopback_and_keep_the_key_from_upstream(
     assert all("x-vcache-key" not in s.headers for s in stock.seen)
 
 
+async def test_clients_cannot_make_upstream_write_into_the_store(
+    stock: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Exports write into the directory upstream shares with the store: the proxy's to ask."""
+    async with proxy_in_front(stock.url, tmp_path) as (url, _):
+        r = await client.post(
+            f"{url}{CHAT}", json=chat(), headers={"X-Image-Embedding-Export": "f32"}
+        )
+        assert r.status_code == 200
+    assert stock.seen
+    assert all("x-image-embedding-export" not in s.headers for s in stock.seen)
+
+
 # --- limits: 413 everywhere, and a bounded sum of bodies ----------------------------------
 
 

@@ -167,7 +167,7 @@ class PackageLookup:
         namespace, so they never mix with the server's unless they are the same build.
         """
         caps = await self._upstream.capabilities(model)
-        if self._encoder is None or not caps.packages:
+        if self._encoder is None or caps.namespace is None:
             return caps
         return dataclasses.replace(caps, namespace=self._encoder.namespace())
 
@@ -181,7 +181,7 @@ class PackageLookup:
     async def resolve(
         self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
     ) -> Package | None:
-        if caps.namespace is None:
+        if caps.namespace is None and caps.audio_namespace is None:
             return None
         if slot.ref.startswith(REFERENCE_PREFIX):
             return await self._named(slot.ref, caps, tally)
@@ -204,6 +204,9 @@ class PackageLookup:
         if modality == "audio" and (namespace is None or not slot.takes_audio):
             # no audio packages upstream, or no form for one here: the clip goes as sent
             return self._fallback(tally, "audio")
+        if namespace is None:
+            # upstream takes no image packages (its projector type is not verified)
+            return self._fallback(tally, "image")
         if modality == "image":
             # a bomb or a broken file must never reach upstream's decoder: 400 here
             await asyncio.to_thread(_check_header, image)

@@ -50,6 +50,7 @@ STOCK_REASON = (
     "encoded by the server each time; run the patched llama-server (llama_patches/, "
     "`make llama`) with --image-embedding to cache them"
 )
+NO_IMAGES = "upstream takes no image packages (its vision projector is not verified)"
 DISABLED_REASON = (
     "the patched llama-server was started without --image-embedding: add --image-embedding "
     "(or --image-embedding-dir DIR) to its arguments"
@@ -106,6 +107,8 @@ class Capabilities:
     # endpoint that encodes clips; None where the server takes no audio packages
     audio_namespace: Namespace | None = None
     media_endpoint: str | None = None
+    # why images (or every medium) go upstream raw, in upstream's words where it gave them
+    # (an unverified projector type, packages off); None while image packages are on
     reason: str | None = None
     off_kind: OffKind | None = None
 
@@ -140,7 +143,7 @@ class Capabilities:
             return cls.off("stock", STOCK_REASON, media_marker, identity)
         if not emb.get("enabled"):
             kind, reason = _why_disabled(emb)
-            return cls.off(kind, reason, media_marker, identity)
+            return cls.off(kind, _printable(reason), media_marker, identity)
         if emb.get("version") != FORMAT_VERSION:
             reason = (
                 f"upstream speaks package format {emb.get('version')!r}, this vcache speaks "
@@ -162,22 +165,31 @@ class Capabilities:
             )
 
         modalities = emb.get("modalities", ["image"])
+        modalities = modalities if isinstance(modalities, list) else []
         media_endpoint = emb.get("media_endpoint")
-        takes_audio = (
-            isinstance(modalities, list)
-            and "audio" in modalities
-            and isinstance(media_endpoint, str)
-        )
+        takes_audio = "audio" in modalities and isinstance(media_endpoint, str)
+        # a modality missing from the list (its projector type is not verified) takes no
+        # packages: its media go upstream as sent
+        takes_images = "image" in modalities
+        given = emb.get("reason")
+        images_off = _printable(given) if isinstance(given, str) and given else NO_IMAGES
         return cls(
             packages=True,
-            namespace=namespace("image"),
+            namespace=namespace("image") if takes_images else None,
             file_dir=bool(emb.get("file_dir")),
             media_marker=media_marker,
             endpoint=str(emb.get("endpoint", "/vision/embedding")),
             audio_namespace=namespace("audio") if takes_audio else None,
             media_endpoint=str(media_endpoint) if takes_audio else None,
             identity=identity,
+            reason=None if takes_images else images_off,
+            off_kind=None if takes_images else "unverified",
         )
+
+
+def _printable(reason: str) -> str:
+    """Upstream's own explanation, as one printable line (it goes into a response header)."""
+    return "".join(c if c.isprintable() and c.isascii() else " " for c in reason)[:500]
 
 
 def _why_disabled(emb: dict[str, Any]) -> tuple[OffKind, str]:

@@ -50,8 +50,9 @@ HOP_BY_HOP = frozenset(
 )
 # recomputed by whoever frames the body next
 FRAMING = frozenset({"content-length", "host"})
-# the proxy's own key stays with the proxy: upstream is not the proxy's to authenticate to
-PROXY_ONLY = frozenset({"x-vcache-key"})
+# the proxy's own key stays with the proxy: upstream is not the proxy's to authenticate to;
+# and only the proxy asks upstream to write packages into the directory it shares with the store
+PROXY_ONLY = frozenset({"x-vcache-key", "x-image-embedding-export"})
 CHUNK = 64 * 1024
 # the response whose headers the handler has sent, for the middleware in proxy.web.app
 RESPONSE_STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey(

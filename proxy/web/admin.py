@@ -119,6 +119,7 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
         upstream_state=readiness.state,
         upstream_detail=readiness.detail or None,
         packages=caps.packages,
+        # why images go upstream raw: the operator's first question when hits stay at zero
         packages_reason=caps.reason,
         encoder=proxy.lookup.encoder,
         process=_process_stats(),
@@ -193,15 +194,16 @@ async def namespace(request: web.Request, proxy: Proxy) -> web.Response:
 async def lookup(request: web.Request, proxy: Proxy) -> web.Response:
     req = await _request(request, proxy, LookupRequest)
     caps = await proxy.lookup.capabilities(req.model)
-    ns = caps.namespace
-    if ns is None:
+    # a digest names an image or a clip (keyed in the audio namespace); a model may take
+    # packages for one of them only (an audio model, or an unverified image projector)
+    spaces = [ns for ns in (caps.namespace, caps.audio_namespace) if ns is not None]
+    if not spaces:
         raise ClientError("upstream takes no packages")
-    present = await proxy.lookup.present(ns, req.digests)
-    if caps.audio_namespace is not None:
-        # a digest names an image or a clip: clips are keyed in the audio namespace
-        present.update(await proxy.lookup.present(caps.audio_namespace, req.digests))
+    present: dict[str, bool] = {}
+    for ns in spaces:
+        present.update(await proxy.lookup.present(ns, req.digests))
     pinned = sorted(d for d, is_pinned in present.items() if is_pinned)
-    return _answer(LookupResponse(namespace=ns.id, present=sorted(present), pinned=pinned))
+    return _answer(LookupResponse(namespace=spaces[0].id, present=sorted(present), pinned=pinned))
 
 
 async def warm(request: web.Request, proxy: Proxy) -> web.Response:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from proxy.errors import AuthError, BodyTooLarge, ClientError, UpstreamError
@@ -60,6 +61,8 @@ from vision_cache.keys import CacheKey, Namespace
 log = logging.getLogger("vcache.proxy")
 
 T = TypeVar("T")
+# why a request's images went upstream raw (an unverified projector type, packages off)
+FALLBACK_HEADER = "X-Vcache-Fallback"
 
 
 def create_app(proxy: Proxy) -> web.Application:
@@ -205,6 +208,9 @@ async def _with_images(
     if not caps.packages and not tally.bypassed:
         _no_packages(slots, tally, proxy)
     headers = {"X-Vcache": tally.header()}
+    if caps.reason and tally.fallbacks:
+        # X-Vcache stays numbers (clients parse it); the why goes in a header of its own
+        headers[FALLBACK_HEADER] = caps.reason
     if not rewritten:
         req = _upstream_request(proxy, request, original)
         return await _finish(
@@ -213,7 +219,7 @@ async def _with_images(
     named = any(s.ref.startswith("vcache://") for s in slots)
     new_body = (await _off_loop(len(raw), body.dumps)).parts
     resp = await _send_with_fallback(
-        request, proxy, new_body, original, named, tally, _tap(pending)
+        request, proxy, new_body, original, named, tally, headers, _tap(pending)
     )
     return await _finish(proxy, pending, resp)
 
@@ -383,6 +389,7 @@ async def _send_with_fallback(
     original: Body,
     named: bool,
     tally: RequestTally,
+    headers: dict[str, str],
     tap: Recorder | None = None,
 ) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original.
@@ -402,11 +409,22 @@ async def _send_with_fallback(
             )
             proxy.upstream.forget_capabilities()
             tally.all_fallback()
+            headers[FALLBACK_HEADER] = _refusal(detail)
             # a refusal, not a processed request: the one path that sends a request twice
             upstream = await _open(proxy, _upstream_request(proxy, request, original))
         else:
             return _replay(upstream.status, upstream.headers, detail, tally)
-    return await relay(request, upstream, {"X-Vcache": tally.header()}, tap)
+    return await relay(request, upstream, {**headers, "X-Vcache": tally.header()}, tap)
+
+
+def _refusal(detail: bytes) -> str:
+    """Upstream's 400 message about a package, as one printable header line."""
+    try:
+        message = str(orjson.loads(detail)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = detail[:300].decode(errors="replace")
+    line = "".join(c if c.isprintable() and c.isascii() else " " for c in message)
+    return f"upstream refused the packages: {line}"[:500]
 
 
 async def _open(proxy: Proxy, req: UpstreamRequest) -> aiohttp.ClientResponse:

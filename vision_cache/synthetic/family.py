@@ -32,10 +32,11 @@ from typing import ClassVar
 import gguf
 
 from vision_cache.synthetic.gguf_file import SIGLIP_MEAN_STD, KvWriter, file_type, tokenizer_kv
-from vision_cache.synthetic.spec import ModelSpec, Shaping, Size, VisionSpec
+from vision_cache.synthetic.spec import ModelSpec, Shaping, Size
 from vision_cache.synthetic.tensors import (
     Planner,
     TensorPlan,
+    norm,
     output_weights,
     token_embd,
     vit_block,
@@ -52,6 +53,10 @@ class Family(ABC):
     projector_type: ClassVar[str]
     # what mtmd normalises pixels with
     image_mean_std: ClassVar[MeanStd] = SIGLIP_MEAN_STD
+    # llama-server arguments a server of this family needs (tests and benchmarks add them)
+    server_args: ClassVar[tuple[str, ...]] = ()
+    # what the generated model stands in for, where it is not the real text architecture
+    text_note: ClassVar[str] = ""
 
     @property
     def text_arch(self) -> str:
@@ -156,8 +161,9 @@ class Family(ABC):
     def patch_embedding(self, p: Planner, spec: ModelSpec, shaping: Shaping) -> None:
         """The tower's input: patch kernels, and position embeddings where the model has them."""
 
-    def vision_block(self, p: Planner, v: VisionSpec, shaping: Shaping, blk: str) -> None:
-        vit_block(p, v, shaping, blk)
+    def vision_block(self, p: Planner, spec: ModelSpec, shaping: Shaping, layer: int) -> None:
+        """The tensors of tower block `layer`, named ``v.blk.{layer}.*``."""
+        vit_block(p, spec.vision, shaping, f"v.blk.{layer}")
 
     @abstractmethod
     def projector(self, p: Planner, spec: ModelSpec, shaping: Shaping) -> None:
@@ -173,10 +179,14 @@ class Family(ABC):
         p = Planner(seed, spec.matrix_type)
         self.patch_embedding(p, spec, shaping)
         for i in range(v.n_layer):
-            self.vision_block(p, v, shaping, f"v.blk.{i}")
-        p.layer_norm("v.post_ln", v.n_embd)
+            self.vision_block(p, spec, shaping, i)
+        self.post_norm(p, spec)
         self.projector(p, spec, shaping)
         return p.plans
+
+    def post_norm(self, p: Planner, spec: ModelSpec) -> None:
+        """The norm after the last tower block (towers without one override this)."""
+        norm(p, "v.post_ln", spec.vision.n_embd, spec.vision.norm)
 
     def mmproj_kv_extra(self, w: gguf.GGUFWriter, spec: ModelSpec) -> None:  # noqa: B027
         """Projector keys beyond `clip.projector_type` (merge size, activation)."""
@@ -194,7 +204,7 @@ class Family(ABC):
             w.add_uint32("clip.vision.block_count", v.n_layer)
             w.add_uint32("clip.vision.projection_dim", spec.text.n_embd)
             w.add_uint32("clip.vision.attention.head_count", v.n_head)
-            w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+            w.add_float32("clip.vision.attention.layer_norm_epsilon", v.eps)
             w.add_string("clip.projector_type", self.projector_type)
             self.mmproj_kv_extra(w, spec)
             mean, std = self.image_mean_std

@@ -7,7 +7,7 @@ change here regenerates cached models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Size = Literal["tiny", "demo", "realistic"]
@@ -26,8 +26,16 @@ class TextSpec:
     n_ff: int
     n_ctx: int
     rope_base: float
-    rope_sections: tuple[int, ...] = ()  # qwen2vl M-RoPE split of head_dim / 2
-    sliding_window: int = 0  # gemma3 local-attention window
+    rope_sections: tuple[int, ...] = ()  # M-RoPE split of n_rot / 2 (qwen2vl, qwen3vl, glm4)
+    sliding_window: int = 0  # local-attention window (gemma3, gemma4)
+    n_rot: int = 0  # rotary dimensions when fewer than head_dim (glm4); 0: head_dim
+    n_deepstack: int = 0  # qwen3vl: extra n_embd-wide slices each image token carries
+    swa_pattern: tuple[bool, ...] = ()  # gemma4: which layers use the sliding window
+
+    @property
+    def n_embd_inp(self) -> int:
+        """Width of one input embedding: what a package stores per image token."""
+        return self.n_embd * (1 + self.n_deepstack)
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,13 @@ class VisionSpec:
     n_ff: int
     patch_size: int
     image_size: int  # gemma3: the fixed input size; qwen2vl: only used for warm-up
-    n_merge: int  # gemma3: pooling kernel per side; qwen2vl: spatial merge per side
+    n_merge: int  # tokens merged per side: pooling kernel, spatial merge or pixel shuffle
+    norm: Literal["layer", "rms"] = "layer"
+    gated_ffn: bool = False  # ffn_gate next to ffn_up (SwiGLU / GeGLU towers)
+    fused_qkv: bool = False  # one attn_qkv matrix (Qwen3-VL)
+    qkv_bias: bool = True
+    layer_scale: bool = False  # ls1 / ls2 per-channel scales (InternViT)
+    eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,23 @@ class ModelSpec:
     # f32 for tiny models (exact, and tiny matmuls gain nothing from f16); f16 for the
     # realistic ones, halving the bytes streamed per matmul on CPU, like real GGUFs.
     matrix_type: Literal["f32", "f16"]
+    # Family-specific preprocessing or projector knobs (window-attention pattern, tile
+    # limits, deepstack layers...): part of the manifest, so changing one regenerates.
+    extra: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
+
+    def knob(self, name: str) -> int:
+        """An integer from `extra`."""
+        value = self.extra[name]
+        if not isinstance(value, int):
+            raise TypeError(f"{self.arch}: extra[{name!r}] is not an integer")
+        return value
+
+    def knobs(self, name: str) -> tuple[int, ...]:
+        """A tuple of integers from `extra`."""
+        value = self.extra[name]
+        if not isinstance(value, tuple):
+            raise TypeError(f"{self.arch}: extra[{name!r}] is not a tuple")
+        return value
 
 
 @dataclass(frozen=True)

@@ -123,25 +123,75 @@ def output_weights(seed: int, shape: tuple[int, int], vocab: Vocab, shaping: Sha
     return make
 
 
+def norm(p: Planner, prefix: str, size: int, kind: Literal["layer", "rms"]) -> None:
+    """A LayerNorm (weight and bias) or an RMS norm (weight only), as the identity."""
+    p.const(f"{prefix}.weight", size, 1.0)
+    if kind == "layer":
+        p.const(f"{prefix}.bias", size, 0.0)
+
+
 def vit_block(p: Planner, v: VisionSpec, shaping: Shaping, blk: str) -> None:
-    """One pre-norm ViT block (SigLIP and Qwen2-VL share the tensor set)."""
+    """One pre-norm ViT block; `VisionSpec` says which variant (norm, gating, fused QKV)."""
     d, ff = v.n_embd, v.n_ff
     # Residual branches scaled by ~0.7/sqrt(layers): the stream stays dominated by the
     # patch embedding even after 27-32 layers, so patches (and images) stay distinct.
     branch = shaping.vision_residual / math.sqrt(v.n_layer)
-    p.layer_norm(f"{blk}.ln1", d)
-    for proj in ("attn_q", "attn_k", "attn_v"):
-        p.weight(f"{blk}.{proj}.weight", (d, d), 1.0 / math.sqrt(d))
-        p.noise(f"{blk}.{proj}.bias", d, 0.02)
+    norm(p, f"{blk}.ln1", d, v.norm)
+    if v.fused_qkv:
+        p.weight(f"{blk}.attn_qkv.weight", (3 * d, d), 1.0 / math.sqrt(d))
+        if v.qkv_bias:
+            p.noise(f"{blk}.attn_qkv.bias", 3 * d, 0.02)
+    else:
+        for proj in ("attn_q", "attn_k", "attn_v"):
+            p.weight(f"{blk}.{proj}.weight", (d, d), 1.0 / math.sqrt(d))
+            if v.qkv_bias:
+                p.noise(f"{blk}.{proj}.bias", d, 0.02)
     p.weight(f"{blk}.attn_out.weight", (d, d), branch / math.sqrt(d))
     p.const(f"{blk}.attn_out.bias", d, 0.0)
-    p.layer_norm(f"{blk}.ln2", d)
+    if v.layer_scale:
+        p.const(f"{blk}.ls1.weight", d, 1.0)
+        p.const(f"{blk}.ls2.weight", d, 1.0)
+    norm(p, f"{blk}.ln2", d, v.norm)
+    if v.gated_ffn:
+        p.weight(f"{blk}.ffn_gate.weight", (ff, d), 1.0 / math.sqrt(d))
+        p.noise(f"{blk}.ffn_gate.bias", ff, 0.02)
     # ffn_up is (n_ff, n_embd) and ffn_down (n_embd, n_ff); n_ff != n_embd keeps clip.cpp's
     # legacy up/down swap heuristic from firing.
     p.weight(f"{blk}.ffn_up.weight", (ff, d), 1.0 / math.sqrt(d))
     p.noise(f"{blk}.ffn_up.bias", ff, 0.02)
     p.weight(f"{blk}.ffn_down.weight", (d, ff), branch / math.sqrt(ff))
     p.const(f"{blk}.ffn_down.bias", d, 0.0)
+
+
+def position_table(p: Planner, name: str, shape: tuple[int, ...], shaping: Shaping) -> None:
+    """Learned position embeddings: small next to the patch embeddings they are added to."""
+    seed = p.seed
+    p.add(name, shape, lambda: uniform(seed, name, shape, shaping.position_std), matrix=False)
+
+
+def gelu_mlp(
+    p: Planner, first: str, second: str, widths: tuple[int, int, int], shaping: Shaping
+) -> None:
+    """Linear -> GELU -> linear, ``widths`` = (in, hidden, out), GELU kept near-linear.
+
+    The first bias shifts GELU's input into its near-linear range (image detail survives);
+    the second cancels the shift's large constant output, which would otherwise make every
+    image token nearly the same vector.
+    """
+    width_in, hidden, width_out = widths
+    seed, dtype, shift = p.seed, p.matrix_dtype, shaping.merger_gelu_shift
+    w2_name, w2_shape = f"{second}.weight", (width_out, hidden)
+    p.weight(f"{first}.weight", (hidden, width_in), 1.0 / math.sqrt(width_in))
+    p.const(f"{first}.bias", hidden, shift)
+    p.weight(w2_name, w2_shape, 1.0 / math.sqrt(hidden))
+
+    def cancel_shift() -> F32Array:
+        w2 = uniform(seed, w2_name, w2_shape, 1.0 / math.sqrt(hidden))
+        row_sums: F32Array = w2.astype(dtype).astype(np.float32).sum(axis=1)
+        row_sums *= np.float32(-gelu_mean(shift))
+        return row_sums
+
+    p.add(f"{second}.bias", (width_out,), cancel_shift, matrix=False)
 
 
 def patch_kernel_shape(v: VisionSpec) -> tuple[int, int, int, int]:

@@ -338,3 +338,31 @@ def byte_level_bpe_vocab(
         word_ids=[i for i, t in enumerate(tokens) if t in word_set],
         quiet_ids=[tokens.index(newline)],
     )
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chatml_vocab(specials: Sequence[str] = ()) -> Vocab:
+    """A byte-level BPE vocabulary with ChatML turns and a family's own special tokens.
+
+    The text around an image is the family's business only through the special tokens mtmd
+    looks up or emits (``<img>``, ``<fake_token_around_image>``, ``[IMG_END]``...): those
+    must be single tokens. Everything else (the template, the pre-tokenizer) does not change
+    how a package decodes, so the families that do not need their own share this one.
+    """
+    base = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    return byte_level_bpe_vocab(
+        (*base, *(s for s in specials if s not in base)),
+        CHATML_TEMPLATE,
+        pre="qwen2",
+        bos="<|endoftext|>",
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+    )

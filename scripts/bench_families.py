@@ -1,0 +1,220 @@
+"""Per-family timings for docs/models.md: what a cache hit saves on real-width models.
+
+For each family given, on its realistic model (the real tower's width, depth, patch and image
+size; a shallow text model of the real width) and one reference photo-sized image:
+
+- encode ms: the patched server's vision encoder for that image (POST /vision/embedding)
+- miss ms: time to first token with the raw image (encoder + prompt), direct to the server
+- hit ms: time to first token with the image's package (no encoder)
+- package bytes: what the cache stores for the image (f32)
+- identical: the answer with the package equals the answer with the raw image (greedy tokens
+  and logprobs, prompt cache off), on the real-width model
+
+Models are generated first (a few GB each at realistic size) and deleted afterwards unless
+``--keep-models``.
+
+Each request has different text before the image, so the server's prompt cache cannot reuse
+the image. Medians of ``--runs``. Prints a table and writes JSON::
+
+    python -m scripts.bench_families --families llava,qwen25vl --runs 3 --out families.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.llama_server import LlamaServer
+from vision_cache.synthetic.images import shapes
+from vision_cache.synthetic.models import generate
+from vision_cache.synthetic.registry import vision_family, vision_family_names
+from vision_cache.synthetic.spec import SIZES, Size
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = (1024, 768)  # a typical photo's size after a client's own downscaling
+
+
+@dataclass(frozen=True)
+class FamilyTiming:
+    family: str
+    projector: str
+    image_tokens: int
+    n_embd_inp: int
+    package_bytes: int
+    encode_ms: float
+    miss_ms: float
+    hit_ms: float
+    identical: bool
+    load: float  # 1-minute load average when the family's run started
+
+
+def _binary() -> Path:
+    env = os.environ.get("VCACHE_LLAMA_SERVER_PATCHED")
+    if env:
+        return Path(env)
+    from tests.support.fixtures import llama_server_binary
+
+    return llama_server_binary("patched")
+
+
+def _image_url() -> str:
+    buf = io.BytesIO()
+    shapes(*IMAGE_SIZE).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _ttft_ms(client: httpx.Client, part: dict[str, object], i: int) -> float:
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"Question {i}: what is in this picture?"},
+                    part,
+                ],
+            }
+        ],
+        "max_tokens": 1,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
+    start = time.perf_counter()
+    r = client.post("/v1/chat/completions", json=body)
+    r.raise_for_status()
+    return (time.perf_counter() - start) * 1000
+
+
+def _answer(client: httpx.Client, part: dict[str, object]) -> tuple[list[str], list[float]]:
+    body = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe the image."}, part]}
+        ],
+        "max_tokens": 8,
+        "temperature": 0,
+        "cache_prompt": False,
+        "logprobs": True,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    r.raise_for_status()
+    steps = r.json()["choices"][0]["logprobs"]["content"]
+    return [s["token"] for s in steps], [s["logprob"] for s in steps]
+
+
+def bench(family: str, size: Size, runs: int, threads: int, out: Path, keep: bool) -> FamilyTiming:
+    fam = vision_family(family)
+    spec = fam.spec(size)
+    files = generate(family, size, 0, out)
+    load = os.getloadavg()[0]
+    args = [
+        "-m",
+        str(files.model),
+        "--mmproj",
+        str(files.mmproj),
+        "-t",
+        str(threads),
+        "-c",
+        "8192",
+        "-np",
+        "1",
+        "--no-warmup",
+        "--image-embedding",
+        *fam.server_args,
+    ]
+    url = _image_url()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LlamaServer(_binary(), args, Path(tmp) / "server.log") as server,
+        httpx.Client(base_url=server.base_url, timeout=3600) as client,
+    ):
+        encodes, packages = [], []
+        for _ in range(runs):
+            r = client.post("/vision/embedding", json={"image_url": {"url": url}})
+            r.raise_for_status()
+            encodes.append(float(r.json()["timings"]["encode_ms"]))
+            packages.append(r.json())
+        answer = packages[-1]
+        pkg = answer["image_embedding"]
+        miss = [
+            _ttft_ms(client, {"type": "image_url", "image_url": {"url": url}}, i)
+            for i in range(runs)
+        ]
+        hit = [
+            _ttft_ms(client, {"type": "image_embedding", "image_embedding": pkg}, runs + i)
+            for i in range(runs)
+        ]
+        raw_answer = _answer(client, {"type": "image_url", "image_url": {"url": url}})
+        pkg_answer = _answer(client, {"type": "image_embedding", "image_embedding": pkg})
+    if not keep and size != "tiny":
+        shutil.rmtree(files.directory)
+    n_tokens = int(answer["n_tokens"])
+    return FamilyTiming(
+        family=family,
+        projector=fam.projector_type,
+        image_tokens=n_tokens,
+        n_embd_inp=spec.text.n_embd_inp,
+        package_bytes=n_tokens * spec.text.n_embd_inp * 4,
+        encode_ms=statistics.median(encodes),
+        miss_ms=statistics.median(miss),
+        hit_ms=statistics.median(hit),
+        identical=raw_answer == pkg_answer,
+        load=load,
+    )
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--families",
+        default=",".join(vision_family_names()),
+        help="comma-separated families (default: all)",
+    )
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="realistic",
+        help="model size (tiny: a quick check of this script)",
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--models", type=Path, default=ROOT / ".build" / "models")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep the generated models (default: delete each after its run)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    results = []
+    for family in args.families.split(","):
+        t = bench(family, args.size, args.runs, args.threads, args.models, args.keep_models)
+        results.append(t)
+        print(
+            f"{t.family:10s} {t.image_tokens:5d} tok {t.package_bytes / 2**20:7.1f} MiB  "
+            f"encode {t.encode_ms:9.0f} ms  miss {t.miss_ms:9.0f} ms  "
+            f"hit {t.hit_ms:7.0f} ms  identical {t.identical}  load {t.load:.1f}",
+            flush=True,
+        )
+    if args.out:
+        args.out.write_text(json.dumps([asdict(t) for t in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
