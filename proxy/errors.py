@@ -23,6 +23,8 @@ Our exception hierarchy:
                                    proxy.upstream.supervisor)
   x UpstreamError                 (502 unavailable_error: llama-server down or broken)
     + UpstreamTimeout             (504)
+    + ServerExited                (managed mode: llama-server exited before it became healthy;
+                                   proxy.upstream.supervisor)
     + LocalEncoderError           (the encoder worker failed; proxy.lookup.local_encoder)
       - LocalEncoderRejected      (the bytes are not an image it takes)
       - LocalEncoderTimeout       (also UpstreamTimeout, 504)

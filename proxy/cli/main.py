@@ -65,8 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from proxy.serve import run  # heavy imports only for the command that needs them
 
-    run(settings)
-    return 0
+    return run(settings)
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:

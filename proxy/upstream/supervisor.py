@@ -11,8 +11,8 @@ What it promises:
   port are refused (`ReservedArgumentError`, a ValueError), as is `--image-embedding-dir`,
   which we set to the cache's directory when the binary has the flag (a patched build).
 * `start()` returns once GET /health answers 200 (503 "loading model" is waited out). It
-  raises `UpstreamError` with the tail of llama-server's output when the process exits first
-  or does not become healthy in time.
+  raises `ServerExited` (with llama-server's exit status) when the process exits first, and
+  `UpstreamError` when it does not become healthy in time; both quote the tail of its output.
 * An unexpected exit is followed by a restart after an exponential backoff (capped, and reset
   after a stable run); restart listeners are awaited once the new process is healthy.
 * `stop()` sends SIGTERM, waits, then SIGKILL, and reaps the process: no zombie. Cancelling
@@ -29,6 +29,10 @@ Errors (besides `proxy.errors.UpstreamError`):
 * ProxyError
   x ReservedArgumentError (also ValueError): a user argument or environment variable sets
     what managed mode sets itself.
+  x UpstreamError
+    + ServerExited: llama-server exited before it became healthy (at the first start, `start()`
+      raises it; `vcache serve` then exits with llama-server's own status, as llama-server
+      would have: a bad flag or configuration ends the process a supervisor or a test watches).
 """
 
 from __future__ import annotations
@@ -270,7 +274,7 @@ class ManagedServer:
                 return
             except _EarlyExit as exc:
                 if not (exc.bind_failed and self._config.port == 0 and attempt < _BIND_ATTEMPTS):
-                    raise UpstreamError(str(exc)) from None
+                    raise ServerExited(str(exc), exc.returncode) from None
                 log.warning(
                     "port %d was taken before llama-server could bind it; trying another",
                     self._port,
@@ -388,7 +392,22 @@ class _EarlyExit(Exception):
             f"llama-server {describe_exit(returncode)} before it became "
             f"healthy; its last output:\n{tail}"
         )
+        self.returncode = returncode
         self.bind_failed = _BIND_FAILURE.search(tail) is not None
+
+
+class ServerExited(UpstreamError):
+    """llama-server exited before it became healthy; `returncode` as asyncio reports it
+    (negative: killed by that signal)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+    @property
+    def exit_status(self) -> int:
+        """The status to exit with in its place: its code, or 128 + the signal (a shell's)."""
+        return self.returncode if self.returncode >= 0 else 128 - self.returncode
 
 
 class Backoff:

@@ -37,6 +37,9 @@ Check = Callable[[web.Request], None]
 # after it, with the answer (metrics)
 Record = Callable[[web.Request, web.StreamResponse], None]
 REQUEST_ID = "X-Request-Id"
+# how long requests in flight may go on after SIGTERM (see running_site); not 0, which
+# aiohttp reads as "no limit"
+SHUTDOWN_GRACE_S = 0.1
 
 
 def request_middleware(*, check: Check | None = None, record: Record | None = None) -> Any:
@@ -110,8 +113,14 @@ async def running_site(
     """`app` listening on every one of `hosts` (`proxy.web.listen.parse_hosts`) at `port`;
     yields the first address's URL (the real port, for port 0)."""
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream request or the generation (llama-server then stops generating for it)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # upstream request or the generation (llama-server then stops generating for it).
+    # shutdown_timeout: on SIGTERM, requests in flight are cut at once, as llama-server cuts
+    # its own (it closes its sockets and exits); aiohttp's default waits up to 60 s for them,
+    # which a supervisor that kills after a few seconds (or llama.cpp's server tests: 5 s,
+    # expecting under 3) reads as a hung process.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
     await runner.setup()
     try:
         for host in hosts:
