@@ -36,7 +36,9 @@ help:
 # system packages, installed only when missing (that needs root or sudo; with everything
 # present, nothing does). `?`: optional, skipped when it cannot be installed.
 DEMO_TOOLS := cmake:cmake g++:g++ git:git ?ccache:ccache
-TEST_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server
+# npm builds llama.cpp's web UI into the servers; chromium runs the browser test against it
+TEST_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server npm:npm \
+              chromium:chromium
 system-deps:
 	@$(PYTHON) scripts/system_deps.py $(TEST_TOOLS)
 
@@ -61,8 +63,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 llama: system-deps venv
-	$(VCACHE) build-server --$(LLAMA_BACKEND) --variant patched --jobs $(JOBS) $(LLAMA_SRC)
-	$(VCACHE) build-server --$(LLAMA_BACKEND) --variant stock --jobs $(JOBS) $(LLAMA_SRC)
+	$(VCACHE) build-server --$(LLAMA_BACKEND) --ui --variant patched --jobs $(JOBS) $(LLAMA_SRC)
+	$(VCACHE) build-server --$(LLAMA_BACKEND) --ui --variant stock --jobs $(JOBS) $(LLAMA_SRC)
 
 # the bindings run on the patched build's shared libraries: one compile of llama.cpp
 llama-cpp-python: venv llama

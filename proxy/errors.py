@@ -23,7 +23,8 @@ Our exception hierarchy:
                                    proxy.upstream.supervisor)
   x UpstreamError                 (502 unavailable_error: llama-server down or broken)
     + UpstreamTimeout             (504)
-    + ManagedStartError           (llama-server did not come up; proxy.upstream.supervisor)
+    + ManagedStartError           (llama-server did not come up; proxy.upstream.supervisor;
+                                   `vcache serve` exits with its status)
     + LocalEncoderError           (the encoder worker failed; proxy.lookup.local_encoder)
       - LocalEncoderRejected      (the bytes are not an image it takes)
       - LocalEncoderTimeout       (also UpstreamTimeout, 504)

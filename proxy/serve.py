@@ -86,6 +86,9 @@ async def _managed(settings: ServeSettings, store: Store) -> AsyncIterator[Manag
         raise StartupError(
             f"{e.summary}{f': {why}' if why else ''}",
             f"its whole output is in {config.log_path}",
+            # as llama-server alone would: whoever watches the process (a supervisor, a test)
+            # sees it end with llama-server's own status
+            code=e.exit_status,
         ) from e
     try:
         yield server

@@ -8,8 +8,13 @@ sent straight to a real llama-server.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +211,78 @@ def test_file_url_is_cached_under_the_proxys_media_path(
         ).json()["choices"]
     assert answers[0] == (direct, ["hits=0", "misses=1"])
     assert answers[1] == (direct, ["hits=1", "misses=0"])
+
+
+def test_managed_mode_exits_with_llama_servers_status_when_it_dies_at_start(
+    patched_bin: Path, tmp_path: Path
+) -> None:
+    """Regression: a llama-server that exits at start (a bad flag, a bad MCP configuration)
+    ends llama-server's process; vcache in managed mode must end too, with the same status
+    (llama.cpp's test_mcp_config_file_errors watches for it), not a traceback's 1."""
+    args = ["-m", str(tmp_path / "missing.gguf")]
+    direct = subprocess.run(
+        [str(patched_bin), *args, "--port", "0"], capture_output=True, timeout=60, check=False
+    )
+    assert direct.returncode != 0
+    via = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            str(tmp_path / "s"),
+            "--encoder",
+            "server",
+            "--llama-server",
+            str(patched_bin),
+            "--",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert via.returncode == direct.returncode
+    assert "before it became healthy" in via.stderr
+    assert "Traceback" not in via.stderr
+
+
+def test_sigterm_cuts_requests_in_flight_at_once(
+    patched_gemma: LlamaServer, tmp_path: Path
+) -> None:
+    """Regression: on SIGTERM vcache waited for requests in flight (aiohttp's 60 s default),
+    where llama-server stops at once; llama.cpp's test_mcp_slow_tool_call_slot_release gives
+    a stop 3 s. The cut request must reach upstream as a disconnect: its slot is freed."""
+    proxy = ProxyProcess(
+        ["--upstream", patched_gemma.base_url, "--store", str(tmp_path / "s")],
+        tmp_path / "proxy.log",
+    )
+    # not streamed: nothing comes back before the whole answer, minutes away
+    body = {"prompt": "Once upon a time", "n_predict": 100_000}
+    with proxy, httpx.Client(timeout=30) as client, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, f"{proxy.base_url}/completion", json=body)
+        deadline = time.monotonic() + 10
+        while not _busy_slots(client, patched_gemma.base_url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # generating, well past the prompt
+        assert proxy.proc is not None
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.proc.wait(timeout=30)
+        stopped = time.monotonic() - started
+        with pytest.raises(httpx.TransportError):
+            pending.result(timeout=10)
+        deadline = time.monotonic() + 10
+        while _busy_slots(client, patched_gemma.base_url) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _busy_slots(client, patched_gemma.base_url) == 0
+    assert stopped < 1.5, f"vcache took {stopped:.1f} s to stop"
+
+
+def _busy_slots(client: httpx.Client, base_url: str) -> int:
+    slots = client.get(f"{base_url}/slots").json()
+    return sum(1 for slot in slots if slot.get("is_processing"))

@@ -99,6 +99,18 @@ def add_build_server_command(subparsers: Subparsers) -> None:
         help=f"where builds are kept (default: $VCACHE_LLAMA_CACHE or "
         f"{_home_relative(default_cache_dir())})",
     )
+    ui = p.add_mutually_exclusive_group()
+    ui.add_argument(
+        "--ui",
+        dest="ui",
+        action="store_const",
+        const="on",
+        help="embed llama.cpp's web UI, built from its sources with npm (default when npm "
+        "is installed; with --ui a missing npm is an error)",
+    )
+    ui.add_argument(
+        "--no-ui", dest="ui", action="store_const", const="off", help="build without the web UI"
+    )
     p.add_argument(
         "--cmake-arg",
         action="append",
@@ -106,7 +118,7 @@ def add_build_server_command(subparsers: Subparsers) -> None:
         metavar="ARG",
         help="extra CMake argument, repeatable (e.g. --cmake-arg=-DGGML_VULKAN=ON)",
     )
-    p.set_defaults(handler=run_build_server, backend=None)
+    p.set_defaults(handler=run_build_server, backend=None, ui="auto")
 
 
 def _architectures(text: str) -> tuple[str, ...]:
@@ -136,6 +148,7 @@ def run_build_server(args: argparse.Namespace) -> int:
         cuda_architectures=args.cuda_arch,
         cache_dir=args.cache_dir,
         cmake_args=tuple(args.cmake_arg),
+        ui=args.ui,
     )
     binary = build_server(request)  # a BuildError is reported by the one error path
     print(binary)

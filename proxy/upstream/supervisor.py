@@ -11,8 +11,8 @@ What it promises:
   port are refused (`ReservedArgumentError`, a ValueError), as is `--image-embedding-dir`,
   which we set to the cache's directory when the binary has the flag (a patched build).
 * `start()` returns once GET /health answers 200 (503 "loading model" is waited out). It
-  raises `UpstreamError` with the tail of llama-server's output when the process exits first
-  or does not become healthy in time.
+  raises `ManagedStartError` (with llama-server's exit status) when the process exits first
+  or does not become healthy in time, quoting the tail of its output.
 * An unexpected exit is followed by a restart after an exponential backoff (capped, and reset
   after a stable run); restart listeners are awaited once the new process is healthy.
 * `stop()` sends SIGTERM, waits, then SIGKILL, and reaps the process: no zombie. Cancelling
@@ -30,7 +30,10 @@ Errors (besides `proxy.errors.UpstreamError`):
   x ReservedArgumentError (also ValueError): a user argument or environment variable sets
     what managed mode sets itself.
   x UpstreamError
-    + ManagedStartError: llama-server exited while it started, or did not become healthy.
+    + ManagedStartError: llama-server exited while it started, or did not become healthy
+      (`returncode` says how it exited; `vcache serve` then exits with llama-server's own
+      status, as llama-server would have: a bad flag or configuration ends the process a
+      supervisor or a test watches).
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ class ManagedServer:
                 return
             except _EarlyExit as exc:
                 if not (exc.bind_failed and self._config.port == 0 and attempt < _BIND_ATTEMPTS):
-                    raise ManagedStartError(exc.summary, exc.tail) from None
+                    raise ManagedStartError(exc.summary, exc.tail, exc.returncode) from None
                 log.warning(
                     "port %d was taken before llama-server could bind it; trying another",
                     self._port,
@@ -394,13 +397,23 @@ class ManagedStartError(UpstreamError):
     """llama-server did not come up: it exited first, or stayed unhealthy too long.
 
     `summary` says which in one line, `tail` holds its last lines of output, and
-    `last_error()` the line of it most likely to say why.
+    `last_error()` the line of it most likely to say why. `returncode` is its exit status as
+    asyncio reports it (negative: killed by that signal), None when it did not exit.
     """
 
-    def __init__(self, summary: str, tail: str) -> None:
+    def __init__(self, summary: str, tail: str, returncode: int | None = None) -> None:
         super().__init__(f"{summary}; its last output:\n{tail}")
         self.summary = summary
         self.tail = tail
+        self.returncode = returncode
+
+    @property
+    def exit_status(self) -> int:
+        """The status to exit with in its place: its code, 128 + the signal that killed it (a
+        shell's convention), or 1 when it did not exit."""
+        if self.returncode is None:
+            return 1
+        return self.returncode if self.returncode >= 0 else 128 - self.returncode
 
     def last_error(self) -> str | None:
         """The first error line of the tail (the cause; later ones tend to be consequences),
@@ -425,6 +438,7 @@ class _EarlyExit(Exception):
         self.summary = f"llama-server {describe_exit(returncode)} before it became healthy"
         super().__init__(f"{self.summary}; its last output:\n{tail}")
         self.tail = tail
+        self.returncode = returncode
         self.bind_failed = _BIND_FAILURE.search(tail) is not None
 
 

@@ -44,6 +44,9 @@ Check = Callable[[web.Request], None]
 Record = Callable[[web.Request, str], None]
 REQUEST_ID = "X-Request-Id"
 CANCELLED = "cancelled"  # the client went away before the whole response was sent
+# how long requests in flight may go on after SIGTERM (see running_site); not 0, which
+# aiohttp reads as "no limit"
+SHUTDOWN_GRACE_S = 0.1
 
 
 def request_middleware(*, check: Check | None = None, record: Record | None = None) -> Any:
@@ -237,8 +240,14 @@ async def running_site(
     (the real port, for port 0). The sockets are closed on exit."""
     owned = list(sockets) or bind_listeners(hosts, port)
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream request or the generation (llama-server then stops generating for it)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # upstream request or the generation (llama-server then stops generating for it).
+    # shutdown_timeout: on SIGTERM, requests in flight are cut at once, as llama-server cuts
+    # its own (it closes its sockets and exits); aiohttp's default waits up to 60 s for them,
+    # which a supervisor that kills after a few seconds (or llama.cpp's server tests: 5 s,
+    # expecting under 3) reads as a hung process.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
     try:
         await runner.setup()
         for sock in owned:

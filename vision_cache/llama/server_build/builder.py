@@ -38,6 +38,7 @@ from vision_cache.llama.server_build.plan import (
 )
 from vision_cache.llama.server_build.source import resolve_source
 from vision_cache.llama.server_build.toolchain import check_toolchain
+from vision_cache.llama.server_build.ui import ui_assets
 
 log = logging.getLogger("vcache.build")
 
@@ -50,7 +51,8 @@ def build_server(request: BuildRequest | None = None) -> Path:
     source = resolve_source(request.source, cache)
     patches = patch_set() if request.variant == "patched" else PatchSet()
     flags = (*BASE_CMAKE_FLAGS, *(cuda.cmake_flags() if cuda else ()), *request.cmake_args)
-    plan = BuildPlan(request.variant, source, patches, flags, cache)
+    ui = ui_assets(source.tree, cache, request.ui)
+    plan = BuildPlan(request.variant, source, patches, flags, cache, ui)
     return ensure_built(plan, request.jobs, _cuda_manifest(cuda))
 
 
@@ -135,6 +137,8 @@ def prepare_tree(plan: BuildPlan) -> Path:
     shutil.copytree(plan.source.tree, tree, symlinks=True, ignore=_skip_vcs_and_builds)
     apply_patches(tree, plan.patches.patches)
     write_generated(tree, plan.patches)
+    if plan.ui is not None:
+        plan.ui.install(tree)
     return tree
 
 
@@ -225,6 +229,8 @@ def install(plan: BuildPlan, tree: Path, details: dict[str, Any]) -> None:
         shutil.rmtree(bindir)
     shutil.copytree(tree / "build" / "bin", bindir, symlinks=True)
     smoke_test(bindir / "llama-server", patched=bool(plan.patches.patches))
+    if plan.ui is not None:
+        check_ui_embedded(tree / "build")
     manifest = {
         "variant": plan.variant,
         "key": plan.key,
@@ -234,6 +240,7 @@ def install(plan: BuildPlan, tree: Path, details: dict[str, Any]) -> None:
         "patches": [p.name for p in plan.patches.patches],
         "verified_projectors": read_verified_projectors(plan.patches),
         "cmake_flags": list(plan.cmake_flags),
+        "ui": {"digest": plan.ui.digest, "from": plan.ui.origin} if plan.ui else None,
         **details,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -241,6 +248,13 @@ def install(plan: BuildPlan, tree: Path, details: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.rename(plan.manifest)
     shutil.rmtree(tree)
+
+
+def check_ui_embedded(build: Path) -> None:
+    """CMake says "pre-built assets" and still embeds none if it dislikes them: check."""
+    header = build / "tools" / "ui" / "ui.h"
+    if "#define LLAMA_UI_HAS_ASSETS 1" not in header.read_text(errors="replace"):
+        raise SmokeTestError(f"the web UI was not embedded ({header} has no assets)")
 
 
 def smoke_test(binary: Path, patched: bool) -> None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from vision_cache.llama.server_build.patches import PatchSet
 from vision_cache.llama.server_build.source import Source
+from vision_cache.llama.server_build.ui import UiAssets, UiChoice
 
 Variant = Literal["patched", "stock"]
 Backend = Literal["auto", "cpu", "cuda"]
@@ -31,7 +32,8 @@ BASE_CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=ON",
-    # the prebuilt web UI is downloaded at build time; builds must work offline
+    # the web UI is built beforehand and put where CMake takes "pre-built assets" from
+    # (server_build/ui.py); CMake's own ways download it or run npm in every build directory
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
@@ -64,6 +66,8 @@ class BuildRequest:
     cuda_architectures: tuple[str, ...] | None = None  # None: the GPUs present
     cache_dir: Path | None = None  # None: default_cache_dir()
     cmake_args: tuple[str, ...] = ()  # appended last, so they win
+    # llama.cpp's web UI, embedded in the server: "auto" when npm is installed (ui.py)
+    ui: UiChoice = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,7 @@ class BuildPlan:
     patches: PatchSet
     cmake_flags: tuple[str, ...]
     cache: Path
+    ui: UiAssets | None = None
 
     @property
     def key(self) -> str:
@@ -81,6 +86,8 @@ class BuildPlan:
             h.update(part.encode() + b"\0")
         for digest in self.patches.digests():
             h.update(digest)
+        if self.ui is not None:  # absent from the key without a UI: older builds keep theirs
+            h.update(b"ui\0" + self.ui.digest.encode())
         return h.hexdigest()[:16]
 
     @property
