@@ -36,8 +36,9 @@ help:
 # system packages, installed only when missing (that needs root or sudo; with everything
 # present, nothing does). `?`: optional, skipped when it cannot be installed.
 DEMO_TOOLS := cmake:cmake g++:g++ git:git ?ccache:ccache
-# npm builds llama.cpp's web UI into the servers; chromium runs the browser test against it
-TEST_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server npm:npm \
+# chromium runs the browser test against llama.cpp's web UI (which the servers embed, built
+# with the Node.js that pip installs in the venv: Debian 12's own is too old for it)
+TEST_TOOLS := cmake:cmake g++:g++ git:git ccache:ccache redis-server:redis-server \
               chromium:chromium
 system-deps:
 	@$(PYTHON) scripts/system_deps.py $(TEST_TOOLS)

