@@ -280,7 +280,10 @@ def test_sigterm_cuts_requests_in_flight_at_once(
         while _busy_slots(client, patched_gemma.base_url) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _busy_slots(client, patched_gemma.base_url) == 0
-    assert stopped < 1.5, f"vcache took {stopped:.1f} s to stop"
+    # the suite's own limit (the regression was up to 60 s); a stop takes well under a second
+    # on a quiet machine, 1.6 s was seen at a load of 10 on two cores
+    log = (tmp_path / "proxy.log").read_text()[-3000:]
+    assert stopped < 3, f"vcache took {stopped:.1f} s to stop; its log:\n{log}"
 
 
 def _busy_slots(client: httpx.Client, base_url: str) -> int:
