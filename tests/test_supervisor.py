@@ -186,14 +186,25 @@ async def test_start_failure_quotes_the_log_tail(make_binary: BinaryFactory) -> 
         await server.start()
     assert "failed to load model 'missing.gguf'" in caught.value.message
     assert server.pid is None
+    # `vcache serve` exits with it: the status llama-server itself ended with
+    assert isinstance(caught.value, supervisor.ManagedStartError)
+    assert caught.value.exit_status == 1
 
 
 async def test_start_timeout_kills_the_loading_child(make_binary: BinaryFactory) -> None:
     config = fast_config(make_binary(), "--load-delay", "30", start_timeout_s=0.5)
     server = ManagedServer(config)
-    with pytest.raises(UpstreamError, match=r"did not become healthy within 0\.5 s"):
+    with pytest.raises(UpstreamError, match=r"did not become healthy within 0\.5 s") as caught:
         await server.start()
     assert server.pid is None  # and no_leftover_children checks it was reaped
+    assert isinstance(caught.value, supervisor.ManagedStartError)
+    assert caught.value.exit_status == 1  # it did not exit: vcache's own failure status
+
+
+def test_a_start_killed_by_a_signal_exits_as_a_shell_reports_it() -> None:
+    killed = supervisor.ManagedStartError("llama-server was killed", "", -signal.SIGKILL)
+    assert killed.exit_status == 128 + signal.SIGKILL
+    assert supervisor.ManagedStartError("exited", "", 3).exit_status == 3
 
 
 async def test_missing_binary_is_an_upstream_error(tmp_path: Path) -> None:
