@@ -74,8 +74,9 @@ def _copy_checkout(dest: Path) -> Path:
 def _fresh_env(tmp: Path) -> dict[str, str]:
     """No trace of this checkout's environment: the default cache under a new XDG cache home.
 
-    Two things are reused so that the test does not spend minutes repeating `make llama`: the
-    compiled objects (ccache) and the downloaded llama.cpp sdist."""
+    Three things are reused so that the test does not spend minutes repeating `make llama`: the
+    compiled objects (ccache), the downloaded llama.cpp sdist, and the built web UI (without
+    it this build would differ from `make llama`'s, and none of ccache's objects would match)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -88,7 +89,16 @@ def _fresh_env(tmp: Path) -> dict[str, str]:
         downloads = tmp / "cache" / "vcache" / "llama" / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
         os.link(sdist, downloads / sdist.name)
+    if (REPO_CACHE / "ui").is_dir():
+        shutil.copytree(
+            REPO_CACHE / "ui", tmp / "cache" / "vcache" / "llama" / "ui", ignore=_ui_scratch
+        )
     return env
+
+
+def _ui_scratch(_dir: str, names: list[str]) -> set[str]:
+    """A UI build in progress (or its lock) is not part of the cache to copy."""
+    return {n for n in names if n.startswith(".build-") or n.endswith(".lock")}
 
 
 @pytest.mark.server

@@ -97,6 +97,16 @@ def test_the_ui_is_built_once_and_cached(tmp_path: Path, fake_npm: Path) -> None
     assert not (tree / "tools" / "ui" / "dist").exists()  # the source tree is never written
 
 
+def test_a_cached_ui_needs_no_npm(
+    tmp_path: Path, fake_npm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = ui_tree(tmp_path / "llama.cpp")
+    first = ui.ui_assets(tree, tmp_path / "cache", "on")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no npm, no node from here on
+    assert ui.ui_assets(tree, tmp_path / "cache", "auto") == first
+    assert ui.ui_assets(tree, tmp_path / "cache", "on") == first
+
+
 def test_the_digest_follows_the_sources_not_npms_leftovers(tmp_path: Path) -> None:
     sources = ui_tree(tmp_path) / "tools" / "ui"
     digest = ui.ui_digest(sources)

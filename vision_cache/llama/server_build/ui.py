@@ -86,6 +86,9 @@ def ui_assets(tree: Path, cache: Path, choice: UiChoice) -> UiAssets | None:
     prebuilt = sources / "dist"
     if (prebuilt / "index.html").is_file():
         return UiAssets(prebuilt, digest, "the source tree's tools/ui/dist")
+    built = cache / "ui" / digest / "dist"
+    if (built / "index.html").is_file():  # built before: no npm needed
+        return UiAssets(built, digest, "npm build")
     npm, why_not = find_npm()
     if npm is None:
         if choice == "on":
