@@ -1,0 +1,161 @@
+"""The proven range: the llama.cpp trees the patches are known to apply to, build on and decode
+packages exactly on, as `make compat` measured them (llama_patches/compat.json).
+
+A record holds, per tree, its llama.cpp commit and tree digest, which patch series applied, and
+whether it applied, built and passed the tiny equivalence check; plus the digest of the patch
+inputs it was measured with. A source is inside the proven range when it is one of the trees
+that passed everything, or a commit between two such trees (git ancestry), and the record was
+measured with the patches shipped now; anything else is outside, and gets checked before its
+packages are trusted (builder.build_server).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from vision_cache.llama.server_build.patches import patch_dir, patch_series
+from vision_cache.llama.server_build.source import Source
+
+COMPAT_FILE = "compat.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeResult:
+    """One tree of a compat run."""
+
+    llama_cpp_python: str  # the sdist the tree came from
+    commit: str  # llama.cpp commit (short hash)
+    tree_digest: str  # source.tree_digest() of the unpacked tree
+    series: str | None  # the patch series that applied, None when none did
+    applies: bool
+    builds: bool | None  # None: not tried (did not apply)
+    equivalence: bool | None  # None: not tried
+    detail: str = ""
+    build_s: float | None = None
+
+    @property
+    def proven(self) -> bool:
+        return bool(self.applies and self.builds and self.equivalence)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompatRecord:
+    patches_digest: str
+    measured_at: str
+    trees: tuple[TreeResult, ...]  # oldest llama.cpp first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "patches_digest": self.patches_digest,
+            "measured_at": self.measured_at,
+            "trees": [dataclasses.asdict(t) for t in self.trees],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CompatRecord:
+        trees = tuple(TreeResult(**t) for t in data["trees"])
+        return cls(str(data["patches_digest"]), str(data["measured_at"]), trees)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    inside: bool
+    why: str
+
+
+def patches_digest(directory: Path | None = None) -> str:
+    """SHA-256 over every input of every patch series: what a compat record was measured with."""
+    h = hashlib.sha256()
+    for label, series in patch_series(directory):
+        h.update(label.encode() + b"\0")
+        for path, digest in zip(series.inputs, series.digests(), strict=True):
+            h.update(path.name.encode() + b"\0" + digest)
+    return h.hexdigest()
+
+
+def load_record(directory: Path | None = None) -> CompatRecord | None:
+    path = (directory or patch_dir()) / COMPAT_FILE
+    if not path.exists():
+        return None
+    return CompatRecord.from_json(json.loads(path.read_text()))
+
+
+def write_record(record: CompatRecord, directory: Path | None = None) -> Path:
+    path = (directory or patch_dir()) / COMPAT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def proven_range(record: CompatRecord) -> list[TreeResult]:
+    """The run of consecutive proven trees that ends with the newest proven one."""
+    best: list[TreeResult] = []
+    run: list[TreeResult] = []
+    for tree in record.trees:
+        run = [*run, tree] if tree.proven else []
+        if run:
+            best = run
+    return best
+
+
+def describe(trees: list[TreeResult]) -> str:
+    if not trees:
+        return "no proven llama.cpp tree"
+    first, last = trees[0], trees[-1]
+    if first is last:
+        return f"llama.cpp {first.commit} (llama-cpp-python {first.llama_cpp_python})"
+    return (
+        f"llama.cpp {first.commit}..{last.commit} "
+        f"(llama-cpp-python {first.llama_cpp_python}..{last.llama_cpp_python})"
+    )
+
+
+def verdict(source: Source, directory: Path | None = None) -> Verdict:
+    """Whether `source` lies inside the range the shipped patches are proven on, and why."""
+    record = load_record(directory)
+    if record is None:
+        return Verdict(False, "no proven range is recorded (llama_patches/compat.json)")
+    if record.patches_digest != patches_digest(directory):
+        return Verdict(
+            False,
+            "the proven range was measured with other patches than these "
+            f"(on {record.measured_at}); run `make compat` to measure it again",
+        )
+    trees = proven_range(record)
+    span = describe(trees)
+    for tree in trees:
+        if source.digest == tree.tree_digest:
+            return Verdict(True, f"its tree is that of llama-cpp-python {tree.llama_cpp_python} "
+                                 f"(proven: {span})")  # fmt: skip
+        if source.commit != "unknown" and tree.commit.startswith(source.commit[:9]):
+            return Verdict(True, f"commit {source.commit} was measured (proven: {span})")
+    if len(trees) >= 2 and source.commit != "unknown":
+        for older, newer in itertools.pairwise(trees):
+            if _between(source.tree, older.commit, newer.commit):
+                return Verdict(
+                    True,
+                    f"commit {source.commit} lies between {older.commit} and {newer.commit} "
+                    f"(proven: {span})",
+                )
+    return Verdict(False, f"commit {source.commit} is not among them (proven: {span})")
+
+
+def _between(tree: Path, older: str, newer: str) -> bool:
+    """HEAD of the git checkout `tree` descends from `older` and is an ancestor of `newer`."""
+
+    def ancestor(a: str, b: str) -> bool:
+        res = subprocess.run(
+            ["git", "-C", str(tree), "merge-base", "--is-ancestor", a, b],
+            capture_output=True,
+            check=False,
+        )
+        return res.returncode == 0
+
+    return ancestor(older, "HEAD") and ancestor("HEAD", newer)
