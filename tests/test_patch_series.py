@@ -14,7 +14,7 @@ import pytest
 from vision_cache.llama.server_build import compat
 from vision_cache.llama.server_build.errors import PatchError
 from vision_cache.llama.server_build.patches import patch_series, select_patch_series
-from vision_cache.llama.server_build.source import Source, tree_digest
+from vision_cache.llama.server_build.source import Source, git_commit, tree_digest
 
 
 def _patch(old: str, new: str) -> str:
@@ -88,9 +88,21 @@ def test_a_measured_tree_is_inside(patches: Path, tmp_path: Path) -> None:
             _result("0.3.36", "bbbbbbb22", tree_digest(tree)))  # fmt: skip
     by_digest = compat.verdict(Source(tree, tree_digest(tree), "t", "unknown"), patches)
     assert by_digest.inside and "0.3.36" in by_digest.why
-    by_commit = compat.verdict(Source(tree, "other", "t", "bbbbbbb22"), patches)
-    assert by_commit.inside
-    failed = compat.verdict(Source(tree, "other", "t", "aaaaaaa11"), patches)
+    other = compat.verdict(Source(tree, "other", "t", "unknown"), patches)
+    assert not other.inside and "no git checkout" in other.why
+
+
+def test_a_clean_checkout_of_a_measured_commit_is_inside(patches: Path, tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo", 1)
+    commit = _git(repo, "rev-parse", "--short=9", "HEAD")
+    _record(patches, _result("0.3.35", "aaaaaaa11", "x", proven=False),
+            _result("0.3.36", commit, "y"))  # fmt: skip
+    source = Source(repo, "other", "repo", commit)
+    assert compat.verdict(source, patches).inside
+    (repo / "n.txt").write_text("edited")
+    edited = compat.verdict(source, patches)
+    assert not edited.inside and "local changes" in edited.why
+    failed = compat.verdict(Source(repo, "z", "repo", "aaaaaaa11"), patches)
     assert not failed.inside  # measured, but it did not pass
 
 
@@ -113,18 +125,29 @@ def _git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def test_a_commit_between_two_proven_ones_is_inside(patches: Path, tmp_path: Path) -> None:
-    repo = _tree(tmp_path / "repo", "int b;")
+def _repo(root: Path, n_commits: int) -> Path:
+    repo = _tree(root, "int b;")
     _git(repo, "init", "-q")
-    commits = []
-    for i in range(4):
+    for i in range(n_commits):
         (repo / "n.txt").write_text(str(i))
         _git(repo, "add", "-A")
         _git(repo, "commit", "-q", "-m", f"c{i}")
-        commits.append(_git(repo, "rev-parse", "--short=9", "HEAD"))
+    return repo
+
+
+def test_a_commit_between_two_proven_ones_is_inside(patches: Path, tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo", 4)
+    commits = _git(repo, "rev-list", "--reverse", "--abbrev-commit", "--abbrev=9", "HEAD").split()
     _record(patches, _result("0.3.35", commits[0], "x"), _result("0.3.36", commits[2], "y"))
     _git(repo, "checkout", "-q", commits[1])
     between = compat.verdict(Source(repo, "z", "repo", commits[1]), patches)
     assert between.inside and "lies between" in between.why
     _git(repo, "checkout", "-q", commits[3])
     assert not compat.verdict(Source(repo, "z", "repo", commits[3]), patches).inside
+
+
+def test_a_tree_inside_another_repository_has_no_commit(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo", 1)
+    inner = _tree(repo / "vendor" / "llama.cpp", "int b;")
+    assert git_commit(repo) != "unknown"
+    assert git_commit(inner) == "unknown"

@@ -3,10 +3,11 @@ packages exactly on, as `make compat` measured them (llama_patches/compat.json).
 
 A record holds, per tree, its llama.cpp commit and tree digest, which patch series applied, and
 whether it applied, built and passed the tiny equivalence check; plus the digest of the patch
-inputs it was measured with. A source is inside the proven range when it is one of the trees
-that passed everything, or a commit between two such trees (git ancestry), and the record was
-measured with the patches shipped now; anything else is outside, and gets checked before its
-packages are trusted (builder.build_server).
+inputs it was measured with. A source is inside the proven range when its files are those of a
+tree that passed everything, or it is a git checkout without local changes at such a tree's
+commit or at a commit between two of them (git ancestry), and the record was measured with the
+patches shipped now; anything else is outside, and gets checked before its packages are
+trusted (builder.build_server).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vision_cache.llama.server_build.patches import patch_dir, patch_series
-from vision_cache.llama.server_build.source import Source
+from vision_cache.llama.server_build.source import Source, git_modified
 
 COMPAT_FILE = "compat.json"
 
@@ -134,9 +135,15 @@ def verdict(source: Source, directory: Path | None = None) -> Verdict:
         if source.digest == tree.tree_digest:
             return Verdict(True, f"its tree is that of llama-cpp-python {tree.llama_cpp_python} "
                                  f"(proven: {span})")  # fmt: skip
-        if source.commit != "unknown" and tree.commit.startswith(source.commit[:9]):
+    if source.commit == "unknown":
+        return Verdict(False, f"its files match no proven tree and it is no git checkout "
+                              f"(proven: {span})")  # fmt: skip
+    if git_modified(source.tree):
+        return Verdict(False, f"commit {source.commit} has local changes (proven: {span})")
+    for tree in trees:
+        if tree.commit.startswith(source.commit[:9]):
             return Verdict(True, f"commit {source.commit} was measured (proven: {span})")
-    if len(trees) >= 2 and source.commit != "unknown":
+    if len(trees) >= 2:
         for older, newer in itertools.pairwise(trees):
             if _between(source.tree, older.commit, newer.commit):
                 return Verdict(

@@ -149,15 +149,28 @@ def tree_digest(tree: Path) -> str:
 
 
 def git_commit(tree: Path) -> str:
-    if shutil.which("git") is None:
+    """The commit checked out in `tree` when `tree` is the top of a git checkout, else
+    "unknown" (a tree unpacked inside some other repository is not that repository's HEAD)."""
+    top = _git(tree, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != tree.resolve():
         return "unknown"
+    return _git(tree, "rev-parse", "--short=9", "HEAD") or "unknown"
+
+
+def git_modified(tree: Path) -> bool:
+    """Whether the checkout `tree` has changes to tracked files (untracked ones do not count:
+    they are not built unless a tracked file names them)."""
+    status = _git(tree, "status", "--porcelain", "--untracked-files=no")
+    return status is None or status != ""
+
+
+def _git(tree: Path, *args: str) -> str | None:
+    if shutil.which("git") is None:
+        return None
     res = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short=9", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(tree), *args], capture_output=True, text=True, check=False
     )
-    return res.stdout.strip() if res.returncode == 0 else "unknown"
+    return res.stdout.strip() if res.returncode == 0 else None
 
 
 def _file_sha256(path: Path) -> str:
