@@ -6,7 +6,9 @@ rely on, without building anything.
 
 from __future__ import annotations
 
+import fnmatch
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,21 @@ def test_a_tree_inside_another_repository_has_no_commit(tmp_path: Path) -> None:
     inner = _tree(repo / "vendor" / "llama.cpp", "int b;")
     assert git_commit(repo) != "unknown"
     assert git_commit(inner) == "unknown"
+
+
+def test_every_shipped_series_file_is_package_data() -> None:
+    """The wheel carries llama_patches/ by pyproject's package-data globs: every series, the
+    verified list and the compat record must match one (a range folder missed would leave an
+    installed vcache unable to build those trees)."""
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["llama_patches"]
+    shipped = root / "llama_patches"
+    wanted = [p for _, s in patch_series(shipped) for p in s.inputs]
+    wanted.append(shipped / compat.COMPAT_FILE)  # whether or not it exists yet
+    for path in wanted:
+        rel = path.relative_to(shipped).as_posix()
+        assert any(fnmatch.fnmatchcase(rel, g) and rel.count("/") == g.count("/") for g in globs), (
+            f"llama_patches/{rel} is not package data"
+        )
