@@ -63,7 +63,7 @@ def changelog_commit(sdist: Path, version: str) -> str:
             raise BuildError(f"{sdist.name} has no CHANGELOG.md")
         text = member.read().decode()
     section = text.split(f"## [{version}]", 1)[-1].split("\n## [", 1)[0]
-    m = re.search(r"update llama\.cpp to ggml-org/llama\.cpp@([0-9a-f]{7,40})", section)
+    m = re.search(r"update llama\.cpp to ggml-org/llama\.cpp@([0-9a-f]{7,40})", section, re.I)
     if not m:
         raise BuildError(f"CHANGELOG.md of {version} names no llama.cpp commit")
     return m.group(1)
@@ -83,22 +83,27 @@ def measure(version: str, cache: Path, jobs: int, pytest: bool) -> compat.TreeRe
         label, series = select_patch_series(tree, PATCH_DIR)
     except PatchError as e:
         return base(series=None, applies=False, builds=None,
-                                 equivalence=None, detail=str(e))  # fmt: skip
+                    equivalence=None, detail=str(e))  # fmt: skip
+    log.info("patch series %r applies", label)
     plan = BuildPlan("patched", source, series, BASE_CMAKE_FLAGS, cache)
+    cached = plan.manifest.exists() and plan.binary.exists()
     started = time.monotonic()
     try:
         binary = ensure_built(plan, jobs, {"series": label, "compat": version})
     except BuildError as e:
         return base(series=label, applies=True, builds=False,
-                                 equivalence=None, detail=str(e).splitlines()[0])  # fmt: skip
-    build_s = round(time.monotonic() - started)
+                    equivalence=None, detail=str(e).splitlines()[0])  # fmt: skip
+    build_s = None if cached else round(time.monotonic() - started)
     result = check_equivalence(binary, cache / "models")
-    passed, detail = result.passed, result.detail
-    if passed and pytest:
-        ok, summary = run_patched_server_tests(binary)
-        passed, detail = ok, f"{detail}; tests/test_patched_server.py: {summary}"
-    return base(series=label, applies=True, builds=True,
-                             equivalence=passed, detail=detail, build_s=build_s)  # fmt: skip
+    log.info("tiny equivalence check: %s", result.detail)
+    done = functools.partial(base, series=label, applies=True, builds=True,
+                             equivalence=result.passed, detail=result.detail,
+                             build_s=build_s)  # fmt: skip
+    if not (result.passed and pytest):
+        return done()
+    ok, summary = run_patched_server_tests(binary)
+    log.info("tests/test_patched_server.py: %s", summary)
+    return done(tests=ok, tests_summary=summary)
 
 
 def run_patched_server_tests(binary: Path) -> tuple[bool, str]:
@@ -108,24 +113,35 @@ def run_patched_server_tests(binary: Path) -> tuple[bool, str]:
            "tests/test_patched_server.py", "-k", "not stock"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
-    return done.returncode == 0, lines[-1] if lines else f"exit {done.returncode}"
+    return done.returncode == 0, lines[-1].strip("= ") if lines else f"exit {done.returncode}"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "cached" if seconds is None else f"{seconds / 60:.0f} min"
 
 
 def table(record: compat.CompatRecord, took_s: float) -> str:
     proven = compat.proven_range(record)
     rows = [
-        "| llama-cpp-python | llama.cpp | patch series | applies | builds | tiny equivalence |",
-        "|---|---|---|---|---|---|",
+        "| llama-cpp-python | llama.cpp | patch series | applies | builds | tiny equivalence "
+        "| tests/test_patched_server.py | build |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     mark = {True: "yes", False: "**no**", None: "-"}
     for t in record.trees:
+        build = _minutes(t.build_s) if t.builds else "-"
+        tests = t.tests_summary if t.tests is not None else "-"
+        if t.tests is False:
+            tests = f"**{tests}**"
         rows.append(f"| {t.llama_cpp_python} | `{t.commit}` | {t.series or '-'} | "
-                    f"{mark[t.applies]} | {mark[t.builds]} | {mark[t.equivalence]} |")  # fmt: skip
+                    f"{mark[t.applies]} | {mark[t.builds]} | {mark[t.equivalence]} | "
+                    f"{tests} | {build} |")  # fmt: skip
     failures = [f"- {t.llama_cpp_python}: {t.detail}" for t in record.trees if not t.proven]
     return "\n".join([
         TABLE_BEGIN, "", *rows, "",
         f"Proven range: {compat.describe(proven)}. Measured {record.measured_at} by `make compat` "
-        f"in {took_s / 60:.0f} min (two cores; builds with a warm ccache take a fraction).",
+        f"in {took_s / 60:.0f} min on two cores (build: the patched llama-server's compile in "
+        "that run; `cached`: already built with these patches).",
         *(["", "Why the others fail:", *failures] if failures else []),
         "", TABLE_END,
     ])  # fmt: skip

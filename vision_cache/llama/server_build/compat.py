@@ -38,11 +38,13 @@ class TreeResult:
     builds: bool | None  # None: not tried (did not apply)
     equivalence: bool | None  # None: not tried
     detail: str = ""
-    build_s: float | None = None
+    build_s: float | None = None  # None: not built, or the build was already in the cache
+    tests: bool | None = None  # tests/test_patched_server.py against the build; None: not run
+    tests_summary: str = ""
 
     @property
     def proven(self) -> bool:
-        return bool(self.applies and self.builds and self.equivalence)
+        return bool(self.applies and self.builds and self.equivalence) and self.tests is not False
 
 
 @dataclasses.dataclass(frozen=True)
