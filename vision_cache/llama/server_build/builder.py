@@ -133,7 +133,7 @@ def _equivalence(plan: BuildPlan, binary: Path, cache: Path) -> EquivalenceResul
         data = json.loads(record.read_text())
         log.info("tiny equivalence check: remembered from %s", data.get("checked_at"))
         return EquivalenceResult(bool(data["passed"]), str(data["detail"]))
-    log.info("running the tiny equivalence check on this build (about a minute)")
+    log.info("running the tiny equivalence check on this build (seconds)")
     try:
         result = check_equivalence(binary, cache / "models")
     except ImportError as e:  # the model generator's numpy or gguf is missing

@@ -8,8 +8,9 @@ image's package, inline and by file reference, must be token-identical to the an
 raw image, with logprobs within 1e-5; and a different image and a tampered package must both
 change the answer, so a server that ignored packages, or a model blind to images, fails.
 
-About a minute on two cores. Only the standard library talks to the server; the models come
-from vision_cache.synthetic (numpy, gguf), imported when the check runs.
+About ten seconds on two cores, plus generating the two models once. Only the standard library
+talks to the server; the models come from vision_cache.synthetic (numpy, gguf), imported when
+the check runs.
 """
 
 from __future__ import annotations
