@@ -53,6 +53,7 @@ class Recorder:
     def __init__(self, *, compile_fails: bool = False, equivalent: bool = True) -> None:
         self.compile_fails = compile_fails
         self.equivalent = equivalent
+        self.missing_module = False
         self.built: list[BuildPlan] = []
         self.manifests: list[dict[str, Any]] = []
         self.checks = 0
@@ -68,6 +69,8 @@ class Recorder:
 
     def check_equivalence(self, binary: Path, models: Path) -> EquivalenceResult:
         self.checks += 1
+        if self.missing_module:
+            raise ModuleNotFoundError("No module named 'gguf'")
         detail = "2 images identical" if self.equivalent else "gemma3: package answers 'x'"
         return EquivalenceResult(self.equivalent, detail)
 
@@ -124,6 +127,20 @@ def test_a_failed_equivalence_check_gives_the_stock_build_and_is_remembered(
     assert record["passed"] is False and "answers 'x'" in record["detail"]
     assert _build(tree, patches, tmp_path) == first
     assert recorder.checks == 1  # the verdict is kept beside the patched build
+
+
+def test_a_check_that_cannot_run_gives_the_stock_build_and_is_tried_again(
+    recorder: Recorder, patches: Path, tmp_path: Path
+) -> None:
+    recorder.missing_module = True
+    tree = _tree(tmp_path / "t", "int b;")
+    _build(tree, patches, tmp_path)
+    assert [p.variant for p in recorder.built] == ["patched", "stock"]
+    assert "pip install gguf" in recorder.manifests[1]["packages_off_because"]
+    assert not (recorder.built[0].dir / "equivalence.json").exists()
+    recorder.missing_module = False
+    assert _build(tree, patches, tmp_path) == recorder.built[2].binary
+    assert recorder.built[2].variant == "patched" and recorder.checks == 2
 
 
 def test_a_passed_equivalence_check_gives_the_patched_build(
