@@ -85,6 +85,7 @@ def measure(version: str, cache: Path, jobs: int, pytest: bool) -> compat.TreeRe
         return base(series=None, applies=False, builds=None,
                     equivalence=None, detail=str(e))  # fmt: skip
     log.info("patch series %r applies", label)
+    base = functools.partial(base, series_digest=compat.series_digests(PATCH_DIR)[label])
     plan = BuildPlan("patched", source, series, BASE_CMAKE_FLAGS, cache)
     cached = plan.manifest.exists() and plan.binary.exists()
     started = time.monotonic()
@@ -120,7 +121,7 @@ def _minutes(seconds: float | None) -> str:
     return "cached" if seconds is None else f"{seconds / 60:.0f} min"
 
 
-def table(record: compat.CompatRecord, took_s: float) -> str:
+def table(record: compat.CompatRecord, took_s: float, measured: Sequence[str]) -> str:
     proven = compat.proven_range(record)
     rows = [
         "| llama-cpp-python | llama.cpp | patch series | applies | builds | tiny equivalence "
@@ -139,9 +140,10 @@ def table(record: compat.CompatRecord, took_s: float) -> str:
     failures = [f"- {t.llama_cpp_python}: {t.detail}" for t in record.trees if not t.proven]
     return "\n".join([
         TABLE_BEGIN, "", *rows, "",
-        f"Proven range: {compat.describe(proven)}. Measured {record.measured_at} by `make compat` "
-        f"in {took_s / 60:.0f} min on two cores (build: the patched llama-server's compile in "
-        "that run; `cached`: already built with these patches).",
+        f"Proven range: {compat.describe(proven)}. Measured {record.measured_at} by `make compat`: "
+        f"this run measured {', '.join(measured)} in {took_s / 60:.0f} min on two cores (build: "
+        "the patched llama-server's compile in that run; `cached`: already built with these "
+        "patches).",
         *(["", "Why the others fail:", *failures] if failures else []),
         "", TABLE_END,
     ])  # fmt: skip
@@ -177,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = default_cache_dir().expanduser().resolve()
     started = time.monotonic()
     old = compat.load_record(PATCH_DIR)
-    digest = compat.patches_digest(PATCH_DIR)
+    current = compat.series_digests(PATCH_DIR)
     results = {}
-    if old is not None and old.patches_digest == digest:
-        results = {t.llama_cpp_python: t for t in old.trees}  # keep trees not rerun
+    if old is not None:  # trees not rerun keep their results while these still hold
+        results = {t.llama_cpp_python: t for t in old.trees if old.still_valid(t, current)}
     for version in args.versions:
         results[version] = measure(version, cache, args.jobs, args.pytest)
         log.info(
@@ -188,10 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     trees = tuple(results[v] for v in sorted(results, key=lambda v: tuple(map(int, v.split(".")))))
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
-    record = compat.CompatRecord(digest, stamp, trees)
+    record = compat.CompatRecord(stamp, current, trees)
     compat.write_record(record, PATCH_DIR)
     took = time.monotonic() - started
-    write_table(table(record, took))
+    write_table(table(record, took, args.versions))
     log.info(
         "done in %.0f min; proven range: %s",
         took / 60,

@@ -154,11 +154,13 @@ def test_a_passed_equivalence_check_gives_the_patched_build(
 
 
 def _prove(patches: Path, tree: Path) -> None:
+    current = compat.series_digests(patches)
     result = compat.TreeResult(
         llama_cpp_python="0.3.36", commit="0c1e57098", tree_digest=tree_digest(tree),
         series="main", applies=True, builds=True, equivalence=True,
+        series_digest=current["main"],
     )  # fmt: skip
-    record = compat.CompatRecord(compat.patches_digest(patches), "today", (result,))
+    record = compat.CompatRecord("today", current, (result,))
     compat.write_record(record, patches)
 
 

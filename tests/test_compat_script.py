@@ -74,19 +74,19 @@ def _tree(version: str, commit: str, **kw: object) -> compat.TreeResult:
 def test_the_table_says_what_passed_and_why_the_rest_did_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    record = compat.CompatRecord("x", "2026-12-04", (
+    record = compat.CompatRecord("2026-12-04", {}, (
         _tree("0.3.34", "e3546c794", series=None, applies=False, builds=None, equivalence=None,
               tests=None, tests_summary="", detail="no patch series applies to this tree"),
         _tree("0.3.35", "4df29be4f", series="1-4df29be4f", build_s=600),
         _tree("0.3.36", "0c1e57098"),
     ))  # fmt: skip
-    text = compat_script.table(record, 1800)
+    text = compat_script.table(record, 1800, ["0.3.35", "0.3.36"])
     lines = text.splitlines()
     assert "| 0.3.34 | `e3546c794` | - | **no** | - | - | - | - |" in lines
     assert "| 0.3.35 | `4df29be4f` | 1-4df29be4f | yes | yes | yes | 28 passed | 10 min |" in lines
     assert "| 0.3.36 | `0c1e57098` | main | yes | yes | yes | 28 passed | cached |" in lines
     assert "Proven range: llama.cpp 4df29be4f..0c1e57098" in text
-    assert "in 30 min" in text
+    assert "this run measured 0.3.35, 0.3.36 in 30 min" in text
     assert "- 0.3.34: no patch series applies to this tree" in text
 
     readme = tmp_path / "README.md"

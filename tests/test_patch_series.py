@@ -6,6 +6,7 @@ rely on, without building anything.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import subprocess
 import tomllib
@@ -72,14 +73,16 @@ def test_choosing_leaves_the_tree_alone(patches: Path, tmp_path: Path) -> None:
 
 
 def _record(patches: Path, *trees: compat.TreeResult) -> None:
-    compat.write_record(
-        compat.CompatRecord(compat.patches_digest(patches), "today", trees), patches
-    )
+    current = compat.series_digests(patches)
+    trees = tuple(dataclasses.replace(t, series_digest=current[str(t.series)]) for t in trees)
+    compat.write_record(compat.CompatRecord("today", current, trees), patches)
 
 
-def _result(version: str, commit: str, digest: str, proven: bool = True) -> compat.TreeResult:
+def _result(
+    version: str, commit: str, digest: str, proven: bool = True, series: str = "main"
+) -> compat.TreeResult:
     return compat.TreeResult(
-        llama_cpp_python=version, commit=commit, tree_digest=digest, series="main",
+        llama_cpp_python=version, commit=commit, tree_digest=digest, series=series,
         applies=True, builds=True, equivalence=proven,
     )  # fmt: skip
 
@@ -110,13 +113,31 @@ def test_a_clean_checkout_of_a_measured_commit_is_inside(patches: Path, tmp_path
 
 def test_no_record_or_a_stale_one_is_outside(patches: Path, tmp_path: Path) -> None:
     tree = _tree(tmp_path / "t", "int b;")
-    source = Source(tree, tree_digest(tree), "t", "bbbbbbb22")
+    source = Source(tree, tree_digest(tree), "t", "unknown")
     assert not compat.verdict(source, patches).inside
     _record(patches, _result("0.3.36", "bbbbbbb22", tree_digest(tree)))
     assert compat.verdict(source, patches).inside
+    # the verified list decides which projectors take packages, not whether a tree is proven
     (patches / "verified_projectors.txt").write_text("gemma3  a test\nmlp  another\n")
+    assert compat.verdict(source, patches).inside
+    (patches / "0001-hook.patch").write_text(_patch("int b;", "int b; // hooked again"))
     stale = compat.verdict(source, patches)
-    assert not stale.inside and "other patches" in stale.why
+    assert not stale.inside and "with other patches than these" in stale.why
+    assert "series main changed" in stale.why
+
+
+def test_a_changed_series_takes_out_its_own_trees_only(patches: Path, tmp_path: Path) -> None:
+    old = _tree(tmp_path / "old", "int b0;")
+    new = _tree(tmp_path / "new", "int b;")
+    _record(patches, _result("0.3.35", "aaaaaaa11", tree_digest(old), series="1-older"),
+            _result("0.3.36", "bbbbbbb22", tree_digest(new)))  # fmt: skip
+    (patches / "0001-hook.patch").write_text(_patch("int b;", "int b; // hooked again"))
+    assert compat.verdict(Source(old, tree_digest(old), "old", "unknown"), patches).inside
+    assert not compat.verdict(Source(new, tree_digest(new), "new", "unknown"), patches).inside
+    record = compat.load_record(patches)
+    assert record is not None
+    current = compat.series_digests(patches)
+    assert [t.llama_cpp_python for t in compat.proven_range(record, current)] == ["0.3.35"]
 
 
 def _git(repo: Path, *args: str) -> str:

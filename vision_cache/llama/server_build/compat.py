@@ -1,13 +1,16 @@
 """The proven range: the llama.cpp trees the patches are known to apply to, build on and decode
 packages exactly on, as `make compat` measured them (llama_patches/compat.json).
 
-A record holds, per tree, its llama.cpp commit and tree digest, which patch series applied, and
-whether it applied, built and passed the tiny equivalence check; plus the digest of the patch
-inputs it was measured with. A source is inside the proven range when its files are those of a
-tree that passed everything, or it is a git checkout without local changes at such a tree's
-commit or at a commit between two of them (git ancestry), and the record was measured with the
-patches shipped now; anything else is outside, and gets checked before its packages are
-trusted (builder.build_server).
+A record holds, per tree, its llama.cpp commit and tree digest, which patch series applied (and
+the digest of that series' patches), and whether it applied, built and passed the tiny
+equivalence check. A source is inside the proven range when its files are those of a tree that
+passed everything, or it is a git checkout without local changes at such a tree's commit or at
+a commit between two of them (git ancestry); a tree counts only while its series is the one it
+was measured with, so changing one series takes its own trees out of the range and leaves the
+others in. Anything outside gets checked before its packages are trusted
+(builder.build_server). The data files beside the patches (the verified projector list) are
+not part of a series' digest: they decide which projector types take packages, not whether the
+patches apply, build and decode right on a tree.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class TreeResult:
     builds: bool | None  # None: not tried (did not apply)
     equivalence: bool | None  # None: not tried
     detail: str = ""
+    series_digest: str | None = None  # series_digests()[series] when it was measured
     build_s: float | None = None  # None: not built, or the build was already in the cache
     tests: bool | None = None  # tests/test_patched_server.py against the build; None: not run
     tests_summary: str = ""
@@ -49,21 +53,28 @@ class TreeResult:
 
 @dataclasses.dataclass(frozen=True)
 class CompatRecord:
-    patches_digest: str
     measured_at: str
+    series: dict[str, str]  # label -> series_digest() of every series at the time
     trees: tuple[TreeResult, ...]  # oldest llama.cpp first
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "patches_digest": self.patches_digest,
             "measured_at": self.measured_at,
+            "series": self.series,
             "trees": [dataclasses.asdict(t) for t in self.trees],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CompatRecord:
         trees = tuple(TreeResult(**t) for t in data["trees"])
-        return cls(str(data["patches_digest"]), str(data["measured_at"]), trees)
+        return cls(str(data["measured_at"]), dict(data["series"]), trees)
+
+    def still_valid(self, tree: TreeResult, current: dict[str, str]) -> bool:
+        """Whether `tree`'s result holds for the patches in `current` (series_digests()): its
+        series is unchanged, or, for a tree no series applied to, no series changed."""
+        if tree.series is None:
+            return self.series == current
+        return current.get(tree.series) == tree.series_digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +83,15 @@ class Verdict:
     why: str
 
 
-def patches_digest(directory: Path | None = None) -> str:
-    """SHA-256 over every input of every patch series: what a compat record was measured with."""
-    h = hashlib.sha256()
+def series_digests(directory: Path | None = None) -> dict[str, str]:
+    """label -> SHA-256 over that series' patches (names and contents), every series."""
+    digests = {}
     for label, series in patch_series(directory):
-        h.update(label.encode() + b"\0")
-        for path, digest in zip(series.inputs, series.digests(), strict=True):
-            h.update(path.name.encode() + b"\0" + digest)
-    return h.hexdigest()
+        h = hashlib.sha256()
+        for path in series.patches:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        digests[label] = h.hexdigest()
+    return digests
 
 
 def load_record(directory: Path | None = None) -> CompatRecord | None:
@@ -97,12 +109,14 @@ def write_record(record: CompatRecord, directory: Path | None = None) -> Path:
     return path
 
 
-def proven_range(record: CompatRecord) -> list[TreeResult]:
-    """The run of consecutive proven trees that ends with the newest proven one."""
+def proven_range(record: CompatRecord, current: dict[str, str] | None = None) -> list[TreeResult]:
+    """The run of consecutive proven trees that ends with the newest proven one; with
+    `current` (series_digests()), a tree whose series changed since counts as unproven."""
     best: list[TreeResult] = []
     run: list[TreeResult] = []
     for tree in record.trees:
-        run = [*run, tree] if tree.proven else []
+        valid = current is None or record.still_valid(tree, current)
+        run = [*run, tree] if tree.proven and valid else []
         if run:
             best = run
     return best
@@ -125,18 +139,21 @@ def verdict(source: Source, directory: Path | None = None) -> Verdict:
     record = load_record(directory)
     if record is None:
         return Verdict(False, "no proven range is recorded (llama_patches/compat.json)")
-    if record.patches_digest != patches_digest(directory):
-        return Verdict(
-            False,
-            "the proven range was measured with other patches than these "
-            f"(on {record.measured_at}); run `make compat` to measure it again",
-        )
-    trees = proven_range(record)
+    current = series_digests(directory)
+    trees = proven_range(record, current)
     span = describe(trees)
     for tree in trees:
         if source.digest == tree.tree_digest:
             return Verdict(True, f"its tree is that of llama-cpp-python {tree.llama_cpp_python} "
                                  f"(proven: {span})")  # fmt: skip
+    for tree in record.trees:
+        if tree.proven and not record.still_valid(tree, current) and _same(source, tree):
+            return Verdict(
+                False,
+                f"it is llama.cpp {tree.commit}, proven on {record.measured_at} with other "
+                f"patches than these (series {tree.series} changed since; `make compat` "
+                f"measures it again; proven now: {span})",
+            )
     if source.commit == "unknown":
         return Verdict(False, f"its files match no proven tree and it is no git checkout "
                               f"(proven: {span})")  # fmt: skip
@@ -154,6 +171,12 @@ def verdict(source: Source, directory: Path | None = None) -> Verdict:
                     f"(proven: {span})",
                 )
     return Verdict(False, f"commit {source.commit} is not among them (proven: {span})")
+
+
+def _same(source: Source, tree: TreeResult) -> bool:
+    if source.digest == tree.tree_digest:
+        return True
+    return source.commit != "unknown" and tree.commit.startswith(source.commit[:9])
 
 
 def _between(tree: Path, older: str, newer: str) -> bool:
