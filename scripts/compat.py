@@ -113,12 +113,22 @@ def run_patched_server_tests(binary: Path) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "tests/test_patched_server.py", "-k", "not stock"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    lines = done.stdout.strip().splitlines()
-    return done.returncode == 0, lines[-1].strip("= ") if lines else f"exit {done.returncode}"
+    return done.returncode == 0, pytest_summary(done.stdout) or f"exit {done.returncode}"
 
 
-def _minutes(seconds: float | None) -> str:
-    return "cached" if seconds is None else f"{seconds / 60:.0f} min"
+def pytest_summary(output: str) -> str:
+    """pytest -q's counts without the deselected and the time: "24 passed, 1 failed"."""
+    lines = output.strip().splitlines()
+    if not lines:
+        return ""
+    last = lines[-1].strip("= ").split(" in ")[0]
+    return ", ".join(part for part in last.split(", ") if "deselected" not in part)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "cached"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def table(record: compat.CompatRecord, took_s: float, measured: Sequence[str]) -> str:
@@ -130,7 +140,7 @@ def table(record: compat.CompatRecord, took_s: float, measured: Sequence[str]) -
     ]
     mark = {True: "yes", False: "**no**", None: "-"}
     for t in record.trees:
-        build = _minutes(t.build_s) if t.builds else "-"
+        build = _duration(t.build_s) if t.builds else "-"
         tests = t.tests_summary if t.tests is not None else "-"
         if t.tests is False:
             tests = f"**{tests}**"

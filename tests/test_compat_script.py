@@ -78,12 +78,14 @@ def test_the_table_says_what_passed_and_why_the_rest_did_not(
         _tree("0.3.34", "e3546c794", series=None, applies=False, builds=None, equivalence=None,
               tests=None, tests_summary="", detail="no patch series applies to this tree"),
         _tree("0.3.35", "4df29be4f", series="1-4df29be4f", build_s=600),
+        _tree("0.3.35.1", "abcdef012", series="1-4df29be4f", build_s=63),
         _tree("0.3.36", "0c1e57098"),
     ))  # fmt: skip
     text = compat_script.table(record, 1800, ["0.3.35", "0.3.36"])
     lines = text.splitlines()
     assert "| 0.3.34 | `e3546c794` | - | **no** | - | - | - | - |" in lines
     assert "| 0.3.35 | `4df29be4f` | 1-4df29be4f | yes | yes | yes | 28 passed | 10 min |" in lines
+    assert "| 0.3.35.1 | `abcdef012` | 1-4df29be4f | yes | yes | yes | 28 passed | 63 s |" in lines
     assert "| 0.3.36 | `0c1e57098` | main | yes | yes | yes | 28 passed | cached |" in lines
     assert "Proven range: llama.cpp 4df29be4f..0c1e57098" in text
     assert "this run measured 0.3.35, 0.3.36 in 30 min" in text
@@ -104,3 +106,11 @@ def test_the_table_says_what_passed_and_why_the_rest_did_not(
 def test_a_failed_server_test_run_is_not_proven() -> None:
     assert not _tree("0.3.36", "0c1e57098", tests=False, tests_summary="1 failed").proven
     assert _tree("0.3.36", "0c1e57098", tests=None, tests_summary="").proven
+
+
+def test_the_server_tests_are_summed_up_by_their_counts() -> None:
+    out = "....\n24 passed, 2 deselected in 9.59s\n"
+    assert compat_script.pytest_summary(out) == "24 passed"
+    failed = "F...\n= 1 failed, 23 passed, 2 deselected in 12.00s =\n"
+    assert compat_script.pytest_summary(failed) == "1 failed, 23 passed"
+    assert compat_script.pytest_summary("") == ""
