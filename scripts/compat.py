@@ -4,14 +4,15 @@ llama-cpp-python sdists, and write down the range where everything passes.
 For each sdist: fetch it with pip (once), unpack its vendored llama.cpp, read the llama.cpp
 commit from its CHANGELOG, pick the patch series that applies (llama_patches/ or one of
 llama_patches/ranges/, by what the tree contains), build the patched llama-server, and run the
-tiny equivalence check (vision_cache.llama.server_build.equivalence) plus
-tests/test_patched_server.py against that build. The results go to llama_patches/compat.json
-(which `vcache build-server --source` reads to say whether a tree is in the proven range) and,
-as a table, into llama_patches/README.md.
+tiny equivalence check (vision_cache.llama.server_build.equivalence) against it; then build the
+same tree without the patches and run the patched-server test modules (SERVER_TESTS) against
+the two, so "answers like stock" means like that tree's own stock server. The results go to
+llama_patches/compat.json (which `vcache build-server --source` reads to say whether a tree is
+in the proven range) and, as a table, into llama_patches/README.md.
 
-    python -m scripts.compat                      # all five (hours on two cores, cold ccache)
+    python -m scripts.compat                      # all five (an hour on two cores, cold ccache)
     python -m scripts.compat --versions 0.3.36    # one tree
-    python -m scripts.compat --no-pytest          # the equivalence check alone
+    python -m scripts.compat --no-pytest          # the equivalence check alone (no stock builds)
 
 Rerunnable: builds are cached by the same keys as every other build, so a second run after a
 change to one series rebuilds only the trees that series applies to.
@@ -35,7 +36,7 @@ from vision_cache.llama.server_build import compat
 from vision_cache.llama.server_build.builder import ensure_built
 from vision_cache.llama.server_build.equivalence import check_equivalence
 from vision_cache.llama.server_build.errors import BuildError, PatchError
-from vision_cache.llama.server_build.patches import select_patch_series
+from vision_cache.llama.server_build.patches import PatchSet, select_patch_series
 from vision_cache.llama.server_build.plan import BASE_CMAKE_FLAGS, BuildPlan, default_cache_dir
 from vision_cache.llama.server_build.source import (
     Source,
@@ -50,6 +51,8 @@ README = PATCH_DIR / "README.md"
 VERSIONS = ("0.3.32", "0.3.33", "0.3.34", "0.3.35", "0.3.36")
 TABLE_BEGIN = "<!-- compat table: written by `make compat`, do not edit by hand -->"
 TABLE_END = "<!-- end of compat table -->"
+# run against each tree's patched and stock builds (those of them this checkout has)
+SERVER_TESTS = ("tests/test_patched_server.py", "tests/test_export.py")
 
 log = logging.getLogger("vcache.compat")
 
@@ -102,16 +105,26 @@ def measure(version: str, cache: Path, jobs: int, pytest: bool) -> compat.TreeRe
                              build_s=build_s)  # fmt: skip
     if not (result.passed and pytest):
         return done()
-    ok, summary = run_patched_server_tests(binary)
-    log.info("tests/test_patched_server.py: %s", summary)
+    stock_plan = BuildPlan("stock", source, PatchSet(), BASE_CMAKE_FLAGS, cache)
+    try:
+        stock = ensure_built(stock_plan, jobs, {"compat": version})
+    except BuildError as e:
+        return done(tests=False, tests_summary="stock build failed: " + str(e).splitlines()[0])
+    ok, summary = run_server_tests(binary, stock)
+    log.info("%s: %s", ", ".join(server_tests()), summary)
     return done(tests=ok, tests_summary=summary)
 
 
-def run_patched_server_tests(binary: Path) -> tuple[bool, str]:
-    """tests/test_patched_server.py against `binary` (the stock-server test left out)."""
-    env = dict(os.environ, VCACHE_LLAMA_SERVER_PATCHED=str(binary))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_patched_server.py", "-k", "not stock"]  # fmt: skip
+def server_tests() -> list[str]:
+    return [t for t in SERVER_TESTS if (ROOT / t).exists()]
+
+
+def run_server_tests(patched: Path, stock: Path) -> tuple[bool, str]:
+    """SERVER_TESTS against a tree's patched and stock builds."""
+    env = dict(
+        os.environ, VCACHE_LLAMA_SERVER_PATCHED=str(patched), VCACHE_LLAMA_SERVER_STOCK=str(stock)
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *server_tests()]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     return done.returncode == 0, pytest_summary(done.stdout) or f"exit {done.returncode}"
 
@@ -135,7 +148,7 @@ def table(record: compat.CompatRecord, took_s: float, measured: Sequence[str]) -
     proven = compat.proven_range(record)
     rows = [
         "| llama-cpp-python | llama.cpp | patch series | applies | builds | tiny equivalence "
-        "| tests/test_patched_server.py | build |",
+        "| server tests | build |",
         "|---|---|---|---|---|---|---|---|",
     ]
     mark = {True: "yes", False: "**no**", None: "-"}
@@ -151,8 +164,9 @@ def table(record: compat.CompatRecord, took_s: float, measured: Sequence[str]) -
     return "\n".join([
         TABLE_BEGIN, "", *rows, "",
         f"Proven range: {compat.describe(proven)}. Measured {record.measured_at} by `make compat`: "
-        f"this run measured {', '.join(measured)} in {took_s / 60:.0f} min on two cores (build: "
-        "the patched llama-server's compile in that run; `cached`: already built with these "
+        f"this run measured {', '.join(measured)} in {took_s / 60:.0f} min on two cores. Server "
+        f"tests: {', '.join(server_tests())} against the tree's patched and stock builds; build: "
+        "the patched llama-server's compile in that run (`cached`: already built with these "
         "patches).",
         *(["", "Why the others fail:", *failures] if failures else []),
         "", TABLE_END,

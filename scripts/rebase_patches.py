@@ -12,9 +12,10 @@ you resolve them and run ``git am --continue`` in the checkout, then this script
 ``--continue``. Once every patch is in, the series is exported with ``git format-patch`` into
 a scratch folder, the target commit is built with it (through the same path as
 ``vcache build-server --source``, so outside the proven range it must pass the tiny
-equivalence check), tests/test_patched_server.py runs against that build, and the report says
-what to copy into llama_patches/ (``--write`` copies it: the new series replaces the top-level
-one; move the old one under llama_patches/ranges/ first if its trees must stay supported).
+equivalence check) and without it, the patched-server tests (scripts.compat.SERVER_TESTS) run
+against the two builds, and the report says what to copy into llama_patches/ (``--write``
+copies it: the new series replaces the top-level one; move the old one under
+llama_patches/ranges/ first if its trees must stay supported).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.compat import PATCH_DIR, run_patched_server_tests
+from scripts.compat import PATCH_DIR, run_server_tests, server_tests
 from vision_cache.llama.server_build import BuildRequest, build_server
 from vision_cache.llama.server_build.errors import BuildError
 from vision_cache.llama.server_build.patches import patch_set
@@ -93,14 +94,17 @@ def export(checkout: Path, base: str, out: Path) -> Path:
     return out
 
 
-def build_and_check(checkout: Path, base: str, patches: Path, jobs: int) -> Path:
-    """Build the base commit with the exported patches, checked like `--source`."""
+def build_and_check(checkout: Path, base: str, patches: Path, jobs: int) -> tuple[Path, Path]:
+    """Build the base commit with the exported patches, checked like `--source`, and without
+    them (the stock server the tests compare with); (patched, stock)."""
     with tempfile.TemporaryDirectory(prefix="vcache-rebase-") as scratch:
         tree = Path(scratch) / "llama.cpp"
         git(checkout, "worktree", "add", "--detach", "-q", str(tree), base)
         try:
             binary = build_server(BuildRequest(backend="cpu", source=tree, jobs=jobs,
                                                patch_dir=patches))  # fmt: skip
+            stock = build_server(BuildRequest(variant="stock", backend="cpu", source=tree,
+                                              jobs=jobs))  # fmt: skip
         finally:
             git(checkout, "worktree", "remove", "--force", str(tree), check=False)
     manifest = binary.parent.parent / "build.json"
@@ -108,7 +112,7 @@ def build_and_check(checkout: Path, base: str, patches: Path, jobs: int) -> Path
         raise RebaseStopped(
             f"the ported patches did not pass (see the log above); nothing to copy. Build: {binary}"
         )
-    return binary
+    return binary, stock
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -138,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         branch, base = resume(checkout) if args.resume else start(checkout, args.onto)
         patches = export(checkout, base, Path(tempfile.mkdtemp(prefix="vcache-patches-")))
-        binary = build_and_check(checkout, base, patches, args.jobs)
-        ok, summary = run_patched_server_tests(binary)
+        binary, stock = build_and_check(checkout, base, patches, args.jobs)
+        ok, summary = run_server_tests(binary, stock)
         if not ok:
-            raise RebaseStopped(f"tests/test_patched_server.py failed on {binary}: {summary}")
+            raise RebaseStopped(f"{', '.join(server_tests())} failed on {binary}: {summary}")
     except (RebaseStopped, BuildError) as e:
         print(f"rebase report: STOPPED\n{e}", file=sys.stderr)
         return 1
@@ -158,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"rebase report: llama.cpp {base}: the patches apply (three-way), build, and pass the "
-        f"tiny equivalence check and tests/test_patched_server.py ({summary}).\n"
+        f"tiny equivalence check and {', '.join(server_tests())} ({summary}).\n"
         f"  branch in the checkout: {branch}\n  binary: {binary}\n  patches: {patches}\n"
         f"  {where}"
     )
