@@ -65,9 +65,9 @@ def _binary() -> Path:
     env = os.environ.get("VCACHE_LLAMA_SERVER_PATCHED")
     if env:
         return Path(env)
-    from tests.support.fixtures import llama_server_binary
+    from tests.support.llama_server import built_binary
 
-    return llama_server_binary("patched")
+    return built_binary("patched")
 
 
 def _image_url() -> str:

@@ -64,6 +64,8 @@ class BuildRequest:
     cuda_architectures: tuple[str, ...] | None = None  # None: the GPUs present
     cache_dir: Path | None = None  # None: default_cache_dir()
     cmake_args: tuple[str, ...] = ()  # appended last, so they win
+    # another patch folder than the shipped one (a rebase in progress); checked like a checkout
+    patch_dir: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
