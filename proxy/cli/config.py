@@ -246,15 +246,15 @@ class ServeSettings(StoreSettings):
         description="who encodes on a miss: llama-server (server, the default, or auto; "
         "`upstream` is its former name): the request goes with its image and the server "
         "exports the package as it encodes it, one round trip; or local encoder worker "
-        "processes (text requests then never wait behind an encode, but each miss costs an "
-        "encode beside the server's work and a second round trip)",
+        "processes (the LLM server then only decodes packages, but each miss costs an encode "
+        "beside the server's work and a second round trip)",
     )
     admit_min_encode_ms: float | None = Field(
         None,
         ge=0,
         description="cache only packages whose encode took at least this many milliseconds "
         "(unset: those whose encode took longer than a hit of their size costs by the "
-        "transport in use, the break-even in docs/benchmarks.md; 0: every package)",
+        "transport in use; 0: every package)",
     )
     encoder_workers: int = Field(1, ge=1, description="local encoder worker processes")
     encoder_threads: int = Field(2, ge=1, description="threads per local encoder worker")
@@ -397,7 +397,7 @@ class ServeSettings(StoreSettings):
         it costs without vcache (the server encodes once, for the request, and exports the
         package as it goes); local workers cost a second encode path beside the server's on
         the same cores and another round trip, for the benefit of text requests that would
-        otherwise wait out a long encode (docs/benchmarks.md, "Who encodes a miss")."""
+        otherwise wait out a long encode (README, "Who encodes a miss")."""
         return "local" if self.encoder == "local" else "server"
 
 

@@ -5,8 +5,7 @@ checksums, or inline, base64 in the JSON that upstream parses and decodes) and u
 its chunk layout. Where the encoder is fast (a small vision tower on a GPU), encoding again can
 cost less than that, and a cache that kept the package would make the request slower. So a
 package is admitted only when its measured encode time is at least what a hit of its size costs
-by the transport in use (`HitCost`, measured by ``scripts/bench_transport.py``), or at least an
-operator's fixed threshold::
+by the transport in use (`HitCost`), or at least an operator's fixed threshold::
 
     admission = Admission()                       # break-even by size and transport
     admission.admits(encode_ms=40.0, nbytes=2_621_440, by_file=False)
@@ -37,10 +36,11 @@ class HitCost:
         return self.fixed_ms + self.ms_per_mb * nbytes / MB
 
 
-# Measured on the development machine (2 CPU cores), `scripts/bench_transport.py`: the time to
-# first token of a hit minus that of the same prompt without the image, by package size.
-# Inline: the package's base64 written into the request, parsed and decoded by upstream. File:
-# upstream maps the payload and checksums it.
+# What a hit adds to the time to first token over the same prompt without the image, by package
+# size. Estimates from the costs of the steps involved on 2 CPU cores, not yet a benchmark of
+# their own: inline, the package's base64 written into the request, parsed and decoded by
+# upstream; by file, upstream maps the payload and checksums it. They matter only where encodes
+# take milliseconds (small towers on a GPU); --admit-min-encode-ms overrides them.
 INLINE = HitCost(fixed_ms=0.5, ms_per_mb=2.5)
 BY_FILE = HitCost(fixed_ms=0.3, ms_per_mb=0.3)
 

@@ -98,7 +98,6 @@ class ModelIdentity:
         return cls({"model": model, **components}, params if isinstance(params, dict) else {})
 
 
-
 @dataclasses.dataclass(frozen=True)
 class EmbeddingDir:
     """The directory upstream reads file references from and writes exports into, as upstream
