@@ -69,6 +69,7 @@ log = logging.getLogger("vcache.lookup")
 Transport = Literal["auto", "file", "inline"]
 SWEEP_EVERY_S = 300.0  # how often exports nobody adopted are looked for ...
 SWEEP_AFTER_S = 600.0  # ... and how old they must be to go
+UNSHARED_RECHECK_S = 10.0  # how long an upstream directory found not shared is taken as such
 REFERENCE_PREFIX = "vcache://"
 _DIGEST_REF = re.compile(r"sha256:([0-9a-f]{64})")
 
@@ -167,6 +168,7 @@ class PackageLookup:
         # file references: forced, or (auto) while upstream shares the store's directory
         self._by_file = transport == "file"
         self._shared_dirs: set[str] = set()  # tokens of upstream directories found shared
+        self._unshared: dict[str | None, float] = {}  # ... and when others were last looked for
         self._admission = admission or Admission()
         self._declined = Declined()
         # misses being exported, by key: the leading request's export, which later requests
@@ -208,8 +210,13 @@ class PackageLookup:
         """Whether upstream's embedding directory is the store's (checked by its token)."""
         if theirs.token in self._shared_dirs:
             return True
+        now = time.monotonic()
+        if now - self._unshared.get(theirs.token, -UNSHARED_RECHECK_S) < UNSHARED_RECHECK_S:
+            return False  # looked for lately: not a file read per request
         if not await asyncio.to_thread(shares_dir, self._store.segments_dir, theirs):
-            return False  # asked again with the capabilities: the token file may come later
+            # looked for again later: the token file may come after the capabilities
+            self._unshared = {theirs.token: now}
+            return False
         assert theirs.token is not None
         self._shared_dirs.add(theirs.token)
         log.info("upstream shares the store's directory: packages travel as file references")
