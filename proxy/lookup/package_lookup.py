@@ -119,6 +119,15 @@ class RequestTally:
         self.audio_fallbacks += self.audio_hits + self.audio_misses
         self.hits = self.misses = self.audio_hits = self.audio_misses = 0
 
+    def unexported(self) -> int:
+        """Upstream answered an error to a request whose misses went as sent for their export:
+        nothing was exported, so they count as media that went out as sent. Returns how many."""
+        moved = self.misses
+        self.fallbacks += self.misses
+        self.audio_fallbacks += self.audio_misses
+        self.misses = self.audio_misses = 0
+        return moved
+
     def header(self) -> str:
         text = (
             f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "

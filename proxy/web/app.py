@@ -435,10 +435,20 @@ async def _send_with_fallback(
             # a refusal, not a processed request: the one path that sends a request twice
             upstream = await _open(proxy, _upstream_request(proxy, request, sent.original))
         else:
-            proxy.lookup.settle_exports(exports, upstream.headers.get(EXPORTED_HEADER))
+            _settle(proxy, exports, upstream, tally)
             return _replay(upstream.status, upstream.headers, detail, tally)
-    proxy.lookup.settle_exports(exports, upstream.headers.get(EXPORTED_HEADER))
+    _settle(proxy, exports, upstream, tally)
     return await relay(request, upstream, {**headers, "X-Vcache": tally.header()}, tap)
+
+
+def _settle(
+    proxy: Proxy, exports: ExportBatch, upstream: aiohttp.ClientResponse, tally: RequestTally
+) -> None:
+    """Hand the request's exports upstream's answer; an error answer exported nothing, and
+    the misses that went as sent for their export count as fallbacks."""
+    proxy.lookup.settle_exports(exports, upstream.headers.get(EXPORTED_HEADER))
+    if exports.leads and upstream.status >= 400:
+        proxy.metrics.fallbacks.inc(tally.unexported())
 
 
 def _refusal(detail: bytes) -> str:
