@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,26 @@ def test_packages_cheaper_than_a_hit_are_not_kept(direct: LlamaServer, tmp_path:
     assert exports_logged(direct.log_text(), sha) == 1
     assert second.timings["media_embedding_n"] == 0  # encoded by the server, as without vcache
     assert "vcache_not_admitted_total 1.0" in metrics
+
+
+@pytest.mark.server
+def test_exports_nobody_asked_for_are_deleted_where_they_lie(
+    direct: LlamaServer, tmp_path: Path
+) -> None:
+    """Images declined earlier go as sent beside a new one that leads an export: upstream
+    exports them too, and the proxy deletes what it did not ask for, over HTTP when it does
+    not share upstream's directory (even with --transport file)."""
+    (a, _), (b, _), (c, _) = picture(9), picture(10), picture(11)
+    args = ["--upstream", direct.base_url, "--store", str(tmp_path / "s"), "--transport", "file"]
+    directory = Path(direct.args[direct.args.index("--image-embedding-dir") + 1])
+    with ProxyProcess([*args, "--admit-min-encode-ms", "1e9"], tmp_path / "v.log") as proxy:
+        chat(proxy.base_url, [image_part(a), image_part(b)], "Two.")  # exported, declined
+        got = chat(proxy.base_url, [image_part(a), image_part(b), image_part(c)], "Three.")
+        deadline = time.monotonic() + 10
+        while left_in(directory) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert cache(got)["misses"] == 3
+    assert left_in(directory) == []
 
 
 # --- the parts, without servers --------------------------------------------------------------

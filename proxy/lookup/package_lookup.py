@@ -176,6 +176,7 @@ class PackageLookup:
         self._transport = transport
         # file references: forced, or (auto) while upstream shares the store's directory
         self._by_file = transport == "file"
+        self._dir_shared = False  # upstream's embedding directory is the store's (by its token)
         self._shared_dirs: set[str] = set()  # tokens of upstream directories found shared
         self._unshared: dict[str | None, float] = {}  # ... and when others were last looked for
         self._admission = admission or Admission()
@@ -205,6 +206,7 @@ class PackageLookup:
         caps = await self._upstream.capabilities(model)
         if caps.embedding_dir is not None and await self._shares_dir(caps.embedding_dir):
             caps = dataclasses.replace(caps, shares_dir=True)
+        self._dir_shared = caps.shares_dir
         self._by_file = self._transport == "file" or (self._transport == "auto" and caps.shares_dir)
         if self._encoder is None or caps.namespace is None:
             return caps
@@ -548,7 +550,7 @@ class PackageLookup:
     async def _discard_exports(self, names: list[str]) -> None:
         for name in names:
             try:
-                if self._by_file:
+                if self._dir_shared:  # else only upstream can reach them, whatever the transport
                     await self._run(remove_export, self._store.segments_dir, name)
                 else:
                     await self._upstream.take_export(name)  # taken, so removed; dropped here
