@@ -18,7 +18,7 @@ export VCACHE_MODELS_DIR := $(abspath $(MODELS))
 # `vcache build-server` keeps its builds here rather than in the user's cache directory
 export VCACHE_LLAMA_CACHE := $(abspath $(BUILD)/llama)
 
-.PHONY: help demo demo-deps test conformance check lint typecheck unit bench bench-families bench-quick bench-store bench-encoder gpu-check system-deps venv llama llama-cpp-python models clean distclean
+.PHONY: help demo demo-deps test conformance check lint typecheck unit bench bench-families bench-quick bench-store bench-encoder gpu-check compat rebase-patches system-deps venv llama llama-cpp-python models clean distclean
 
 help:
 	@echo "make demo         build everything and show a cache miss, then hits, on a generated model"
@@ -30,6 +30,9 @@ help:
 	@echo "make llama        build the patched and the stock llama-server (LLAMA_CPP=path for your checkout,"
 	@echo "                  LLAMA_BACKEND=cuda for NVIDIA GPUs)"
 	@echo "make gpu-check    on a machine with an NVIDIA GPU: CUDA builds, model tests and benchmarks"
+	@echo "make compat       apply, build and test the patches on the last five llama-cpp-python trees"
+	@echo "                  -> llama_patches/README.md (hours on two cores; not part of make test)"
+	@echo "make rebase-patches LLAMA_CPP=path  port the patches onto a llama.cpp checkout, build, check"
 
 # --- set-up -----------------------------------------------------------------------------------
 
@@ -132,6 +135,14 @@ bench-encoder: llama-cpp-python
 
 bench-store: venv
 	$(PY) scripts/bench_store.py
+
+# the patches on the llama.cpp trees of the last five llama-cpp-python releases (outside make test)
+compat: system-deps venv models
+	nice -n 10 $(PY) -m scripts.compat --jobs $(JOBS)
+
+# three-way apply onto a llama.cpp git checkout, build, tiny equivalence check, report
+rebase-patches: system-deps venv
+	$(PY) -m scripts.rebase_patches $(LLAMA_CPP)
 
 # on a machine with an NVIDIA GPU: CUDA builds, conformance tests and benchmarks on the GPU
 gpu-check:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.cli.config import ServeSettings
 from proxy.errors import StartupError, UpstreamError
 from proxy.images.media import FetchPolicy, MediaLoader
+from proxy.lookup.admission import Admission
 from proxy.lookup.package_lookup import PackageLookup
 from proxy.lookup.result_cache import ResultCache
 from proxy.upstream.client import Upstream
@@ -129,9 +130,16 @@ async def _proxy_parts(
             metrics = Metrics()
             metrics.watch_shared(shared.stats)
             metrics.watch_packages(lambda: upstream.last_capabilities)
-            transport = settings.resolved_transport
+            transport = settings.transport
             lookup = PackageLookup(
-                store, upstream, media, metrics, transport=transport, shared=shared, encoder=encoder
+                store,
+                upstream,
+                media,
+                metrics,
+                transport=transport,
+                shared=shared,
+                encoder=encoder,
+                admission=Admission(settings.admit_min_encode_ms),
             )
             proxy = Proxy(
                 upstream,
@@ -197,9 +205,9 @@ async def _local_encoder(settings: ServeSettings) -> AsyncIterator[LocalEncoder 
     None: upstream's /vision/embedding encodes. Said at startup, either way."""
     if settings.resolved_encoder != "local":
         log.info(
-            "encoder: llama-server's /vision/embedding (every other request waits while "
-            "it encodes; --encoder local, or llama-cpp-python in managed mode, moves it "
-            "into worker processes)"
+            "encoder: llama-server, which exports a miss's package as it encodes it for the "
+            "request (requests wait while it encodes, as without vcache; --encoder local "
+            "moves encodes into worker processes)"
         )
         yield None
         return

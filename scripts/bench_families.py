@@ -62,7 +62,10 @@ class FamilyTiming:
 
 
 def _binary() -> Path:
-    from tests.support.llama_server import built_binary  # honours VCACHE_LLAMA_SERVER_PATCHED
+    env = os.environ.get("VCACHE_LLAMA_SERVER_PATCHED")
+    if env:
+        return Path(env)
+    from tests.support.llama_server import built_binary
 
     return built_binary("patched")
 

@@ -337,7 +337,9 @@ def _vcache_invocations() -> list[tuple[str, list[str], bool]]:
     found = []
     for path in DOCS:
         text = path.read_text()
-        inline = re.findall(r"`([^`\n]*\bvcache [a-z][^`\n]*)`", text)
+        # code spans in order, so the prose between two spans is never read as one
+        spans = re.findall(r"`([^`\n]+)`", text)
+        inline = [span for span in spans if re.search(r"\bvcache [a-z]", span)]
         candidates = [(line, False) for line in _sh_lines(path)] + [(c, True) for c in inline]
         for line, is_inline in candidates:
             try:

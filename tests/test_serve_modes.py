@@ -132,17 +132,18 @@ def test_managed_mode_takes_encoder_files_from_llama_args() -> None:
     assert s.lib_dir == Path("/bin")
 
 
-@pytest.mark.parametrize(("encoder", "expected"), [(None, "local"), ("server", "server")])
-def test_managed_mode_encodes_locally_unless_told_otherwise(
+@pytest.mark.parametrize(("encoder", "expected"), [(None, "server"), ("local", "local")])
+def test_managed_mode_has_the_server_encode_misses_unless_told_otherwise(
     patched_bin: Path,
     tiny_model: Callable[[str], ModelFiles],
     tmp_path: Path,
     encoder: str | None,
     expected: str,
 ) -> None:
-    """With llama-cpp-python installed (make test installs it), managed mode knows the model,
-    the mmproj and the build: misses are encoded in its own workers by default, never by the
-    LLM server; `--encoder server` keeps the server encoding. Startup says which."""
+    """By default the server encodes a miss once, for its own request, and exports the package
+    (no encode round trip); `--encoder local` encodes it in vcache's workers (llama-cpp-python,
+    which make test installs), taking model and mmproj from the server's arguments. Startup
+    says which."""
     files = tiny_model("gemma3")
     args = [
         "--store",
@@ -168,7 +169,11 @@ def test_managed_mode_encodes_locally_unless_told_otherwise(
     assert health["encoder"] == expected
     assert f"encoder: {'llama-server' if expected == 'server' else '1 local worker'}" in log
     assert "misses=1" in miss.headers["x-vcache"]
-    # the server decodes a package either way; it encoded the image only when told to
+    # the server decodes embeddings either way (an exported encode counts as a package) ...
     assert miss.timings["media_embedding_n"] > 0
+    assert miss.timings["media_encoded_n"] == 0
     server_log = (tmp_path / "s" / "llama-server.log").read_text(errors="replace")
-    assert ("image_embedding: encoded image" in server_log) == (expected == "server")
+    # ... and encodes the image itself only by default, within the request, never in a
+    # round trip of its own (/media/embedding)
+    assert ("image_embedding: exporting image" in server_log) == (expected == "server")
+    assert "image_embedding: encoded image" not in server_log

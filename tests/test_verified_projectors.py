@@ -20,7 +20,7 @@ from tests.support.llama_server import LlamaServer
 from tests.support.vlm_client import chat, encode, image_part, package_part
 from vision_cache.synthetic.images import sample_image
 from vision_cache.synthetic.models import ModelFiles
-from vision_cache.synthetic.registry import family_names, get_family
+from vision_cache.synthetic.registry import vision_family, vision_family_names
 
 pytestmark = pytest.mark.server
 
@@ -110,9 +110,9 @@ def unverified_model(tiny_model: Callable[[str], ModelFiles]) -> tuple[ModelFile
 
 
 def unverified_candidates() -> list[tuple[str, str]]:
-    """(family, projector type) of every generated family, LLaVA's cheap `mlp` first."""
-    names = sorted(family_names(), key=lambda name: name != "llava")
-    return [(name, get_family(name).projector_type) for name in names]
+    """(family, image projector type) of the generated vision families, LLaVA's `mlp` first."""
+    names = sorted(vision_family_names(), key=lambda name: name != "llava")
+    return [(name, vision_family(name).projector_type) for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_unverified_type_is_refused_and_the_server_keeps_serving(
 ) -> None:
     type_ = unverified_model[1]
     emb = capability(unverified_server)
-    assert emb["projectors"] == {"image": {"type": type_, "verified": False}}
+    assert emb["projectors"]["image"] == {"type": type_, "verified": False}
     assert emb["enabled"] is False
     assert emb["modalities"] == []
     assert f"'{type_}'" in emb["reason"]
@@ -172,7 +172,7 @@ def test_opting_in_takes_packages_and_says_so_loudly(
 ) -> None:
     type_ = unverified_model[1]
     emb = capability(opted_in_server)
-    assert emb["projectors"] == {"image": {"type": type_, "verified": False}}
+    assert emb["projectors"]["image"] == {"type": type_, "verified": False}
     assert emb["enabled"] is True
     assert emb["modalities"] == ["image"]
     assert emb["allow_unverified"] is True

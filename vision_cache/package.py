@@ -216,3 +216,21 @@ def parse_inline(obj: Any) -> tuple[PackageHeader, bytes]:
             f"package data holds {len(payload)} bytes, its chunks need {header.payload_size}"
         )
     return header, payload
+
+
+def parse_reference(obj: Any) -> tuple[PackageHeader, EmbeddingFileRef]:
+    """Header and file reference of a package object that points at its payload in a file
+    (as an export's ``.json`` holds it)."""
+    try:
+        wire = PackageWire.model_validate(obj)
+    except ValidationError as e:
+        raise PackageError(f"invalid package: {e.errors(include_url=False)}") from e
+    if wire.file is None:
+        raise PackageError("package has no file reference")
+    header = _header(wire)
+    f = wire.file
+    if f.length != header.payload_size:
+        raise PackageError(
+            f"file reference of {f.length} bytes, its chunks need {header.payload_size}"
+        )
+    return header, EmbeddingFileRef(f.path, f.offset, f.length, f.xxh3)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextvars
 import difflib
-import importlib.util
 import os
 import tomllib
 import typing
@@ -166,7 +165,9 @@ class ServeSettings(StoreSettings):
     transport: Literal["auto", "file", "inline"] = Field(
         "auto",
         description="how packages reach upstream: by file reference (upstream reads "
-        "the cache directory), inline in the JSON, or auto (file in managed mode)",
+        "the cache directory), inline in the JSON, or auto: by file reference whenever "
+        "upstream shares the cache directory (the token it wrote there is found in it), "
+        "else inline",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -242,10 +243,18 @@ class ServeSettings(StoreSettings):
     )
     encoder: Literal["auto", "local", "server", "upstream"] = Field(
         "auto",
-        description="who encodes on a miss: local encoder worker processes (text requests then "
-        "never wait behind an encode), llama-server's POST /vision/embedding (server; "
-        "`upstream` is its former name), or auto: local in managed mode when "
-        "llama-cpp-python is installed, else server",
+        description="who encodes on a miss: llama-server (server, the default, or auto; "
+        "`upstream` is its former name): the request goes with its image and the server "
+        "exports the package as it encodes it, one round trip; or local encoder worker "
+        "processes (the LLM server then only decodes packages, but each miss costs an encode "
+        "beside the server's work and a second round trip)",
+    )
+    admit_min_encode_ms: float | None = Field(
+        None,
+        ge=0,
+        description="cache only packages whose encode took at least this many milliseconds "
+        "(unset: those whose encode took longer than a hit of their size costs by the "
+        "transport in use; 0: every package)",
     )
     encoder_workers: int = Field(1, ge=1, description="local encoder worker processes")
     encoder_threads: int = Field(2, ge=1, description="threads per local encoder worker")
@@ -384,27 +393,12 @@ class ServeSettings(StoreSettings):
 
     @property
     def resolved_encoder(self) -> Literal["local", "server"]:
-        """Who encodes on a miss. In managed mode vcache knows the model, the mmproj and the
-        build, so it encodes in its own workers when it can: llama-server, encoding, makes
-        every other request wait out the encode (75 s on a CPU for a SigLIP-sized tower)."""
-        if self.encoder == "local":
-            return "local"
-        if (
-            self.encoder == "auto"
-            and self.managed
-            and self.backend == "llama-server"
-            and self.encoder_model is not None
-            and self.encoder_mmproj is not None
-            and importlib.util.find_spec("llama_cpp") is not None
-        ):
-            return "local"
-        return "server"
-
-    @property
-    def resolved_transport(self) -> Literal["file", "inline"]:
-        if self.transport == "auto":
-            return "file" if self.managed else "inline"
-        return self.transport
+        """Who encodes on a miss: llama-server unless told otherwise. A miss then costs what
+        it costs without vcache (the server encodes once, for the request, and exports the
+        package as it goes); local workers cost a second encode path beside the server's on
+        the same cores and another round trip, for the benefit of text requests that would
+        otherwise wait out a long encode (README, "Who encodes a miss")."""
+        return "local" if self.encoder == "local" else "server"
 
 
 class _TomlTables(TomlConfigSettingsSource):

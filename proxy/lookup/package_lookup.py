@@ -20,6 +20,8 @@ import dataclasses
 import functools
 import logging
 import re
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +41,17 @@ from proxy.images.inspection import inspect
 from proxy.images.media import MediaLoader, is_locator
 from proxy.images.modality import Modality, sniff
 from proxy.images.slots import ImageSlot, InlinePayload, Package
-from proxy.upstream.client import Capabilities, Encoded, Upstream
+from proxy.lookup.admission import Admission, Declined
+from proxy.lookup.exports import (
+    ExportBatch,
+    ExportTicket,
+    export_name,
+    read_export,
+    remove_export,
+    shares_dir,
+    sweep_exports,
+)
+from proxy.upstream.client import Capabilities, EmbeddingDir, Encoded, Upstream
 from proxy.web.metrics import Metrics
 from vision_cache.errors import PackageError, VisionCacheError
 from vision_cache.keys import CacheKey, Namespace
@@ -54,7 +66,10 @@ if TYPE_CHECKING:  # workers of their own, imported only by `--encoder local`
 
 log = logging.getLogger("vcache.lookup")
 
-Transport = Literal["file", "inline"]
+Transport = Literal["auto", "file", "inline"]
+SWEEP_EVERY_S = 300.0  # how often exports nobody adopted are looked for ...
+SWEEP_AFTER_S = 600.0  # ... and how old they must be to go
+UNSHARED_RECHECK_S = 10.0  # how long an upstream directory found not shared is taken as such
 REFERENCE_PREFIX = "vcache://"
 _DIGEST_REF = re.compile(r"sha256:([0-9a-f]{64})")
 
@@ -104,6 +119,15 @@ class RequestTally:
         self.audio_fallbacks += self.audio_hits + self.audio_misses
         self.hits = self.misses = self.audio_hits = self.audio_misses = 0
 
+    def unexported(self) -> int:
+        """Upstream answered an error to a request whose misses went as sent for their export:
+        nothing was exported, so they count as media that went out as sent. Returns how many."""
+        moved = self.misses
+        self.fallbacks += self.misses
+        self.audio_fallbacks += self.audio_misses
+        self.misses = self.audio_misses = 0
+        return moved
+
     def header(self) -> str:
         text = (
             f"hits={self.hits} misses={self.misses} fallback={self.fallbacks} "
@@ -141,6 +165,7 @@ class PackageLookup:
         pin_new: bool = False,
         shared: SharedTier | None = None,
         encoder: LocalEncoder | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._encoder = encoder
@@ -149,6 +174,18 @@ class PackageLookup:
         self._media = media
         self._metrics = metrics
         self._transport = transport
+        # file references: forced, or (auto) while upstream shares the store's directory
+        self._by_file = transport == "file"
+        self._dir_shared = False  # upstream's embedding directory is the store's (by its token)
+        self._shared_dirs: set[str] = set()  # tokens of upstream directories found shared
+        self._unshared: dict[str | None, float] = {}  # ... and when others were last looked for
+        self._admission = admission or Admission()
+        self._declined = Declined()
+        # misses being exported, by key: the leading request's export, which later requests
+        # for the same image wait for (see proxy.lookup.exports)
+        self._exporting: dict[str, asyncio.Task[_Filled | None]] = {}
+        self._chores: set[asyncio.Task[None]] = set()
+        self._last_sweep = 0.0
         self._flight: SingleFlight[_Filled] = SingleFlight()
         self._fetches: SingleFlight[_Filled | None] = SingleFlight()  # vcache:// from the fleet
         # store calls block (SQLite, fsync): never on the event loop
@@ -167,9 +204,34 @@ class PackageLookup:
         namespace, so they never mix with the server's unless they are the same build.
         """
         caps = await self._upstream.capabilities(model)
+        if caps.embedding_dir is not None and await self._shares_dir(caps.embedding_dir):
+            caps = dataclasses.replace(caps, shares_dir=True)
+        self._dir_shared = caps.shares_dir
+        self._by_file = self._transport == "file" or (self._transport == "auto" and caps.shares_dir)
         if self._encoder is None or caps.namespace is None:
             return caps
         return dataclasses.replace(caps, namespace=self._encoder.namespace())
+
+    @property
+    def transport(self) -> Literal["file", "inline"]:
+        """How packages travel now: by file reference, or inline (see `capabilities`)."""
+        return "file" if self._by_file else "inline"
+
+    async def _shares_dir(self, theirs: EmbeddingDir) -> bool:
+        """Whether upstream's embedding directory is the store's (checked by its token)."""
+        if theirs.token in self._shared_dirs:
+            return True
+        now = time.monotonic()
+        if now - self._unshared.get(theirs.token, -UNSHARED_RECHECK_S) < UNSHARED_RECHECK_S:
+            return False  # looked for lately: not a file read per request
+        if not await asyncio.to_thread(shares_dir, self._store.segments_dir, theirs):
+            # looked for again later: the token file may come after the capabilities
+            self._unshared = {theirs.token: now}
+            return False
+        assert theirs.token is not None
+        self._shared_dirs.add(theirs.token)
+        log.info("upstream shares the store's directory: packages travel as file references")
+        return True
 
     async def _encode(self, image: ImageBytes, model: str, modality: Modality) -> Encoded:
         # the local encoder (llama-cpp-python) has no audio path: clips go to upstream's
@@ -179,7 +241,31 @@ class PackageLookup:
         return await self._upstream.encode(caps, image, model, modality)
 
     async def resolve(
-        self, slot: ImageSlot, caps: Capabilities, model: str, tally: RequestTally
+        self,
+        slot: ImageSlot,
+        caps: Capabilities,
+        model: str,
+        tally: RequestTally,
+        exports: ExportBatch | None = None,
+    ) -> Package | None:
+        """The package for `slot`, or None to leave its image as the client sent it.
+
+        With `exports` (one per request), a miss on an upstream that exports is left as sent
+        too, and its ticket in `exports` asks upstream for its package (`settle_exports`)."""
+        once = _Once(exports.classified if exports is not None else None)
+        try:
+            return await self._resolve(slot, caps, model, tally, exports, once)
+        finally:
+            once()
+
+    async def _resolve(
+        self,
+        slot: ImageSlot,
+        caps: Capabilities,
+        model: str,
+        tally: RequestTally,
+        exports: ExportBatch | None,
+        classified: Callable[[], None],
     ) -> Package | None:
         if caps.namespace is None and caps.audio_namespace is None:
             return None
@@ -214,7 +300,15 @@ class PackageLookup:
         # upstream's own answer to it, and nothing is stored
         assert namespace is not None
         key = namespace.key(image.digest)
+        if exports is not None and self._exports_misses(caps, modality):
+            return await self._by_export(key, namespace, caps, tally, modality, exports, classified)
+        classified()
         return await self._by_key(key, namespace, image, model, tally, modality)
+
+    def _exports_misses(self, caps: Capabilities, modality: Modality) -> bool:
+        """Whether a miss goes upstream raw and comes back exported (else it is encoded first,
+        by the local encoder or upstream's encode endpoint)."""
+        return caps.export and (self._encoder is None or modality == "audio")
 
     async def _image(self, slot: ImageSlot) -> ImageBytes:
         """The slot's media, read and hashed on a worker thread: a 10 MB image costs tens of
@@ -247,17 +341,238 @@ class PackageLookup:
             entry = await self._run(self._store.get, key)
             if filled.from_fleet:
                 return self._fleet_hit(filled, entry, tally)
-            tally.count("miss", modality)
-            self._metrics.misses.inc()
-            if modality == "audio":
-                self._metrics.audio_misses.inc()
+            self._count_miss(tally, modality)
             if entry is not None:
                 return self._part(entry)
-            # not stored (disk full, unwritable): still spares upstream a second encode
+            # not stored (not admitted, disk full): still spares upstream a second encode
             return _inline(filled.header, filled.payload)
         except (UpstreamError, VisionCacheError, OSError) as e:
             log.warning("cache path failed, forwarding the %s: %s", modality, e)
             return self._fallback(tally, modality)
+
+    def _count_miss(self, tally: RequestTally, modality: Modality) -> None:
+        tally.count("miss", modality)
+        self._metrics.misses.inc()
+        if modality == "audio":
+            self._metrics.audio_misses.inc()
+
+    # --- misses exported by upstream --------------------------------------------------------
+
+    async def _by_export(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        caps: Capabilities,
+        tally: RequestTally,
+        modality: Modality,
+        exports: ExportBatch,
+        classified: Callable[[], None],
+    ) -> Package | None:
+        """A miss upstream will export: this request leads the key's export (its image goes
+        as sent), or waits for the request that does and goes as a hit."""
+        try:
+            entry = await self._run(self._store.get, key)
+            if entry is not None:
+                classified()
+                return self._hit(entry, tally)
+        except (VisionCacheError, OSError) as e:
+            log.warning("cache path failed, forwarding the %s: %s", modality, e)
+            return self._fallback(tally, modality)
+        task = self._exporting.get(key.text)
+        ticket = exports.ticket(key, namespace, modality, caps)
+        if key.text in self._declined or ticket is None:
+            # not worth keeping (upstream encodes it, as without a cache), or the same image
+            # earlier in this request (upstream exports it once)
+            classified()
+            self._count_miss(tally, modality)
+            return None
+        if task is None:
+            return await self._lead(ticket, tally, classified)
+        classified()
+        if not await exports.may_wait():
+            # this request leads an export itself: waiting here could wait for a request that
+            # waits for this one; upstream encodes the image again instead
+            self._count_miss(tally, modality)
+            return None
+        return await self._joined(key, await asyncio.shield(task), tally, modality)
+
+    async def _lead(
+        self, ticket: ExportTicket, tally: RequestTally, classified: Callable[[], None]
+    ) -> Package | None:
+        key = ticket.key
+        leading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._fill_by_export(ticket, leading))
+        self._exporting[key.text] = task
+        task.add_done_callback(functools.partial(self._export_done, key.text))
+        either: set[asyncio.Future[Any]] = {task, leading}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        classified()
+        if leading.done() and not leading.cancelled():
+            ticket.leading = True
+            self._count_miss(tally, ticket.modality)
+            return None
+        # the fleet had it (or the lead failed before the request could carry the image)
+        return await self._joined(key, task.result(), tally, ticket.modality)
+
+    def _export_done(self, key: str, task: asyncio.Task[_Filled | None]) -> None:
+        if self._exporting.get(key) is task:
+            del self._exporting[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: an error is logged where it happens
+
+    async def _joined(
+        self, key: CacheKey, filled: _Filled | None, tally: RequestTally, modality: Modality
+    ) -> Package | None:
+        """After another request's export (or the fleet's copy): a hit, or the image as sent
+        when there is no package (the export failed, or was not admitted)."""
+        if filled is None:
+            self._count_miss(tally, modality)
+            return None
+        try:
+            entry = await self._run(self._store.get, key)
+        except (VisionCacheError, OSError):
+            entry = None
+        if filled.from_fleet:
+            return self._fleet_hit(filled, entry, tally)
+        self._count_hit(filled.encode_ms, tally, modality)
+        if entry is not None:
+            return self._part(entry)
+        self._metrics.package_bytes.inc(memoryview(filled.payload).nbytes)
+        return _inline(filled.header, filled.payload)
+
+    async def _fill_by_export(
+        self, ticket: ExportTicket, leading: asyncio.Future[None]
+    ) -> _Filled | None:
+        """The fleet's copy if there is one; else `leading` is set (the request carries the
+        image raw and asks for its export) and the export, once named, is adopted."""
+        key, namespace = ticket.key, ticket.namespace
+        try:
+            found = await self._fetch(key, namespace)
+            if found is not None:
+                return found
+            async with self._shared.claim(key) as claim:
+                if claim.elsewhere:
+                    found = await self._fetch_waiting(key, namespace)
+                    if found is not None:
+                        return found
+                leading.set_result(None)
+                name = await self._export_named(ticket)
+                if name is None:
+                    return None
+                return await self._adopt(ticket, name)
+        except (UpstreamError, VisionCacheError, OSError) as e:
+            log.warning("export of %s not adopted: %s", key.text, e)
+            return None
+        finally:
+            if not leading.done():
+                leading.cancel()
+
+    async def _fetch_waiting(self, key: CacheKey, namespace: Namespace) -> _Filled | None:
+        found = await self._shared.wait_for(key)
+        return await self._from_fleet(key, namespace, found, pin=False, ttl=None)
+
+    async def _export_named(self, ticket: ExportTicket) -> str | None:
+        """The export's name once upstream has written it: from the answer's header, or, where
+        the proxy shares upstream's directory, as soon as its file appears (upstream writes it
+        right after the encode, before the request's prompt is done: requests waiting for the
+        package need not wait for the whole answer)."""
+        caps = ticket.caps
+        if not caps.shares_dir or caps.encoder_id is None:
+            return await ticket.exported
+        name = export_name(ticket.key.digest, caps.encoder_id)
+        path = self._store.segments_dir / name
+        delay = 0.005
+        while not ticket.exported.done():
+            if path.exists():  # written atomically, the payload before the .json
+                return name
+            await asyncio.wait({ticket.exported}, timeout=delay)
+            delay = min(delay * 2, 0.1)
+        return ticket.exported.result() or (name if path.exists() else None)
+
+    async def _adopt(self, ticket: ExportTicket, name: str) -> _Filled | None:
+        """Take upstream's export of `ticket`'s medium into the store, if it is worth keeping."""
+        key = ticket.key
+        if ticket.caps.shares_dir:
+            encoded = await self._run(read_export, self._store.segments_dir, name)
+            await self._run(remove_export, self._store.segments_dir, name)
+            self._sweep_now_and_then()
+        else:
+            encoded = await self._upstream.take_export(name)
+        if encoded.header.image_id != key.digest:
+            raise PackageError(f"export {name} holds the package of another medium")
+        self._metrics.encode_ms.inc(encoded.encode_ms)
+        if not await self._keep(key, ticket.namespace, encoded):
+            return None
+        return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
+
+    async def _keep(
+        self,
+        key: CacheKey,
+        namespace: Namespace,
+        encoded: Encoded,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        warming: bool = False,
+    ) -> bool:
+        """Store a fresh package here and in the fleet, if admitted (`Admission`; what is
+        warmed is kept whatever it cost)."""
+        nbytes = len(encoded.payload)
+        if not warming and not self._admission.admits(encoded.encode_ms, nbytes, self._by_file):
+            self._declined.add(key.text)
+            self._metrics.not_admitted.inc()
+            log.info(
+                "not cached: %s encoded in %.1f ms, under the %.1f ms a hit of %d bytes costs",
+                key.text,
+                encoded.encode_ms,
+                self._admission.threshold_ms(nbytes, self._by_file),
+                nbytes,
+            )
+            return False
+        stored = StoredPackage(encoded.header, encoded.encode_ms)
+        await self._register(namespace)
+        put = functools.partial(self._store.put, pin=pin, ttl=ttl)
+        meta = stored.to_meta()
+        if await self._run(put, key, meta, encoded.payload) is None:
+            log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
+        await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
+        return True
+
+    def settle_exports(self, exports: ExportBatch, exported: str | None) -> None:
+        """Hand a request's tickets upstream's answer (`EXPORTED_HEADER`'s value; None: the
+        request failed); exports nobody asked for (an image that went raw for another reason)
+        are deleted."""
+        exports.settle(exported)
+        unknown, exports.unknown = exports.unknown, []
+        if unknown:
+            self._chore(self._discard_exports(unknown))
+
+    async def _discard_exports(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                if self._dir_shared:  # else only upstream can reach them, whatever the transport
+                    await self._run(remove_export, self._store.segments_dir, name)
+                else:
+                    await self._upstream.take_export(name)  # taken, so removed; dropped here
+            except (UpstreamError, OSError) as e:
+                log.info("could not delete upstream's export %s: %s", name, e)
+
+    def _sweep_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = now
+            self._chore(self._sweep())
+
+    async def _sweep(self) -> None:
+        removed = await self._run(sweep_exports, self._store.segments_dir, SWEEP_AFTER_S)
+        if removed:
+            log.info("deleted %d stale export file(s) nobody adopted", removed)
+
+    def _chore(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, holding on to it until it ends."""
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     async def _encode_and_store(
         self,
@@ -269,17 +584,12 @@ class PackageLookup:
         pin: bool = False,
         ttl: float | None = None,
         modality: Modality = "image",
+        warming: bool = False,
     ) -> Encoded:
         with self._metrics.encode_seconds.time():
             encoded = await self._encode(image, model, modality)
         self._metrics.encode_ms.inc(encoded.encode_ms)
-        stored = StoredPackage(encoded.header, encoded.encode_ms)
-        await self._register(namespace)
-        put = functools.partial(self._store.put, pin=pin, ttl=ttl)
-        meta = stored.to_meta()
-        if await self._run(put, key, meta, encoded.payload) is None:
-            log.warning("store refused %s (disk full or unwritable): serving uncached", key.text)
-        await self._shared.put(key, meta, encoded.payload, pin=pin, ttl=ttl)
+        await self._keep(key, namespace, encoded, pin=pin, ttl=ttl, warming=warming)
         return encoded
 
     async def _fill(
@@ -292,6 +602,7 @@ class PackageLookup:
         pin: bool = False,
         ttl: float | None = None,
         modality: Modality = "image",
+        warming: bool = False,
     ) -> _Filled:
         """A key missing here: the fleet's copy if there is one (or once the proxy holding the
         key's fleet lock has published it), else upstream's encode. Stored here either way."""
@@ -307,7 +618,7 @@ class PackageLookup:
                     return found
             # the lock is best effort: past the wait's bound, or without Redis, encode anyway
             encoded = await self._encode_and_store(
-                key, namespace, image, model, pin=pin, ttl=ttl, modality=modality
+                key, namespace, image, model, pin=pin, ttl=ttl, modality=modality, warming=warming
             )
         return _Filled(encoded.header, encoded.payload, encoded.encode_ms, from_fleet=False)
 
@@ -369,7 +680,7 @@ class PackageLookup:
             filled = await self._flight.run(
                 key.text,
                 lambda: self._fill(
-                    key, namespace, held, model, pin=pin, ttl=ttl, modality=modality
+                    key, namespace, held, model, pin=pin, ttl=ttl, modality=modality, warming=True
                 ),
             )
             if not filled.from_fleet:
@@ -531,7 +842,7 @@ class PackageLookup:
     def _part(self, entry: Entry, stored: StoredPackage | None = None) -> Package:
         header = (stored or StoredPackage.from_meta(entry.meta)).header
         self._metrics.package_bytes.inc(entry.nbytes)
-        if self._transport == "file":
+        if self._by_file:
             ref = entry.ref
             return header.by_reference(
                 EmbeddingFileRef(ref.segment, ref.offset, ref.length, ref.checksum)
@@ -561,6 +872,18 @@ class PackageLookup:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _Once:
+    """Calls `fn` the first time it is called, never again (None: does nothing)."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self._fn = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 def _fleet_package(key: CacheKey, found: SharedEntry) -> StoredPackage:

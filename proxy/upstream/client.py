@@ -39,6 +39,12 @@ from vision_cache.package import FORMAT_VERSION, PackageHeader, parse_inline
 CAPS_TTL_S = 10.0
 KEEPALIVE_S = 2.0  # cpp-httplib's keep-alive timeout, llama-server's, is 5 s
 PROBE_TIMEOUT_S = 5.0
+# a miss goes upstream raw with this request header; the answer's EXPORTED header names the
+# package files the server wrote for its raw media (docs/wire-format.md, "Exports")
+EXPORT_HEADER = "X-Image-Embedding-Export"
+EXPORTED_HEADER = "X-Image-Embedding-Exported"
+EXPORT_ENDPOINT = "/media/embedding"
+
 log = logging.getLogger("vcache.upstream")
 
 # why packages are off, in a word (the metric's label); the sentence is Capabilities.reason
@@ -93,6 +99,26 @@ class ModelIdentity:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbeddingDir:
+    """The directory upstream reads file references from and writes exports into, as upstream
+    sees it, with the token it wrote there (None where it could not write): whoever finds the
+    same token in `token_file` under its own view of the directory shares it with upstream."""
+
+    path: str
+    token: str | None = None
+    token_file: str | None = None
+
+    @classmethod
+    def from_props(cls, value: Any) -> EmbeddingDir | None:
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+            return None
+        token, token_file = value.get("token"), value.get("token_file")
+        if not (isinstance(token, str) and isinstance(token_file, str)):
+            return cls(value["path"])
+        return cls(value["path"], token, token_file)
+
+
+@dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What one upstream model can do with packages, and who it is; `reason` says why images
     go upstream raw (None while image packages are on), `off_kind` the same in a word (the
@@ -111,6 +137,13 @@ class Capabilities:
     # (an unverified projector type, packages off); None while image packages are on
     reason: str | None = None
     off_kind: OffKind | None = None
+    # exports: a miss travels raw and its package comes back from the same request
+    export: bool = False
+    encoder_id: str | None = None
+    embedding_dir: EmbeddingDir | None = None
+    # set by the package lookup, not upstream: the proxy's store is upstream's embedding_dir
+    # (same token in the same file), so packages travel as file references both ways
+    shares_dir: bool = False
 
     def namespace_for(self, modality: Modality) -> Namespace | None:
         return self.audio_namespace if modality == "audio" else self.namespace
@@ -184,7 +217,18 @@ class Capabilities:
             identity=identity,
             reason=None if takes_images else images_off,
             off_kind=None if takes_images else "unverified",
+            **_export_caps(emb),
         )
+
+
+def _export_caps(emb: dict[str, Any]) -> dict[str, Any]:
+    """The export fields of ``image_embedding`` (absent on a server that predates exports)."""
+    encoder_id = emb.get("encoder_id")
+    return {
+        "export": emb.get("export") is True and isinstance(encoder_id, str),
+        "encoder_id": encoder_id if isinstance(encoder_id, str) else None,
+        "embedding_dir": EmbeddingDir.from_props(emb.get("dir")),
+    }
 
 
 def _printable(reason: str) -> str:
@@ -443,6 +487,30 @@ class Upstream:
             return await asyncio.to_thread(_encoded, orjson.loads(answer))
         except orjson.JSONDecodeError as e:
             raise UpstreamError(f"upstream encode answered something that is not JSON: {e}") from e
+
+    async def take_export(self, name: str) -> Encoded:
+        """The package upstream exported as `name` (a name from EXPORTED_HEADER), over HTTP and
+        inline, for a proxy that cannot read upstream's directory; upstream deletes its files.
+        Nothing is encoded again: the encode time is the export's."""
+        body = {"exported": name, "output": "inline", "remove": True}
+        try:
+            async with self.session.post(
+                URL(self._base_url + EXPORT_ENDPOINT), json=body, timeout=self._encode_timeout
+            ) as resp:
+                answer = await resp.read()
+        except TimeoutError as e:  # before aiohttp.ClientError: its timeouts are both
+            raise UpstreamTimeout(f"taking upstream's export timed out: {e!r}") from e
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"taking upstream's export failed: {e!r}") from e
+        if resp.status != 200:
+            raise UpstreamError(
+                f"upstream answered {resp.status} for its export {name}: "
+                f"{answer[:300].decode(errors='replace')}"
+            )
+        try:
+            return await asyncio.to_thread(_encoded, orjson.loads(answer))
+        except orjson.JSONDecodeError as e:
+            raise UpstreamError(f"upstream's export answer is not JSON: {e}") from e
 
     async def aclose(self) -> None:
         if self._session is not None:

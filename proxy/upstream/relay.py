@@ -53,6 +53,8 @@ FRAMING = frozenset({"content-length", "host"})
 # the proxy's own key stays with the proxy: upstream is not the proxy's to authenticate to;
 # and only the proxy asks upstream to write packages into the directory it shares with the store
 PROXY_ONLY = frozenset({"x-vcache-key", "x-image-embedding-export"})
+# what upstream answers the proxy alone: the names of the packages it exported for it
+UPSTREAM_ONLY = frozenset({"x-image-embedding-exported"})
 CHUNK = 64 * 1024
 # the response whose headers the handler has sent, for the middleware in proxy.web.app
 RESPONSE_STARTED: web.RequestKey[web.StreamResponse] = web.RequestKey(
@@ -82,7 +84,7 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     (llama.cpp's own server tests among them) look for `Access-Control-Allow-Origin`, not
     `access-control-allow-origin`: `raw_headers` keeps the case that `headers` folds.
     """
-    drop = HOP_BY_HOP | _connection_tokens(upstream.headers) | {"content-length"}
+    drop = HOP_BY_HOP | UPSTREAM_ONLY | _connection_tokens(upstream.headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.raw_headers:
         text = name.decode("latin-1")

@@ -110,7 +110,7 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
         readiness = Readiness("restarting", "the managed llama-server is (re)starting")
     else:
         readiness = await proxy.upstream.probe()
-    caps = await proxy.upstream.capabilities()
+    caps = await proxy.lookup.capabilities()
     answer = HealthResponse(
         status="ok" if readiness.ready else "unavailable",
         ready=readiness.ready,
@@ -122,6 +122,8 @@ async def health(request: web.Request, proxy: Proxy) -> web.Response:
         # why images go upstream raw: the operator's first question when hits stay at zero
         packages_reason=caps.reason,
         encoder=proxy.lookup.encoder,
+        transport=proxy.lookup.transport,
+        exports=caps.export and proxy.lookup.encoder == "server",
         process=_process_stats(),
         managed=managed,
         error=None if readiness.ready else _not_ready(proxy, readiness),

@@ -32,6 +32,7 @@ from proxy.images.json_body import JsonBody
 from proxy.images.media import is_locator
 from proxy.images.modality import audio_mime, sniff
 from proxy.images.slots import IMAGE_PATHS, ImageSlot, InlinePayload, find_images
+from proxy.lookup.exports import DTYPE, ExportBatch
 from proxy.lookup.package_lookup import RequestTally
 from proxy.lookup.result_cache import (
     Recorder,
@@ -42,7 +43,7 @@ from proxy.lookup.result_cache import (
     result_key,
 )
 from proxy.lookup.result_cache import namespace as result_namespace
-from proxy.upstream.client import Capabilities
+from proxy.upstream.client import EXPORT_HEADER, EXPORTED_HEADER, Capabilities
 from proxy.upstream.relay import (
     Body,
     UpstreamRequest,
@@ -204,24 +205,29 @@ async def _with_images(
         caps = Capabilities(packages=False)
     else:
         caps = await proxy.lookup.capabilities(model)
-    rewritten = await _rewrite(proxy, body, slots, caps, model, tally) if caps.packages else False
-    if not caps.packages and not tally.bypassed:
-        _no_packages(slots, tally, proxy)
-    headers = {"X-Vcache": tally.header()}
-    if caps.reason and tally.fallbacks:
-        # X-Vcache stays numbers (clients parse it); the why goes in a header of its own
-        headers[FALLBACK_HEADER] = caps.reason
-    if not rewritten:
-        req = _upstream_request(proxy, request, original)
-        return await _finish(
-            proxy, pending, await _send(request, proxy, req, headers, _tap(pending))
+    exports = ExportBatch(len(slots))
+    try:
+        rewritten = caps.packages and await _rewrite(
+            proxy, body, slots, caps, model, tally, exports
         )
-    named = any(s.ref.startswith("vcache://") for s in slots)
-    new_body = (await _off_loop(len(raw), body.dumps)).parts
-    resp = await _send_with_fallback(
-        request, proxy, new_body, original, named, tally, headers, _tap(pending)
-    )
-    return await _finish(proxy, pending, resp)
+        if not caps.packages and not tally.bypassed:
+            _no_packages(slots, tally, proxy)
+        headers = {"X-Vcache": tally.header()}
+        if caps.reason and tally.fallbacks:
+            # X-Vcache stays numbers (clients parse it); the why goes in a header of its own
+            headers[FALLBACK_HEADER] = caps.reason
+        if not rewritten and not exports.leads:
+            req = _upstream_request(proxy, request, original)
+            return await _finish(
+                proxy, pending, await _send(request, proxy, req, headers, _tap(pending))
+            )
+        named = any(s.ref.startswith("vcache://") for s in slots)
+        new_body = (await _off_loop(len(raw), body.dumps)).parts if rewritten else original
+        sent = _Sent(new_body, original, named, tally, exports)
+        resp = await _send_with_fallback(request, proxy, sent, headers, _tap(pending))
+        return await _finish(proxy, pending, resp)
+    finally:
+        proxy.lookup.settle_exports(exports, None)  # a request that failed exported nothing
 
 
 # --- the result cache ------------------------------------------------------------------------
@@ -350,8 +356,11 @@ async def _rewrite(
     caps: Capabilities,
     model: str,
     tally: RequestTally,
+    exports: ExportBatch,
 ) -> bool:
-    packages = await asyncio.gather(*(proxy.lookup.resolve(s, caps, model, tally) for s in slots))
+    packages = await asyncio.gather(
+        *(proxy.lookup.resolve(s, caps, model, tally, exports) for s in slots)
+    )
     for slot, pkg in zip(slots, packages, strict=True):
         if pkg is not None:
             data = pkg.get("data")
@@ -382,39 +391,64 @@ def _no_packages(slots: list[ImageSlot], tally: RequestTally, proxy: Proxy) -> N
     proxy.metrics.fallbacks.inc(len(slots))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+    """A request with images, as it goes upstream: `body` with packages where there are any,
+    `original` with every image as the client sent it."""
+
+    body: Body
+    original: Body
+    named: bool  # it names images by vcache:// reference: no original to fall back to
+    tally: RequestTally
+    exports: ExportBatch  # its misses, whose packages upstream is asked to export
+
+
 async def _send_with_fallback(
     request: web.Request,
     proxy: Proxy,
-    new_body: Body,
-    original: Body,
-    named: bool,
-    tally: RequestTally,
+    sent: _Sent,
     headers: dict[str, str],
     tap: Recorder | None = None,
 ) -> web.StreamResponse:
     """Send the rewritten request; if upstream refuses its packages, send the original.
 
-    Not when the request names images by reference (`named`): a vcache:// name has no image
-    to fall back to, and upstream's answer stands."""
-    upstream = await _open(proxy, _upstream_request(proxy, request, new_body))
-    if upstream.status == 400 and not named:
+    Not when the request names images by reference: a vcache:// name has no image to fall
+    back to, and upstream's answer stands. Misses go as sent, with the export header when
+    this request leads their export; the answer's header names what upstream exported."""
+    tally, exports = sent.tally, sent.exports
+    export = {EXPORT_HEADER: DTYPE} if exports.leads else None
+    upstream = await _open(proxy, _upstream_request(proxy, request, sent.body, export))
+    if upstream.status == 400 and not sent.named:
         try:
             detail = await upstream.read()
         finally:
             close_upstream(upstream)
         if b"image_embedding" in detail:
             log.warning(
-                "upstream refused packages (%s); forwarding the images instead",
+                "upstream refused packages or exports (%s); forwarding the images instead",
                 detail[:200].decode(errors="replace"),
             )
             proxy.upstream.forget_capabilities()
+            proxy.lookup.settle_exports(exports, None)
             tally.all_fallback()
             headers[FALLBACK_HEADER] = _refusal(detail)
             # a refusal, not a processed request: the one path that sends a request twice
-            upstream = await _open(proxy, _upstream_request(proxy, request, original))
+            upstream = await _open(proxy, _upstream_request(proxy, request, sent.original))
         else:
+            _settle(proxy, exports, upstream, tally)
             return _replay(upstream.status, upstream.headers, detail, tally)
+    _settle(proxy, exports, upstream, tally)
     return await relay(request, upstream, {**headers, "X-Vcache": tally.header()}, tap)
+
+
+def _settle(
+    proxy: Proxy, exports: ExportBatch, upstream: aiohttp.ClientResponse, tally: RequestTally
+) -> None:
+    """Hand the request's exports upstream's answer; an error answer exported nothing, and
+    the misses that went as sent for their export count as fallbacks."""
+    proxy.lookup.settle_exports(exports, upstream.headers.get(EXPORTED_HEADER))
+    if exports.leads and upstream.status >= 400:
+        proxy.metrics.fallbacks.inc(tally.unexported())
 
 
 def _refusal(detail: bytes) -> str:

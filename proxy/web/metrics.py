@@ -71,6 +71,11 @@ class Metrics:
         self.encode_ms = Counter(
             "vcache_encode_ms", "Encoder milliseconds spent on misses", registry=r
         )
+        self.not_admitted = Counter(
+            "vcache_not_admitted",
+            "Packages not cached: their encode cost less than a hit of their size (admission)",
+            registry=r,
+        )
         self.encode_ms_saved = Counter(
             "vcache_encode_ms_saved", "Encoder milliseconds hits did not spend", registry=r
         )

@@ -163,6 +163,9 @@ class HealthResponse(_Response):
     packages: bool
     packages_reason: str | None = None
     encoder: Literal["local", "server"]  # who encodes on a miss: vcache's workers, or upstream
+    # how packages reach upstream now: file references while it shares the store's directory
+    transport: Literal["file", "inline"] = "inline"
+    exports: bool = False  # a miss goes upstream raw and its package comes back exported
     process: ProcessStats
     managed: ManagedState | None = None
     error: ErrorDetail | None = None

@@ -185,6 +185,12 @@ class Store:
         at the same path on two machines (or one replaced by another) tell themselves apart."""
         return str(self._index.setting_or_default("store_id", uuid.uuid4().hex))
 
+    @property
+    def segments_dir(self) -> Path:
+        """Where the payloads lie: the directory file references are relative to (a patched
+        llama-server's ``--image-embedding-dir``)."""
+        return self._layout.segments_dir
+
     # -- reads ------------------------------------------------------------
 
     def get(self, key: CacheKey) -> Entry | None:

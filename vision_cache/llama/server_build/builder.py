@@ -9,6 +9,7 @@ the other variant, compiles only what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,14 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vision_cache.llama.server_build import compat
 from vision_cache.llama.server_build.cuda import CudaSetup, cuda_setup, gpu_present
-from vision_cache.llama.server_build.errors import CompileError, SmokeTestError, ToolMissing
+from vision_cache.llama.server_build.equivalence import EquivalenceResult, check_equivalence
+from vision_cache.llama.server_build.errors import (
+    CompileError,
+    PatchError,
+    SmokeTestError,
+    ToolMissing,
+)
 from vision_cache.llama.server_build.locks import file_lock
 from vision_cache.llama.server_build.patches import (
     PatchSet,
     apply_patches,
     patch_set,
     read_verified_projectors,
+    select_patch_series,
     write_generated,
 )
 from vision_cache.llama.server_build.plan import (
@@ -36,24 +45,109 @@ from vision_cache.llama.server_build.plan import (
     BuildRequest,
     default_cache_dir,
 )
-from vision_cache.llama.server_build.source import resolve_source
+from vision_cache.llama.server_build.source import Source, resolve_source
 from vision_cache.llama.server_build.toolchain import check_toolchain
-from vision_cache.llama.server_build.ui import ui_assets
+from vision_cache.llama.server_build.ui import UiAssets, ui_assets
 
 log = logging.getLogger("vcache.build")
 
 
 def build_server(request: BuildRequest | None = None) -> Path:
-    """The llama-server binary `request` asks for, built unless the cache has it."""
+    """The llama-server binary `request` asks for, built unless the cache has it.
+
+    The patched server from a checkout of the user's own (``source``) is checked first: inside
+    the proven range it is built as usual; outside it, it is built and must pass the tiny
+    equivalence check, or the server is built without the patches (vcache then forwards raw
+    images to it). Either way the log says which happened and why.
+    """
     request = request or BuildRequest()
     cuda = cuda_for(request)
     cache = (request.cache_dir or default_cache_dir()).expanduser().resolve()
     source = resolve_source(request.source, cache)
-    patches = patch_set() if request.variant == "patched" else PatchSet()
     flags = (*BASE_CMAKE_FLAGS, *(cuda.cmake_flags() if cuda else ()), *request.cmake_args)
+    details = _cuda_manifest(cuda)
     ui = ui_assets(source.tree, cache, request.ui)
-    plan = BuildPlan(request.variant, source, patches, flags, cache, ui)
-    return ensure_built(plan, request.jobs, _cuda_manifest(cuda))
+    if request.variant == "stock":
+        return ensure_built(
+            BuildPlan("stock", source, PatchSet(), flags, cache, ui), request.jobs, details
+        )
+    if request.source is None and request.patch_dir is None:
+        plan = BuildPlan("patched", source, patch_set(), flags, cache, ui)
+        return ensure_built(plan, request.jobs, details)
+    return _build_checked(request, source, flags, cache, details, ui)
+
+
+def _build_checked(
+    request: BuildRequest,
+    source: Source,
+    flags: tuple[str, ...],
+    cache: Path,
+    details: dict[str, Any],
+    ui: UiAssets | None,
+) -> Path:
+    """The patched server for a tree the patches may not be proven on (see build_server)."""
+    inside = compat.verdict(source, request.patch_dir)
+    where = "inside" if inside.inside else "outside"
+    log.info("%s is %s the proven range: %s", source.description, where, inside.why)
+    try:
+        label, series = select_patch_series(source.tree, request.patch_dir)
+    except PatchError as e:
+        if inside.inside:
+            raise PatchError(f"{source.description} is inside the proven range, but {e}") from e
+        return _without_patches(source, flags, cache, request.jobs, details, str(e), ui)
+    log.info("patch series %r applies to this tree", label)
+    plan = BuildPlan("patched", source, series, flags, cache, ui)
+    if inside.inside:
+        return ensure_built(plan, request.jobs, {**details, "series": label})
+    try:
+        binary = ensure_built(plan, request.jobs, {**details, "series": label})
+    except (CompileError, SmokeTestError) as e:
+        why = f"the patched build failed: {str(e).splitlines()[0]}"
+        return _without_patches(source, flags, cache, request.jobs, details, why, ui)
+    result = _equivalence(plan, binary, cache)
+    if result.passed:
+        log.info("packages on: the tiny equivalence check passed on this build: %s", result.detail)
+        return binary
+    why = f"the tiny equivalence check failed on the patched build: {result.detail}"
+    return _without_patches(source, flags, cache, request.jobs, details, why, ui)
+
+
+def _without_patches(
+    source: Source,
+    flags: tuple[str, ...],
+    cache: Path,
+    jobs: int,
+    details: dict[str, Any],
+    why: str,
+    ui: UiAssets | None,
+) -> Path:
+    log.warning(
+        "packages off: building llama-server WITHOUT vcache's patches, because %s. "
+        "vcache forwards raw images to this server (no package is ever sent to it).",
+        why,
+    )
+    plan = BuildPlan("stock", source, PatchSet(), flags, cache, ui)
+    return ensure_built(plan, jobs, {**details, "packages_off_because": why})
+
+
+def _equivalence(plan: BuildPlan, binary: Path, cache: Path) -> EquivalenceResult:
+    """The check's verdict on this build, run once and remembered beside it."""
+    record = plan.dir / "equivalence.json"
+    if record.exists():
+        data = json.loads(record.read_text())
+        log.info("tiny equivalence check: remembered from %s", data.get("checked_at"))
+        return EquivalenceResult(bool(data["passed"]), str(data["detail"]))
+    log.info("running the tiny equivalence check on this build (seconds)")
+    try:
+        result = check_equivalence(binary, cache / "models")
+    except ImportError as e:  # the model generator's gguf (a development dependency) is missing
+        # not remembered: once the module is installed, the next build runs the check
+        return EquivalenceResult(
+            False, f"the check cannot run here ({e}): `pip install gguf`, then build again"
+        )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record.write_text(json.dumps({**dataclasses.asdict(result), "checked_at": stamp}) + "\n")
+    return result
 
 
 def cuda_for(request: BuildRequest) -> CudaSetup | None:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,11 @@ from vision_cache.llama.server_build.errors import PatchError
 
 log = logging.getLogger("vcache.build")
 
-_NOT_INPUTS = frozenset({"README.md", "__init__.py"})
+# compat.json records what `make compat` measured with the patches: a result, not an input
+_NOT_INPUTS = frozenset({"README.md", "__init__.py", "compat.json"})
+# series for older llama.cpp ranges, one folder each: llama_patches/ranges/<n>-<label>/*.patch
+RANGES_DIR = "ranges"
+MAIN_SERIES = "main"
 # the projector types packages are verified for, compiled into the patched server
 VERIFIED_LIST = "verified_projectors.txt"
 VERIFIED_INCLUDE = Path("tools/server/server-image-embedding-verified.inc")
@@ -49,13 +54,73 @@ def patch_dir() -> Path:
 def patch_set(directory: Path | None = None) -> PatchSet:
     """The patches in `directory` (default: the shipped ones), in the order they apply."""
     directory = directory or patch_dir()
-    inputs = tuple(
-        sorted(p for p in directory.iterdir() if p.is_file() and p.name not in _NOT_INPUTS)
-    )
+    inputs = _inputs(directory)
     patches = tuple(p for p in inputs if p.suffix == ".patch")
     if not patches:
         raise PatchError(f"no patches in {directory}: is the vcache installation complete?")
     return PatchSet(patches, inputs)
+
+
+def _inputs(directory: Path) -> tuple[Path, ...]:
+    return tuple(
+        sorted(p for p in directory.iterdir() if p.is_file() and p.name not in _NOT_INPUTS)
+    )
+
+
+def patch_series(directory: Path | None = None) -> list[tuple[str, PatchSet]]:
+    """Every series the patches come in, newest llama.cpp first: the top-level one ("main"),
+    then one per folder of ``ranges/`` (same changes, ported to older trees). Each series also
+    takes the top-level data files (the verified list) as inputs."""
+    directory = (directory or patch_dir()).resolve()
+    main = patch_set(directory)
+    shared = tuple(p for p in main.inputs if p.suffix != ".patch")
+    series = [(MAIN_SERIES, main)]
+    ranges = directory / RANGES_DIR
+    if ranges.is_dir():
+        # numbered newest first (1-..., 2-...): the order they are tried in
+        for folder in sorted(d for d in ranges.iterdir() if d.is_dir()):
+            own = patch_set(folder)
+            series.append((folder.name, PatchSet(own.patches, tuple(sorted(own.inputs + shared)))))
+    return series
+
+
+def select_patch_series(tree: Path, directory: Path | None = None) -> tuple[str, PatchSet]:
+    """The series whose patches apply to `tree`, first in patch_series() order: chosen by what
+    the tree contains (each series is tried, exactly, on a scratch copy of the files it
+    touches). PatchError, saying why each failed, when none applies."""
+    failures = []
+    for label, series in patch_series(directory):
+        problem = _try_series(tree, series)
+        if problem is None:
+            return label, series
+        failures.append(f"{label}: {problem}")
+    raise PatchError("no patch series applies to this tree: " + "; ".join(failures))
+
+
+def _try_series(tree: Path, series: PatchSet) -> str | None:
+    """Why `series` does not apply to `tree`, or None when it does."""
+    with tempfile.TemporaryDirectory(prefix="vcache-patch-check-") as scratch:
+        copy = Path(scratch) / "tree"
+        for rel in sorted({f for patch in series.patches for f in _touched_files(patch)}):
+            src = tree / rel
+            if src.is_file():
+                (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, copy / rel)
+        copy.mkdir(exist_ok=True)
+        try:
+            apply_patches(copy, series.patches, quiet=True)
+        except PatchError as e:
+            return str(e).splitlines()[0]
+    return None
+
+
+def _touched_files(patch: Path) -> list[str]:
+    """The files a patch changes or deletes (those it creates need not exist)."""
+    return [
+        line[6:].strip()
+        for line in patch.read_text(errors="replace").splitlines()
+        if line.startswith("--- a/")
+    ]
 
 
 def read_verified_projectors(patch_set: PatchSet) -> list[str]:
@@ -90,7 +155,7 @@ def write_generated(tree: Path, patch_set: PatchSet) -> None:
     log.info("verified projector types: %s", ", ".join(types) or "none")
 
 
-def apply_patches(tree: Path, patches: Sequence[Path]) -> None:
+def apply_patches(tree: Path, patches: Sequence[Path], *, quiet: bool = False) -> None:
     """Apply each patch to `tree`, checking before and proving after.
 
     With git apply, or GNU patch where git is not installed (both exact: no fuzz).
@@ -105,7 +170,8 @@ def apply_patches(tree: Path, patches: Sequence[Path]) -> None:
         # proof that it is in: it must now apply in reverse
         if tool(tree, patch, check=True, reverse=True).returncode != 0:
             raise PatchError(f"{patch.name} reported success but the tree does not contain it")
-        log.info("applied %s", patch.name)
+        if not quiet:
+            log.info("applied %s", patch.name)
 
 
 def _git_apply(

@@ -66,8 +66,10 @@ class BuildRequest:
     cuda_architectures: tuple[str, ...] | None = None  # None: the GPUs present
     cache_dir: Path | None = None  # None: default_cache_dir()
     cmake_args: tuple[str, ...] = ()  # appended last, so they win
-    # llama.cpp's web UI, embedded in the server: "auto" when npm is installed (ui.py)
+    # llama.cpp's web UI, embedded in the server: "auto" when Node.js is found (ui.py)
     ui: UiChoice = "auto"
+    # another patch folder than the shipped one (a rebase in progress); checked like a checkout
+    patch_dir: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)

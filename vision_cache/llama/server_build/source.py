@@ -67,15 +67,14 @@ def _pinned_source(cache: Path) -> Source:
     return Source(tree, digest, f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist", PINNED_COMMIT)
 
 
-def fetch_sdist(downloads: Path) -> Path:
-    """The llama-cpp-python sdist, downloaded once with pip."""
-    target = downloads / SDIST_NAME
+def fetch_sdist(downloads: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The llama-cpp-python sdist (the pinned version unless told), downloaded once with pip."""
+    sdist_name = f"llama_cpp_python-{version}.tar.gz"
+    target = downloads / sdist_name
     if target.exists():
         return target
     downloads.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "downloading the llama-cpp-python %s sdist with pip (77 MB, once)", LLAMA_CPP_PYTHON_VERSION
-    )
+    log.info("downloading the llama-cpp-python %s sdist with pip (77 MB, once)", version)
     cmd = [
         sys.executable,
         "-m",
@@ -88,26 +87,26 @@ def fetch_sdist(downloads: Path) -> Path:
         "--quiet",
         "-d",
         str(downloads),
-        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        f"llama-cpp-python=={version}",
     ]
     # pip's own output goes to stderr too: stdout carries the binary's path alone
     done = subprocess.run(cmd, stdout=sys.stderr, check=False)
     if done.returncode != 0 or not target.exists():
         raise SourceError(
-            f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip "
-            f"({' '.join(cmd[2:])}); put {SDIST_NAME} into {downloads}, or build a llama.cpp "
+            f"could not download the llama-cpp-python {version} sdist with pip "
+            f"({' '.join(cmd[2:])}); put {sdist_name} into {downloads}, or build a llama.cpp "
             "checkout of your own with --source PATH"
         )
     return target
 
 
 def extract_vendored_tree(sdist: Path, dest: Path) -> Path:
-    """Unpack vendor/llama.cpp from the sdist into dest/llama.cpp (once)."""
+    """Unpack vendor/llama.cpp from the sdist (any version) into dest/llama.cpp (once)."""
     tree = dest / "llama.cpp"
     if (tree / "CMakeLists.txt").exists():
         return tree
     log.info("unpacking vendor/llama.cpp from the sdist")
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+    prefix = sdist.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     dest.mkdir(parents=True, exist_ok=True)
     # unpacked beside its final place and renamed: an interrupted unpack leaves no half tree
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".unpack-"))
@@ -150,15 +149,28 @@ def tree_digest(tree: Path) -> str:
 
 
 def git_commit(tree: Path) -> str:
-    if shutil.which("git") is None:
+    """The commit checked out in `tree` when `tree` is the top of a git checkout, else
+    "unknown" (a tree unpacked inside some other repository is not that repository's HEAD)."""
+    top = _git(tree, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != tree.resolve():
         return "unknown"
+    return _git(tree, "rev-parse", "--short=9", "HEAD") or "unknown"
+
+
+def git_modified(tree: Path) -> bool:
+    """Whether the checkout `tree` has changes to tracked files (untracked ones do not count:
+    they are not built unless a tracked file names them)."""
+    status = _git(tree, "status", "--porcelain", "--untracked-files=no")
+    return status is None or status != ""
+
+
+def _git(tree: Path, *args: str) -> str | None:
+    if shutil.which("git") is None:
+        return None
     res = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short=9", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(tree), *args], capture_output=True, text=True, check=False
     )
-    return res.stdout.strip() if res.returncode == 0 else "unknown"
+    return res.stdout.strip() if res.returncode == 0 else None
 
 
 def _file_sha256(path: Path) -> str:
