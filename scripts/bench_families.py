@@ -13,8 +13,10 @@ size; a shallow text model of the real width) and one reference photo-sized imag
 Models are generated first (a few GB each at realistic size) and deleted afterwards unless
 ``--keep-models``.
 
-Each request has different text before the image, so the server's prompt cache cannot reuse
-the image. Medians of ``--runs``. Prints a table and writes JSON::
+The timed requests are the ones compared: run i sends the raw image and then the package
+after the same text, streamed, with the prompt cache off (so neither reuses the other's work
+and the answers must match). Medians of ``--runs``; ``--runs 1`` costs two encoder passes per
+family (the package's and the raw request's). Prints a table and writes JSON::
 
     python -m scripts.bench_families --families llava,qwen25vl --runs 3 --out families.json
 """
@@ -76,7 +78,18 @@ def _image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _ttft_ms(client: httpx.Client, part: dict[str, object], i: int) -> float:
+@dataclass(frozen=True)
+class Answer:
+    ttft_ms: float
+    tokens: list[str]
+    logprobs: list[float]
+
+
+def _ask(client: httpx.Client, part: dict[str, object], i: int) -> Answer:
+    """One streamed greedy request: time to its first token, and its tokens and logprobs.
+
+    The raw image's request i and the package's request i carry the same text, so their
+    answers must be identical; the prompt cache is off, so neither reuses the other's work."""
     body = {
         "messages": [
             {
@@ -87,30 +100,31 @@ def _ttft_ms(client: httpx.Client, part: dict[str, object], i: int) -> float:
                 ],
             }
         ],
-        "max_tokens": 1,
-        "temperature": 0,
-        "cache_prompt": False,
-    }
-    start = time.perf_counter()
-    r = client.post("/v1/chat/completions", json=body)
-    r.raise_for_status()
-    return (time.perf_counter() - start) * 1000
-
-
-def _answer(client: httpx.Client, part: dict[str, object]) -> tuple[list[str], list[float]]:
-    body = {
-        "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Describe the image."}, part]}
-        ],
         "max_tokens": 8,
         "temperature": 0,
         "cache_prompt": False,
         "logprobs": True,
+        "stream": True,
     }
-    r = client.post("/v1/chat/completions", json=body)
-    r.raise_for_status()
-    steps = r.json()["choices"][0]["logprobs"]["content"]
-    return [s["token"] for s in steps], [s["logprob"] for s in steps]
+    tokens: list[str] = []
+    logprobs: list[float] = []
+    first: float | None = None
+    start = time.perf_counter()
+    # llama-server closes the connection after a stream: one connection per stream
+    with client.stream(
+        "POST", "/v1/chat/completions", json=body, headers={"Connection": "close"}
+    ) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            steps = (choice.get("logprobs") or {}).get("content") or []
+            if steps and first is None:
+                first = time.perf_counter()
+            tokens += [s["token"] for s in steps]
+            logprobs += [s["logprob"] for s in steps]
+    return Answer(((first or time.perf_counter()) - start) * 1000, tokens, logprobs)
 
 
 def bench(family: str, size: Size, runs: int, threads: int, out: Path, keep: bool) -> FamilyTiming:
@@ -147,16 +161,13 @@ def bench(family: str, size: Size, runs: int, threads: int, out: Path, keep: boo
             packages.append(r.json())
         answer = packages[-1]
         pkg = answer["image_embedding"]
-        miss = [
-            _ttft_ms(client, {"type": "image_url", "image_url": {"url": url}}, i)
-            for i in range(runs)
+        raw = [
+            _ask(client, {"type": "image_url", "image_url": {"url": url}}, i) for i in range(runs)
         ]
         hit = [
-            _ttft_ms(client, {"type": "image_embedding", "image_embedding": pkg}, runs + i)
+            _ask(client, {"type": "image_embedding", "image_embedding": pkg}, i)
             for i in range(runs)
         ]
-        raw_answer = _answer(client, {"type": "image_url", "image_url": {"url": url}})
-        pkg_answer = _answer(client, {"type": "image_embedding", "image_embedding": pkg})
     if not keep and size != "tiny":
         shutil.rmtree(files.directory)
     n_tokens = int(answer["n_tokens"])
@@ -167,9 +178,12 @@ def bench(family: str, size: Size, runs: int, threads: int, out: Path, keep: boo
         n_embd_inp=spec.text.n_embd_inp,
         package_bytes=n_tokens * spec.text.n_embd_inp * 4,
         encode_ms=statistics.median(encodes),
-        miss_ms=statistics.median(miss),
-        hit_ms=statistics.median(hit),
-        identical=raw_answer == pkg_answer,
+        miss_ms=statistics.median(a.ttft_ms for a in raw),
+        hit_ms=statistics.median(a.ttft_ms for a in hit),
+        identical=all(
+            (r.tokens, r.logprobs) == (h.tokens, h.logprobs) and r.tokens
+            for r, h in zip(raw, hit, strict=True)
+        ),
         load=load,
     )
 
@@ -202,8 +216,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     results = []
+    failed = []
     for family in args.families.split(","):
-        t = bench(family, args.size, args.runs, args.threads, args.models, args.keep_models)
+        try:
+            t = bench(family, args.size, args.runs, args.threads, args.models, args.keep_models)
+        except (httpx.HTTPError, OSError, RuntimeError) as e:
+            # one family's failure must not cost the others' figures (a run takes hours)
+            print(f"{family:10s} FAILED: {type(e).__name__}: {e}", flush=True)
+            failed.append(family)
+            continue
         results.append(t)
         print(
             f"{t.family:10s} {t.image_tokens:5d} tok {t.package_bytes / 2**20:7.1f} MiB  "
@@ -211,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"hit {t.hit_ms:7.0f} ms  identical {t.identical}  load {t.load:.1f}",
             flush=True,
         )
-    if args.out:
-        args.out.write_text(json.dumps([asdict(t) for t in results], indent=2) + "\n")
-    return 0
+        if args.out:  # after every family, so an interrupted run keeps what it measured
+            args.out.write_text(json.dumps([asdict(t) for t in results], indent=2) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
