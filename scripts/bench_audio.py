@@ -44,6 +44,7 @@ from pathlib import Path
 
 import httpx
 
+from scripts.bench_doc import write_section
 from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic.audio import SampleClip, window_clip
@@ -51,7 +52,6 @@ from vision_cache.synthetic.models import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DOC = ROOT / "docs" / "benchmarks.md"
 FAMILY = "qwen2audio"
 
 
@@ -312,17 +312,6 @@ def section(
     )
 
 
-def write_section(text: str, size: str) -> None:
-    start, end = f"<!-- bench_audio:{size}:start -->", f"<!-- bench_audio:{size}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size", choices=sorted(PLANS), default="tiny")
@@ -361,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(plan, samples, args.threads, nbytes, enc, (load, after), commit)
     print(text)
     if not args.no_write:
-        write_section(text, plan.size)
+        write_section(f"bench_audio:{plan.size}", text)
     return 0
 
 

@@ -39,12 +39,12 @@ from PIL import Image
 
 from proxy.cli.config import ServeSettings
 from proxy.serve import running_proxy
+from scripts.bench_doc import write_section
 from tests.support.llama_server import LlamaServer, built_binary
 from vision_cache.judging import Rubric, judge_request
 from vision_cache.synthetic.models import generate
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 MARK = "bench_compare"
 RUBRIC_A = "short fur; triangular ears; green eyes"
 RUBRIC_B = "long tail; striped coat; sitting"
@@ -229,17 +229,6 @@ def section(r: dict[str, Any], n: int, top_k: int, started: str, ended: str) -> 
     )
 
 
-def write_section(text: str) -> None:
-    start, end = f"<!-- {MARK}:start -->", f"<!-- {MARK}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--refs", type=int, default=1000, help="references (default 1000)")
@@ -256,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(results, args.refs, args.top_k, started, load())
     print(text)
     if not args.quick:
-        write_section(text)
+        write_section(MARK, text)
     return 0
 
 

@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from scripts.bench_doc import DOC, write_section
 from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.data_uri import data_uri
@@ -49,8 +50,6 @@ from vision_cache.synthetic.images import sample_image
 from vision_cache.synthetic.models import generate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-DOC = ROOT / "docs" / "benchmarks.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,17 +525,6 @@ def section(r: Results, pngs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, label: str, doc_path: Path) -> None:
-    start, end = f"<!-- bench_e2e:{label}:start -->", f"<!-- bench_e2e:{label}:end -->"
-    doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    doc_path.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(PLANS), default="tiny")
@@ -581,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = run(plan)
     pngs = plots(results, args.doc.parent / "plots")
-    write_section(section(results, pngs), plan.label or plan.size, args.doc)
+    write_section(f"bench_e2e:{plan.label or plan.size}", section(results, pngs), args.doc)
     print(f"wrote {args.doc}")
     return 0
 

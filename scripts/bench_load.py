@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scripts.bench_doc import write_section
 from tests.support.proxy_process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DOC = ROOT / "docs" / "benchmarks.md"
 TEXT_BODY = json.dumps(
     {"max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "Say one word."}]}
 ).encode()
@@ -230,17 +230,6 @@ def section(results: list[LoadResult], commit: str, image_mb: float) -> str:
     )
 
 
-def write_section(text: str) -> None:
-    start, end = "<!-- bench_load:start -->", "<!-- bench_load:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -282,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(results, commit, args.image_mb)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("bench_load", text)
     return 0
 
 

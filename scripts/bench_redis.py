@@ -38,12 +38,12 @@ from pathlib import Path
 import redis
 import redis.asyncio as aredis
 
+from scripts.bench_doc import write_section
 from vision_cache import CacheKey, Namespace, Store
 from vision_cache.package import Chunk, PackageHeader, StoredPackage
 from vision_cache.shared.tier import RedisTier, SharedEntry, SharedTierConfig
 
 MIB = 1024 * 1024
-START, END = "<!-- bench_redis:start -->", "<!-- bench_redis:end -->"
 NAMESPACE = Namespace.for_encoder(
     model="bench", mmproj="bench", build="bench", format_version=1, encoder={}
 )
@@ -402,16 +402,6 @@ def _ms(s: Spread) -> str:
     return f"{s.median_ms:.1f} / {s.p90_ms:.1f}"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 async def run(args: argparse.Namespace, url: str) -> str:
     load = "{:.1f} / {:.1f} / {:.1f}"
     info = {
@@ -451,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if own is not None:
             own.close()
     print(section)
-    write_section(args.out, section)
+    write_section("bench_redis", section, args.out)
     return 0
 
 

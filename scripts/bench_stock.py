@@ -48,13 +48,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from scripts.bench_doc import write_section
 from tests.support.llama_server import LlamaServer, built_binary
 from tests.support.proxy_process import ProxyProcess
 from vision_cache.synthetic.models import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DOC = ROOT / "docs" / "benchmarks.md"
 CAUSAL = "qwen2vl"  # image tokens attend causally: stock's prompt cache can reuse them
 IMAGE_SIZE = (640, 480)
 
@@ -464,17 +464,6 @@ def section(results: list[ArmResult], size: str, threads: int, commit: str) -> s
     )
 
 
-def write_section(text: str, size: str) -> None:
-    start, end = f"<!-- bench_stock:{size}:start -->", f"<!-- bench_stock:{size}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=("tiny", "realistic"), default="tiny")
@@ -502,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(results, args.size, args.threads, commit)
     print(text)
     if not args.no_write:
-        write_section(text, args.size)
+        write_section(f"bench_stock:{args.size}", text)
     return 0
 
 

@@ -16,14 +16,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from proxy.compare.index import VectorSet
+from scripts.bench_doc import write_section
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 MARK = "bench_vector_index"
 K = 5
 
@@ -83,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     if not args.quick:
-        start, end = f"<!-- {MARK}:start -->", f"<!-- {MARK}:end -->"
-        doc = DOC.read_text()
-        block = f"{start}\n{text}\n{end}"
-        if start in doc and end in doc:
-            doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-        else:
-            doc = doc.rstrip() + "\n\n" + block + "\n"
-        DOC.write_text(doc)
+        write_section(MARK, text)
     return 0
 
 
