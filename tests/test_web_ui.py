@@ -33,7 +33,7 @@ from vision_cache.synthetic.models import ModelFiles
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
-CHROMIUM = os.environ.get("VCACHE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("VCACHE_TEST_CHROMIUM", "/usr/bin/chromium")
 # what a headless Chromium on a machine without internet needs: no sandbox as root, and no
 # background connections to Google's services (each refused one costs time and log noise)
 CHROMIUM_ARGS = (
