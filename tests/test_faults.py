@@ -184,6 +184,27 @@ async def test_a_204_with_a_body_never_poisons_the_next_response(
             assert SMUGGLED not in r.content and r.json()["choices"]
 
 
+async def test_llama_servers_204_with_a_chunk_end_arrives_as_a_204(
+    fake: FaultUpstream, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """llama-server's /cors-proxy relays a target's 204 with the chunked terminator after its
+    head (llama.cpp's unit/test_proxy.py::test_mcp_proxy_no_content). Straight from the server
+    a client gets the 204; through vcache it once got a 502, aiohttp's parser failing the read
+    on those bytes. And the connection is not reused after it."""
+    fake.set_fault("/cors-proxy", Fault.NO_CONTENT_CHUNK_END)
+    async with proxy_in_front(fake.url, tmp_path) as url:
+        for _ in range(3):
+            r = await client.post(f"{url}/cors-proxy?url=http://127.0.0.1:9/", json={})
+            assert (r.status_code, r.content) == (204, b""), r.text
+            r = await client.post(f"{url}{CHAT}", json=chat())
+            assert r.status_code == 200, r.text
+    order = [(s.path.startswith("/cors-proxy"), s.connection) for s in fake.seen]
+    ended = [i for i, (cors, _) in enumerate(order) if cors]
+    assert len(ended) == 3
+    for i in ended:  # nothing went on a connection after a 204 on it
+        assert order[i][1] not in {conn for _, conn in order[i + 1 :]}, order
+
+
 async def test_random_keep_alive_closes_give_200_or_502_and_no_replay(
     fake: FaultUpstream, tmp_path: Path
 ) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import aiohttp
 import orjson
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
@@ -312,6 +315,46 @@ class _Response(aiohttp.ClientResponse):
         )
 
 
+# the head of an answer that has no body whatever its headers say (RFC 9112 6.3)
+_BODILESS_HEAD = re.compile(rb"HTTP/1\.[01] (?:204|304) ")
+
+
+class _ResponseHandler(ResponseHandler):
+    """The connection's protocol, blind to what a broken server sends after a 204's headers.
+
+    llama-server's /cors-proxy answers 204 with `Transfer-Encoding: chunked` and the chunked
+    terminator after its headers. aiohttp's parser (C and Python alike) takes those bytes for
+    a malformed next response and fails the whole read, so the client would get a 502 for an
+    answer it gets straight from llama-server. Those bytes are nobody's answer: dropped here,
+    in the read that holds the answer's head; `_Response` never pools the connection after.
+    """
+
+    _at_head = False
+
+    def set_response_params(self, **kwargs: Any) -> None:  # called before each request goes
+        self._at_head = True
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        if self._at_head and data:
+            self._at_head = False
+            end = data.find(b"\r\n\r\n")
+            if end != -1 and _BODILESS_HEAD.match(data):
+                data = data[: end + 4]
+        super().data_received(data)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, making its connections with `_ResponseHandler`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # the protocol factory aiohttp's connectors build every connection with
+        self._factory = functools.partial(  # type: ignore[assignment]  # a subclass
+            _ResponseHandler, loop=asyncio.get_running_loop()
+        )
+
+
 class Upstream:
     """A llama-server (patched or stock) at `base_url`."""
 
@@ -337,7 +380,7 @@ class Upstream:
                 # idle connections go well before llama-server's own 5 s keep-alive timeout:
                 # at the same 5 s a request could go out on a connection the server was
                 # closing, a 502 nobody caused (a few a minute in scripts/soak.py)
-                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE_S),
+                connector=_Connector(limit=256, keepalive_timeout=KEEPALIVE_S),
                 # a transparent proxy: no cookies kept, nothing decompressed, no headers of
                 # its own added to what the client sent, no proxy from the environment
                 cookie_jar=aiohttp.DummyCookieJar(),

@@ -21,6 +21,9 @@ Faults (`Fault`), applied to every request on a path until changed:
 * NO_CONTENT_CHUNKED: 204 with ``Transfer-Encoding: chunked`` and a body, as llama-server's
   /cors-proxy does; the body is a complete HTTP response, so a client that pools the
   connection without noticing reads it as the answer to its next request ("SMUGGLED").
+* NO_CONTENT_CHUNK_END: the bytes llama-server's /cors-proxy sends for a 204 from its target:
+  the head with ``Transfer-Encoding: chunked`` and keep-alive, then the chunked terminator
+  (``0``, CRLF, CRLF) in the same write, which a strict HTTP parser rejects whole.
 * CLOSE_RANDOMLY: answers OK, then closes the keep-alive connection at random (half the time),
   without a ``Connection: close`` header; or, a quarter of the time, reads the request and
   closes without answering.
@@ -83,6 +86,7 @@ class Fault(enum.Enum):
     STATUS_500 = "status-500"
     STATUS_503 = "status-503"
     NO_CONTENT_CHUNKED = "no-content-chunked"
+    NO_CONTENT_CHUNK_END = "no-content-chunk-end"
     CLOSE_RANDOMLY = "close-randomly"
     CLOSE_AFTER_STREAM = "close-after-stream"
     REFUSE_PACKAGES = "refuse-packages"
@@ -498,6 +502,14 @@ async def _no_content_chunked(
     await writer.drain()
 
 
+async def _no_content_chunk_end(
+    fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    head = {"Transfer-Encoding": "chunked", "Keep-Alive": "timeout=5, max=100"}
+    writer.write(_head(204, head) + b"0\r\n\r\n")
+    await writer.drain()
+
+
 async def _close_randomly(
     fake: FaultUpstream, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -552,6 +564,7 @@ _FAULTS = {
     Fault.STATUS_500: _status_500,
     Fault.STATUS_503: _status_503,
     Fault.NO_CONTENT_CHUNKED: _no_content_chunked,
+    Fault.NO_CONTENT_CHUNK_END: _no_content_chunk_end,
     Fault.CLOSE_RANDOMLY: _close_randomly,
     Fault.CLOSE_AFTER_STREAM: _close_after_stream,
     Fault.REFUSE_PACKAGES: _refuse_packages,
