@@ -85,10 +85,11 @@ models: venv
 demo: demo-deps $(VENV)/.demo-installed
 	$(PY) scripts/demo.py --jobs $(JOBS) $(LLAMA_SRC)
 
-test: system-deps venv llama llama-cpp-python models check
+test: system-deps venv llama llama-cpp-python models check conformance
 
 # llama.cpp's own server tests, straight at llama-server and through vcache, compared test by
-# test (stock and patched upstreams); fails on any test that passes direct only
+# test (stock and patched upstreams); fails on any test that passes direct only, and again
+# alone (about 15 minutes on two idle cores; the last step of make test)
 conformance: venv llama
 	nice -n 10 $(PY) -m scripts.conformance
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.conformance import compare, hf_cache_layout, outcomes, write_hf_cache
+import pytest
+
+import scripts.conformance as conformance
+from scripts.conformance import compare, hf_cache_layout, outcomes, recheck, write_hf_cache
 from tests.conformance.suite_plugin import load_skips, skip_reason
 
 JUNIT = """<testsuites><testsuite>
@@ -53,6 +58,56 @@ def test_compare_finds_what_passes_direct_only() -> None:
 def test_a_test_missing_from_one_run_is_a_regression() -> None:
     groups = compare({"a": ("passed", "")}, {})
     assert groups == {"passed direct, not through vcache": ["a"]}
+
+
+def _junit(path: Path, results: dict[str, bool]) -> Path:
+    cases = "".join(
+        f'<testcase classname="unit.test_a" name="{name}">'
+        + ("" if ok else '<failure message="no"/>')
+        + "</testcase>"
+        for name, ok in results.items()
+    )
+    path.write_text(f"<testsuites><testsuite>{cases}</testsuite></testsuites>")
+    return path
+
+
+def test_a_difference_stands_only_if_a_second_run_alone_shows_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second look runs exactly the tests that passed direct only, both ways; what passes
+    both ways then is reported apart and no longer fails `make conformance`."""
+    asked: list[tuple[str, tuple[str, ...]]] = []
+    second = {"direct": {"flaky": True, "real": True}, "vcache": {"flaky": True, "real": False}}
+
+    def run_suite(
+        ws: object, run: conformance.Run, server: Path, args: object, again: Sequence[str] = ()
+    ) -> Path:
+        asked.append((run.front, tuple(again)))
+        return _junit(tmp_path / f"{run.front}.xml", second[run.front])
+
+    monkeypatch.setattr(conformance, "run_suite", run_suite)
+    groups = {
+        "passed both": ["unit/test_a.py::fine"],
+        conformance.REGRESSED: ["unit/test_a.py::flaky", "unit/test_a.py::real"],
+    }
+    ws = conformance.Workspace(*(tmp_path,) * 6)
+    after = recheck(ws, "stock", tmp_path, argparse.Namespace(), groups)
+    regressed = ("unit/test_a.py::flaky", "unit/test_a.py::real")
+    assert asked == [("direct", regressed), ("vcache", regressed)]
+    assert after == {
+        "passed both": ["unit/test_a.py::fine"],
+        conformance.REGRESSED: ["unit/test_a.py::real"],
+        "differed once, not on a second run alone": ["unit/test_a.py::flaky"],
+    }
+
+
+def test_no_second_run_without_a_difference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conformance, "run_suite", lambda *a: pytest.fail("ran again"))
+    groups = {"passed both": ["a"], "failed both": ["b"]}
+    ws = conformance.Workspace(*(tmp_path,) * 6)
+    assert recheck(ws, "stock", tmp_path, argparse.Namespace(), groups) == groups
 
 
 def test_every_skip_has_a_reason_and_matches() -> None:
